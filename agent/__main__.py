@@ -1,0 +1,65 @@
+"""``completiond [--config PATH]``: run the agent in the foreground (supervisord, systemd)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from loguru import logger
+
+from protocol.config import ConfigError, load
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="completiond",
+        description="The completion agent: journals completions, collects, writes and monitors.",
+    )
+    parser.add_argument("--config", metavar="PATH", help="config file (.toml or .json)")
+    args = parser.parse_args(argv)
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"completiond: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    from .daemon import Parent, PidLock, StartupError, StateDirLocked, prepare_state_dir
+    from .logs import LogSinks
+    from .loop import Signals, serve
+
+    try:
+        prepare_state_dir(config)
+    except StartupError as exc:
+        print(f"completiond: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    lock = PidLock(config.pid_path)
+    try:
+        lock.acquire()
+    except StateDirLocked as exc:
+        print(f"completiond: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    sinks = LogSinks("agent", config.logs_dir)
+    signals = Signals()
+    try:
+        sinks.open()
+        signals.install()
+        parent = Parent(config)
+
+        def reopen() -> None:
+            sinks.reopen()
+            parent.reopen_logs()
+
+        serve(parent, signals, on_reopen=reopen)
+    except Exception as exc:
+        logger.exception("completiond failed: {}", exc)
+        print(f"completiond: failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        lock.release()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Health checks and auto-recovery, run by the monitor on a thread of its own.
+
+Each round computes the checks (database, hanging_todos, orphaned_sessions, stale_markers,
+db_consistency, log_sizes), saves them in the journal for ``completionctl health``, and, when
+``behavior.auto_recovery`` is on, acts: force-completes hanging todos, resets inconsistent ones,
+archives orphaned session dirs, removes stale markers.  Actions go into the journal like any
+request; each is logged and counted, and keyed so it is never taken twice.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC
+from pathlib import Path
+
+from loguru import logger
+
+from protocol.config import Config
+
+from .archive import archive_orphan
+from .journal import Journal, NewEntry
+from .logs import LOG_FILES
+from .store import StoreError, Todo, open_store
+
+
+@dataclass
+class CheckResult:
+    name: str
+    status: str
+    message: str
+    todo_ids: list[int] = field(default_factory=list)
+
+    def as_row(self) -> tuple[str, str, str, list[int]]:
+        return (self.name, self.status, self.message, self.todo_ids)
+
+
+class HealthChecker:
+    def __init__(self, config: Config, *, clock=time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self._thread: threading.Thread | None = None
+        self._store = None
+        self._journal: Journal | None = None
+        self._stop = threading.Event()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start_round(self, now: float) -> None:
+        self._thread = threading.Thread(
+            target=self._round_safely, args=(now,), name="health", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _round_safely(self, now: float) -> None:
+        try:
+            self.run_round(now)
+        except Exception:
+            logger.exception("health round failed")
+
+    # ------------------------------------------------------------ one round
+
+    def run_round(self, now: float) -> list[CheckResult]:
+        if self._journal is None:
+            self._journal = Journal(self.config.journal_path)
+        journal = self._journal
+        in_progress, db_check = self._database()
+        live = self._live_todos(journal)
+        known = {t.todo_id for t in journal.timers()}
+        results = [db_check]
+        if in_progress is None:
+            unknown = "not checked: the database is unreachable"
+            results.append(CheckResult("hanging_todos", "UNKNOWN", unknown))
+            results.append(CheckResult("db_consistency", "UNKNOWN", unknown))
+        else:
+            results.append(self._hanging(journal, in_progress, known, now))
+            results.append(self._consistency(journal, in_progress, live, known, now))
+        results.append(self._orphans(in_progress, live, now))
+        results.append(self._stale_markers(now))
+        results.append(self._log_sizes())
+        journal.save_checks([r.as_row() for r in results], self.clock())
+        for r in results:
+            if r.status in ("WARNING", "CRITICAL"):
+                logger.warning("health {}: {} — {}", r.name, r.status, r.message)
+        return results
+
+    def _database(self) -> tuple[list[Todo] | None, CheckResult]:
+        started = time.monotonic()
+        try:
+            if self._store is None:
+                self._store = open_store(
+                    self.config.database_url,
+                    table=self.config.database.table,
+                    timeout=self.config.behavior.database_timeout,
+                )
+            self._store.ping()
+            todos = self._store.todos_with_status("in_progress")
+        except StoreError as exc:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+            backlog = self._journal.count_by_state() if self._journal else {}
+            waiting = sum(backlog.get(s, 0) for s in ("collected", "written"))
+            return None, CheckResult(
+                "database",
+                "CRITICAL",
+                f"unreachable: {exc}; {waiting} write(s) wait in the journal",
+            )
+        ms = (time.monotonic() - started) * 1000
+        return todos, CheckResult("database", "OK", f"reachable ({ms:.0f} ms)")
+
+    def _live_todos(self, journal: Journal) -> set[int]:
+        """Todos this agent is working on: started and not finished."""
+        live = {t.todo_id for t in journal.timers() if not t.done}
+        rows = journal._db.execute(
+            "SELECT DISTINCT todo_id FROM entries WHERE state IN ('accepted','collected','written')"
+        ).fetchall()
+        return live | {row[0] for row in rows}
+
+    def _own_or_all(self, todo_id: int, known: set[int]) -> bool:
+        return todo_id in known or self.config.behavior.auto_recovery_scope == "all"
+
+    def _hanging(
+        self, journal: Journal, in_progress: list[Todo], known: set[int], now: float
+    ) -> CheckResult:
+        after = self.config.behavior.hanging_after
+        timers = {t.todo_id: t for t in journal.timers()}
+        hanging: list[int] = []
+        for todo in in_progress:
+            timer = timers.get(todo.id)
+            if timer is not None and not timer.done:
+                heard = timer.last_heard_at or timer.started_at or now
+                silent_too_long = now - heard > after
+                past_heartbeat = (
+                    timer.completion_due is not None
+                    and now > timer.completion_due
+                    and not timer.completion_fired
+                    and not timer.waiting
+                )
+                if silent_too_long or past_heartbeat:
+                    hanging.append(todo.id)
+            elif timer is None and todo.started_at is not None:
+                started = todo.started_at.replace(tzinfo=UTC).timestamp()
+                if now - started > after:
+                    hanging.append(todo.id)
+        if not hanging:
+            return CheckResult("hanging_todos", "OK", "no todo hangs")
+        acted = []
+        if self.config.behavior.auto_recovery:
+            for todo_id in hanging:
+                if self._own_or_all(todo_id, set(timers)) and self._force_complete(
+                    journal, todo_id, now
+                ):
+                    acted.append(todo_id)
+        message = f"{len(hanging)} todo(s) in_progress with nothing heard for over {after:.0f} s"
+        if acted:
+            message += f"; forced completion of {acted}"
+        return CheckResult("hanging_todos", "WARNING", message, hanging)
+
+    def _force_complete(self, journal: Journal, todo_id: int, now: float) -> bool:
+        completion_id = f"hang-{todo_id}-{int(now // self.config.behavior.hanging_after)}"
+        with journal.transaction() as db:
+            if journal.has_completion(db, todo_id):
+                return False
+            added = journal.add_entry(
+                db,
+                NewEntry(
+                    completion_id,
+                    todo_id,
+                    "emergency",
+                    reason="auto-recovery: the todo was hanging (nothing heard for too long)",
+                ),
+                now,
+            )
+            if added:
+                journal.bump(db, "forced_completions")
+                db.execute("UPDATE todos SET completion_fired = 1 WHERE todo_id = ?", (todo_id,))
+        if added:
+            logger.bind(todo_id=todo_id, completion_id=completion_id, emergency=True).warning(
+                "auto-recovery: forced completion of hanging todo {}", todo_id
+            )
+        return added
+
+    def _consistency(
+        self,
+        journal: Journal,
+        in_progress: list[Todo],
+        live: set[int],
+        known: set[int],
+        now: float,
+    ) -> CheckResult:
+        orphaned = [t.id for t in in_progress if t.id not in live]
+        if not orphaned:
+            return CheckResult("db_consistency", "OK", "every in_progress todo has a live session")
+        acted = []
+        if self.config.behavior.auto_recovery and self.config.behavior.auto_recovery_scope == "all":
+            for todo_id in orphaned:
+                completion_id = f"fix-{todo_id}-{int(now // 3600)}"
+                with journal.transaction() as db:
+                    if journal.add_entry(
+                        db,
+                        NewEntry(
+                            completion_id,
+                            todo_id,
+                            "reset",
+                            state="collected",
+                            reason="auto-recovery: in_progress with no live session",
+                        ),
+                        now,
+                    ):
+                        journal.bump(db, "status_resets")
+                        acted.append(todo_id)
+            for todo_id in acted:
+                logger.bind(todo_id=todo_id).warning("auto-recovery: reset inconsistent todo")
+        message = f"{len(orphaned)} todo(s) in_progress with no live session known to this agent"
+        if acted:
+            message += f"; reset {acted}"
+        return CheckResult("db_consistency", "WARNING", message, orphaned)
+
+    def _orphans(self, in_progress: list[Todo] | None, live: set[int], now: float) -> CheckResult:
+        template = self.config.collect.session_dir
+        if "{todo_id}" not in template:
+            return CheckResult("orphaned_sessions", "OK", "session_dir has no {todo_id}: skipped")
+        pattern = glob.escape(template).replace(glob.escape("{todo_id}"), "*")
+        regex = re.compile(re.escape(template).replace(re.escape("{todo_id}"), r"(\d+)") + "$")
+        active = live | {t.id for t in in_progress or []}
+        orphans: list[tuple[int, Path]] = []
+        for path in glob.glob(pattern):
+            match = regex.match(path)
+            if match and os.path.isdir(path) and int(match.group(1)) not in active:
+                orphans.append((int(match.group(1)), Path(path)))
+        if not orphans:
+            return CheckResult("orphaned_sessions", "OK", "no orphaned session dir")
+        ids = sorted(todo_id for todo_id, _ in orphans)
+        acted = []
+        behavior = self.config.behavior
+        # Without the database we cannot tell a live foreign session from an orphan.
+        if behavior.auto_recovery and behavior.cleanup_orphaned and in_progress is not None:
+            for todo_id, path in orphans:
+                try:
+                    result = archive_orphan(self.config.archive_dir, path, now)
+                except OSError as exc:
+                    logger.error("could not archive orphan {}: {}", path, exc)
+                    continue
+                shutil.rmtree(path, ignore_errors=True)
+                acted.append(todo_id)
+                logger.bind(todo_id=todo_id).warning(
+                    "auto-recovery: archived orphaned session dir {} into {}", path, result.path
+                )
+            if acted:
+                self._bump("orphans_archived", len(acted))
+        message = f"{len(orphans)} session dir(s) with no live todo"
+        if acted:
+            message += f"; archived and removed {len(acted)}"
+        return CheckResult("orphaned_sessions", "WARNING", message, ids)
+
+    def _stale_markers(self, now: float) -> CheckResult:
+        marker = self.config.marker
+        stale = []
+        for name in (marker.completed_file, marker.current_todo_file):
+            try:
+                age = now - os.stat(name).st_mtime
+            except OSError:
+                continue
+            if age > marker.stale_after:
+                stale.append(name)
+        if not stale:
+            return CheckResult("stale_markers", "OK", "no stale marker file")
+        removed = []
+        if self.config.behavior.auto_recovery:
+            for name in stale:
+                try:
+                    os.unlink(name)
+                    removed.append(name)
+                    logger.warning("auto-recovery: removed stale marker {}", name)
+                except OSError as exc:
+                    logger.error("could not remove stale marker {}: {}", name, exc)
+            if removed:
+                self._bump("markers_removed", len(removed))
+        message = f"marker file(s) older than {marker.stale_after:.0f} s: {', '.join(stale)}"
+        if removed:
+            message += "; removed"
+        return CheckResult("stale_markers", "WARNING", message)
+
+    def _log_sizes(self) -> CheckResult:
+        limit = self.config.behavior.log_max_bytes
+        big = []
+        for name in LOG_FILES:
+            try:
+                size = (self.config.logs_dir / name).stat().st_size
+            except OSError:
+                continue
+            if size > limit:
+                big.append(f"{name} {size // 1024} KiB")
+        if not big:
+            return CheckResult("log_sizes", "OK", f"all logs under {limit // 1024} KiB")
+        return CheckResult(
+            "log_sizes",
+            "WARNING",
+            f"over {limit // 1024} KiB: {', '.join(big)}; is logrotate installed and configured?",
+        )
+
+    def _bump(self, name: str, by: int) -> None:
+        assert self._journal is not None
+        with self._journal.transaction() as db:
+            self._journal.bump(db, name, by)

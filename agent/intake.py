@@ -1,0 +1,523 @@
+"""Intake: what the parent does with each request, durable before the reply.
+
+Handlers are looked up by message type.  A batch of requests is journaled in one transaction
+(one fsync: group commit), then every reply is sent.  Nothing here waits on the database, tmux
+or session files; the children do that work from the journal.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+from loguru import logger
+
+import protocol as p
+from protocol.config import Config, mask_url
+
+from .journal import Journal, NewEntry
+
+WORST = {"OK": 0, "UNKNOWN": 0, "WARNING": 1, "CRITICAL": 2}
+# Checks the monitor computes; the parent adds its own (children, journal, refused, waiting).
+MONITOR_CHECKS = (
+    "database",
+    "hanging_todos",
+    "orphaned_sessions",
+    "stale_markers",
+    "db_consistency",
+    "log_sizes",
+)
+STUCK_AFTER = 300.0  # a waiting journal entry older than this is worth a WARNING
+
+
+class Refusal(Exception):
+    def __init__(self, code: p.ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Outcome:
+    reply: p.Reply
+    ring: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class ChildInfo:
+    pid: int | None
+    alive: bool
+    restarts: int
+
+
+class Intake:
+    def __init__(
+        self,
+        config: Config,
+        journal: Journal,
+        children: Callable[[], dict[str, ChildInfo]],
+        started_at: float,
+    ) -> None:
+        self.config = config
+        self.journal = journal
+        self.children = children
+        self.started_at = started_at
+        self.stopping = False
+        self._handlers: dict[type, Callable[[sqlite3.Connection, p.Request, float], Outcome]] = {
+            p.Start: self._start,
+            p.Heartbeat: self._heartbeat,
+            p.Waiting: self._waiting,
+            p.Complete: self._complete,
+            p.Emergency: self._emergency,
+            p.Retry: self._retry,
+        }
+        self._readers: dict[type, Callable[[p.Request, float], p.Reply]] = {
+            p.Ping: lambda request, now: p.Pong(version=p.VERSION, pid=_pid()),
+            p.Health: lambda request, now: self.health(now),
+            p.Status: lambda request, now: self.status(request, now),  # type: ignore[arg-type]
+        }
+
+    # ------------------------------------------------------------ batches
+
+    def handle_frames(self, frames: list[bytes], now: float) -> tuple[list[p.Reply], set[str]]:
+        """Decode, journal and answer a batch; one transaction for all that change the journal."""
+        replies: list[p.Reply | None] = [None] * len(frames)
+        decoded: list[tuple[int, p.Request]] = []
+        for index, frame in enumerate(frames):
+            try:
+                decoded.append((index, p.decode_request(frame)))
+            except p.ProtocolError as exc:
+                logger.warning("rejected a frame: {}", exc)
+                replies[index] = p.Error(code=exc.code, message=str(exc))
+        ring: set[str] = set()
+        writes = [(i, r) for i, r in decoded if type(r) in self._handlers]
+        for index, request in decoded:
+            reader = self._readers.get(type(request))
+            if reader is not None:
+                replies[index] = self._safely(reader, request, now)
+        if writes:
+            if self.stopping:
+                for index, _ in writes:
+                    replies[index] = p.Error(
+                        code=p.ErrorCode.STOPPING,
+                        message="completiond is stopping; the request was not taken",
+                    )
+            else:
+                for index, outcome in self._journal_batch(writes, now):
+                    replies[index] = outcome.reply
+                    ring |= outcome.ring
+        return [r if r is not None else _internal("no reply") for r in replies], ring
+
+    def apply(self, request: p.Request, now: float) -> Outcome:
+        """One request that changes the journal (used for outbox files)."""
+        [(_, outcome)] = self._journal_batch([(0, request)], now)
+        return outcome
+
+    def _journal_batch(
+        self, writes: list[tuple[int, p.Request]], now: float
+    ) -> list[tuple[int, Outcome]]:
+        results: list[tuple[int, Outcome]] = []
+        with self.journal.transaction() as db:
+            for index, request in writes:
+                db.execute("SAVEPOINT one")
+                try:
+                    outcome = self._handle(db, request, now)
+                except Refusal as exc:
+                    db.execute("ROLLBACK TO one")
+                    outcome = Outcome(p.Error(code=exc.code, message=str(exc)))
+                except (sqlite3.IntegrityError, ValueError) as exc:
+                    db.execute("ROLLBACK TO one")
+                    logger.exception("request {} failed", request.request_id)
+                    outcome = Outcome(_internal(str(exc)))
+                db.execute("RELEASE one")
+                results.append((index, outcome))
+        return results
+
+    def _handle(self, db: sqlite3.Connection, request: p.Request, now: float) -> Outcome:
+        request_id = request.request_id or p.new_request_id()
+        if request.request_id:
+            completion_id, todo_id = self.journal.seen_request(db, request_id)
+            if todo_id is not None or completion_id is not None:
+                return Outcome(
+                    p.Ack(
+                        request_id=request_id,
+                        state="accepted",
+                        todo_id=todo_id,
+                        completion_id=completion_id,
+                        message="this request was already received; it is applied once",
+                    )
+                )
+        if not request.request_id:
+            request = _with_id(request, request_id)
+        return self._handlers[type(request)](db, request, now)
+
+    def _safely(
+        self, read: Callable[[p.Request, float], p.Reply], request: p.Request, now: float
+    ) -> p.Reply:
+        try:
+            return read(request, now)
+        except Refusal as exc:
+            return p.Error(code=exc.code, message=str(exc))
+        except sqlite3.Error as exc:
+            logger.exception("journal read failed")
+            return _internal(f"journal read failed: {exc}")
+
+    # ------------------------------------------------------------ handlers
+
+    def resolve(self, db: sqlite3.Connection, request: p.TodoRequest) -> int:
+        """Which todo: the explicit id, then the session mapping, then the CURRENT_TODO_ID hint."""
+        if request.todo_id is not None:
+            return request.todo_id
+        if request.session_id:
+            todo_id = self.journal.todo_for_session(db, request.session_id)
+            if todo_id is not None:
+                return todo_id
+        hint = (request.todo_hint or "").strip()
+        if hint.isdigit() and 0 < int(hint) < 2**63:
+            return int(hint)
+        raise Refusal(
+            p.ErrorCode.UNKNOWN_TODO,
+            "cannot tell which todo this is about: give the todo id, set $TODO_ID, "
+            "or start the todo with --session so the session id maps to it",
+        )
+
+    def _record(
+        self,
+        db: sqlite3.Connection,
+        request: p.TodoRequest,
+        todo_id: int,
+        now: float,
+        completion_id: str | None = None,
+    ) -> None:
+        self.journal.record_request(db, request.request_id, completion_id, todo_id, now)
+        if request.session_id:
+            self.journal.map_session(db, request.session_id, todo_id, now)
+
+    def _ack(self, request: p.Request, todo_id: int, completion_id: str | None = None, **kw: str):
+        return p.Ack(
+            request_id=request.request_id,
+            state="accepted",
+            todo_id=todo_id,
+            completion_id=completion_id,
+            **kw,
+        )
+
+    def _start(self, db: sqlite3.Connection, request: p.Request, now: float) -> Outcome:
+        assert isinstance(request, p.Start)
+        todo_id = self.resolve(db, request)
+        behavior = self.config.behavior
+        completion_id = f"start-{request.request_id}"
+        self._record(db, request, todo_id, now, completion_id)
+        self.journal.add_entry(
+            db,
+            NewEntry(completion_id, todo_id, "start", state="collected", request=p.encode(request)),
+            now,
+        )
+        self.journal.arm(
+            db,
+            todo_id,
+            now=now,
+            completion_timeout=request.timeout or behavior.completion_timeout,
+            emergency_timeout=max(
+                behavior.emergency_timeout, request.timeout or behavior.completion_timeout
+            ),
+            session_id=request.session_id,
+            transcript_path=request.transcript_path,
+            cwd=request.cwd,
+        )
+        logger.bind(todo_id=todo_id).info("start accepted (session {})", request.session_id)
+        return Outcome(self._ack(request, todo_id, completion_id), {"writer", "monitor"})
+
+    def _heartbeat(self, db: sqlite3.Connection, request: p.Request, now: float) -> Outcome:
+        assert isinstance(request, p.Heartbeat)
+        todo_id = self.resolve(db, request)
+        self._record(db, request, todo_id, now)
+        note = f"{request.event}: {request.note}" if request.note else None
+        self.journal.heard(
+            db,
+            todo_id,
+            now,
+            default_timeout=self.config.behavior.completion_timeout,
+            note=note,
+            session_id=request.session_id,
+        )
+        if note:
+            logger.bind(todo_id=todo_id).warning("session reported {}", note)
+        return Outcome(self._ack(request, todo_id), {"monitor"})
+
+    def _waiting(self, db: sqlite3.Connection, request: p.Request, now: float) -> Outcome:
+        assert isinstance(request, p.Waiting)
+        todo_id = self.resolve(db, request)
+        self._record(db, request, todo_id, now)
+        self.journal.mark_waiting(db, todo_id, request.reason, now)
+        logger.bind(todo_id=todo_id).info("session waits for a person: {}", request.reason)
+        return Outcome(self._ack(request, todo_id), {"monitor"})
+
+    def _complete(self, db: sqlite3.Connection, request: p.Request, now: float) -> Outcome:
+        assert isinstance(request, p.Complete)
+        todo_id = self.resolve(db, request)
+        if request.only_if_open and self.journal.has_completion(db, todo_id):
+            self._record(db, request, todo_id, now)
+            return Outcome(
+                self._ack(request, todo_id, message="already completed; nothing to do"), set()
+            )
+        completion_id = request.request_id
+        self._record(db, request, todo_id, now, completion_id)
+        self.journal.add_entry(
+            db, NewEntry(completion_id, todo_id, "normal", request=p.encode(request)), now
+        )
+        self.journal.disarm(db, todo_id)
+        logger.bind(todo_id=todo_id, completion_id=completion_id).info(
+            "completion accepted ({})", request.event or "cli"
+        )
+        return Outcome(self._ack(request, todo_id, completion_id), {"collector", "monitor"})
+
+    def _emergency(self, db: sqlite3.Connection, request: p.Request, now: float) -> Outcome:
+        assert isinstance(request, p.Emergency)
+        todo_id = self.resolve(db, request)
+        completion_id = request.request_id
+        self._record(db, request, todo_id, now, completion_id)
+        self.journal.add_entry(
+            db,
+            NewEntry(
+                completion_id,
+                todo_id,
+                "emergency",
+                request=p.encode(request),
+                reason=request.reason,
+            ),
+            now,
+        )
+        db.execute("UPDATE todos SET completion_fired = 1 WHERE todo_id = ?", (todo_id,))
+        logger.bind(todo_id=todo_id, completion_id=completion_id, emergency=True).warning(
+            "emergency completion requested: {}", request.reason
+        )
+        return Outcome(self._ack(request, todo_id, completion_id), {"collector"})
+
+    def _retry(self, db: sqlite3.Connection, request: p.Request, now: float) -> Outcome:
+        assert isinstance(request, p.Retry)
+        if request.completion_id:
+            cursor = db.execute(
+                "UPDATE entries SET state = 'collected', attempts = 0, next_attempt_at = 0,"
+                " updated_at = ? WHERE completion_id = ? AND state = 'dead'",
+                (now, request.completion_id),
+            )
+            if cursor.rowcount == 0:
+                raise Refusal(
+                    p.ErrorCode.NOT_FOUND,
+                    f"no dead completion {request.completion_id}; "
+                    "`completionctl status TODO_ID` lists a todo's completions",
+                )
+        elif request.all_dead:
+            cursor = db.execute(
+                "UPDATE entries SET state = 'collected', attempts = 0, next_attempt_at = 0,"
+                " updated_at = ? WHERE state = 'dead'",
+                (now,),
+            )
+        else:
+            raise Refusal(p.ErrorCode.INVALID, "give a completion id or --dead")
+        self.journal.record_request(db, request.request_id, None, None, now)
+        return Outcome(
+            p.Ack(
+                request_id=request.request_id,
+                state="accepted",
+                message=f"{cursor.rowcount} completion(s) queued again",
+            ),
+            {"writer"},
+        )
+
+    # ------------------------------------------------------------ reads
+
+    def health(self, now: float) -> p.HealthReport:
+        checks: dict[str, p.Check] = {}
+        children = self.children()
+        dead = [name for name, info in children.items() if not info.alive]
+        restarts = {name: info.restarts for name, info in children.items() if info.restarts}
+        if dead:
+            checks["children"] = p.Check(
+                name="children",
+                status="CRITICAL",
+                message=f"not running: {', '.join(dead)} (being restarted); restarts {restarts}",
+            )
+        else:
+            checks["children"] = p.Check(
+                name="children",
+                status="WARNING" if restarts else "OK",
+                message="collector, writer and monitor are running"
+                + (f"; restarts so far: {restarts}" if restarts else ""),
+            )
+        checks["journal"] = self._journal_check(now)
+        checks["refused"] = self._refused_check()
+        checks["waiting_for_person"] = self._waiting_check()
+        saved = {
+            name: (status, message, ids, at)
+            for name, status, message, ids, at in self.journal.checks()
+        }
+        for name in MONITOR_CHECKS:
+            if name in saved:
+                status, message, ids, at = saved[name]
+                age = int(max(now - at, 0))
+                checks[name] = p.Check(
+                    name=name, status=status, message=f"{message} ({age} s ago)", todo_ids=ids
+                )
+            else:
+                checks[name] = p.Check(
+                    name=name, status="UNKNOWN", message="not checked yet (the monitor is starting)"
+                )
+        ordered = [
+            checks[name]
+            for name in (
+                "children",
+                "journal",
+                "database",
+                "hanging_todos",
+                "waiting_for_person",
+                "orphaned_sessions",
+                "stale_markers",
+                "db_consistency",
+                "log_sizes",
+                "refused",
+            )
+        ]
+        worst = max((WORST[c.status] for c in ordered), default=0)
+        status = {0: "OK", 1: "WARNING", 2: "CRITICAL"}[worst]
+        return p.HealthReport(status=status, checks=ordered, checked_at=now)
+
+    def _journal_check(self, now: float) -> p.Check:
+        counts = self.journal.count_by_state()
+        waiting = sum(counts.get(state, 0) for state in ("accepted", "collected", "written"))
+        dead_rows = self.journal._db.execute(
+            "SELECT DISTINCT todo_id FROM entries WHERE state = 'dead'"
+        ).fetchall()
+        oldest = self.journal._db.execute(
+            "SELECT MIN(created_at) FROM entries WHERE state IN ('accepted','collected','written')"
+        ).fetchone()[0]
+        dead = counts.get("dead", 0)
+        if dead:
+            return p.Check(
+                name="journal",
+                status="CRITICAL",
+                message=f"{dead} completion(s) dead after a permanent error; fix the cause, then "
+                "`completionctl retry --dead`; backlog {waiting}",
+                todo_ids=[row[0] for row in dead_rows],
+            )
+        if oldest is not None and now - oldest > STUCK_AFTER:
+            return p.Check(
+                name="journal",
+                status="WARNING",
+                message=f"backlog {waiting}; the oldest has waited {int(now - oldest)} s",
+            )
+        return p.Check(name="journal", status="OK", message=f"backlog {waiting}, none dead")
+
+    def _refused_check(self) -> p.Check:
+        rows = self.journal._db.execute(
+            "SELECT todo_id, last_error FROM entries WHERE state = 'failed' AND outcome = 'refused'"
+            " ORDER BY seq DESC LIMIT 50"
+        ).fetchall()
+        if not rows:
+            return p.Check(name="refused", status="OK", message="no request was refused")
+        ids = sorted({row[0] for row in rows})
+        return p.Check(
+            name="refused",
+            status="WARNING",
+            message=f"{len(rows)} request(s) refused by the database; latest: {rows[0][1]}",
+            todo_ids=ids,
+        )
+
+    def _waiting_check(self) -> p.Check:
+        rows = self.journal._db.execute(
+            "SELECT todo_id, waiting FROM todos WHERE waiting IS NOT NULL AND done = 0"
+        ).fetchall()
+        if not rows:
+            return p.Check(
+                name="waiting_for_person", status="OK", message="no session waits for a person"
+            )
+        return p.Check(
+            name="waiting_for_person",
+            status="WARNING",
+            message="; ".join(f"todo {t}: {w}" for t, w in rows[:10]),
+            todo_ids=[row[0] for row in rows],
+        )
+
+    def status(self, request: p.Status, now: float) -> p.StatusReport:
+        if request.todo_id is None:
+            children = self.children()
+            return p.StatusReport(
+                agent=p.AgentStatus(
+                    pid=_pid(),
+                    version=p.VERSION,
+                    endpoint=self.config.endpoint,
+                    state_dir=self.config.state_dir,
+                    database=mask_url(self.config.database_url),
+                    started_at=self.started_at,
+                    children={name: info.pid for name, info in children.items()},
+                    restarts={name: info.restarts for name, info in children.items()},
+                    journal=self.journal.count_by_state(),
+                    recoveries=self.journal.counters(),
+                )
+            )
+        entries = self.journal.entries_for_todo(request.todo_id)
+        timers = self.journal.timers(request.todo_id)
+        if not entries and not timers:
+            raise Refusal(
+                p.ErrorCode.NOT_FOUND,
+                f"the agent knows nothing about todo {request.todo_id} "
+                "(never started or completed here, or pruned)",
+            )
+        deadlines: list[p.Deadline] = []
+        timer = timers[0] if timers else None
+        if timer is not None:
+            if timer.completion_due is not None:
+                deadlines.append(
+                    p.Deadline(
+                        name="completion",
+                        due_at=timer.completion_due,
+                        fired=bool(timer.completion_fired),
+                    )
+                )
+            if timer.emergency_due is not None:
+                deadlines.append(
+                    p.Deadline(
+                        name="emergency",
+                        due_at=timer.emergency_due,
+                        fired=bool(timer.emergency_fired),
+                    )
+                )
+        return p.StatusReport(
+            todo=p.TodoStatus(
+                todo_id=request.todo_id,
+                entries=[
+                    p.Entry(
+                        completion_id=e.completion_id,
+                        kind=e.kind,
+                        state=e.state,
+                        source=e.source,
+                        attempts=e.attempts,
+                        last_error=e.last_error,
+                        outcome=e.outcome,
+                        created_at=e.created_at,
+                        updated_at=e.updated_at,
+                    )
+                    for e in entries
+                ],
+                deadlines=deadlines,
+                waiting=timer.waiting if timer else None,
+                session_id=timer.session_id if timer else None,
+                last_heard_at=timer.last_heard_at if timer else None,
+                note=timer.note if timer else None,
+            )
+        )
+
+
+def _with_id(request: p.Request, request_id: str) -> p.Request:
+    return msgspec.structs.replace(request, request_id=request_id)
+
+
+def _internal(message: str) -> p.Error:
+    return p.Error(code=p.ErrorCode.INTERNAL, message=f"internal error: {message}; see agent.log")
+
+
+def _pid() -> int:
+    return os.getpid()

@@ -1,0 +1,437 @@
+"""The journal: the agent's durable truth (SQLite, WAL, synchronous=FULL).
+
+Every accepted request becomes a row here before the client gets its ack.  Entries move
+through ``accepted -> collected -> written -> verified -> cleaned`` (``failed`` and ``dead`` beside them);
+the todo table holds deadlines, heartbeats and the session mapping, so no timer lives only in memory.
+Each process opens its own Journal; SQLite serialises the writers.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+# States an entry waits in for a process to act on it.
+WAITING_STATES = ("accepted", "collected", "written", "verified")
+TERMINAL_STATES = ("cleaned", "failed", "dead")
+COMPLETION_KINDS = ("normal", "emergency")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    request_id TEXT PRIMARY KEY,
+    completion_id TEXT,
+    todo_id INTEGER,
+    received_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS entries (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    completion_id TEXT NOT NULL UNIQUE,
+    todo_id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    request BLOB,
+    reason TEXT,
+    html TEXT,
+    text TEXT,
+    summary TEXT,
+    source TEXT,
+    problems TEXT,
+    outcome TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    archive_path TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_state ON entries(state, seq);
+CREATE INDEX IF NOT EXISTS entries_todo ON entries(todo_id, seq);
+CREATE TABLE IF NOT EXISTS todos (
+    todo_id INTEGER PRIMARY KEY,
+    session_id TEXT,
+    transcript_path TEXT,
+    cwd TEXT,
+    started_at REAL,
+    last_heard_at REAL,
+    completion_timeout REAL,
+    completion_due REAL,
+    emergency_due REAL,
+    completion_fired INTEGER NOT NULL DEFAULT 0,
+    emergency_fired INTEGER NOT NULL DEFAULT 0,
+    waiting TEXT,
+    note TEXT,
+    done INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY,
+    todo_id INTEGER NOT NULL,
+    seen_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS health (
+    name TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    message TEXT NOT NULL,
+    todo_ids TEXT NOT NULL,
+    checked_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    seq: int
+    completion_id: str
+    todo_id: int
+    kind: str
+    state: str
+    request: bytes | None
+    reason: str | None
+    html: str | None
+    text: str | None
+    summary: str | None
+    source: str | None
+    problems: str | None
+    outcome: str | None
+    attempts: int
+    last_error: str | None
+    next_attempt_at: float
+    archive_path: str | None
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class TodoTimers:
+    todo_id: int
+    session_id: str | None
+    transcript_path: str | None
+    cwd: str | None
+    started_at: float | None
+    last_heard_at: float | None
+    completion_timeout: float | None
+    completion_due: float | None
+    emergency_due: float | None
+    completion_fired: int
+    emergency_fired: int
+    waiting: str | None
+    note: str | None
+    done: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewEntry:
+    completion_id: str
+    todo_id: int
+    kind: str
+    state: str = "accepted"
+    request: bytes | None = None
+    reason: str | None = None
+
+
+_ENTRY_COLUMNS = ", ".join(Entry.__slots__)
+_TIMER_COLUMNS = ", ".join(TodoTimers.__slots__)
+
+
+class Journal:
+    """One connection to journal.db; every method is one short transaction."""
+
+    def __init__(self, path: Path, *, busy_timeout: float = 10.0) -> None:
+        self.path = path
+        self._db = sqlite3.connect(
+            str(path), timeout=busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+
+    @classmethod
+    def create(cls, path: Path) -> Journal:
+        journal = cls(path)
+        journal._db.executescript(_SCHEMA)
+        path.chmod(0o600)
+        return journal
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # ------------------------------------------------------------ intake (parent)
+
+    def seen_request(
+        self, db: sqlite3.Connection, request_id: str
+    ) -> tuple[str | None, int | None]:
+        row = db.execute(
+            "SELECT completion_id, todo_id FROM requests WHERE request_id = ?", (request_id,)
+        ).fetchone()
+        return (row[0], row[1]) if row else (None, None)
+
+    def record_request(
+        self,
+        db: sqlite3.Connection,
+        request_id: str,
+        completion_id: str | None,
+        todo_id: int | None,
+        now: float,
+    ) -> bool:
+        cursor = db.execute(
+            "INSERT OR IGNORE INTO requests (request_id, completion_id, todo_id, received_at)"
+            " VALUES (?, ?, ?, ?)",
+            (request_id, completion_id, todo_id, now),
+        )
+        return cursor.rowcount == 1
+
+    def add_entry(self, db: sqlite3.Connection, entry: NewEntry, now: float) -> bool:
+        cursor = db.execute(
+            "INSERT OR IGNORE INTO entries (completion_id, todo_id, kind, state, request, reason,"
+            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                entry.completion_id,
+                entry.todo_id,
+                entry.kind,
+                entry.state,
+                entry.request,
+                entry.reason,
+                now,
+                now,
+            ),
+        )
+        return cursor.rowcount == 1
+
+    def todo_for_session(self, db: sqlite3.Connection, session_id: str) -> int | None:
+        row = db.execute(
+            "SELECT todo_id FROM sessions WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        return row[0] if row else None
+
+    def map_session(
+        self, db: sqlite3.Connection, session_id: str, todo_id: int, now: float
+    ) -> None:
+        db.execute(
+            "INSERT INTO sessions (session_id, todo_id, seen_at) VALUES (?, ?, ?)"
+            " ON CONFLICT(session_id) DO UPDATE SET todo_id = excluded.todo_id,"
+            " seen_at = excluded.seen_at",
+            (session_id, todo_id, now),
+        )
+
+    def arm(
+        self,
+        db: sqlite3.Connection,
+        todo_id: int,
+        *,
+        now: float,
+        completion_timeout: float,
+        emergency_timeout: float,
+        session_id: str | None,
+        transcript_path: str | None,
+        cwd: str | None,
+    ) -> None:
+        """Start (or restart) a todo's timers: both deadlines measured from now."""
+        db.execute(
+            "INSERT INTO todos (todo_id, session_id, transcript_path, cwd, started_at,"
+            " last_heard_at, completion_timeout, completion_due, emergency_due,"
+            " completion_fired, emergency_fired, waiting, note, done)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, NULL, NULL, 0)"
+            " ON CONFLICT(todo_id) DO UPDATE SET"
+            " session_id = COALESCE(excluded.session_id, session_id),"
+            " transcript_path = COALESCE(excluded.transcript_path, transcript_path),"
+            " cwd = COALESCE(excluded.cwd, cwd), started_at = excluded.started_at,"
+            " last_heard_at = excluded.last_heard_at,"
+            " completion_timeout = excluded.completion_timeout,"
+            " completion_due = excluded.completion_due, emergency_due = excluded.emergency_due,"
+            " completion_fired = 0, emergency_fired = 0, waiting = NULL, done = 0",
+            (
+                todo_id,
+                session_id,
+                transcript_path,
+                cwd,
+                now,
+                now,
+                completion_timeout,
+                now + completion_timeout,
+                now + emergency_timeout,
+            ),
+        )
+
+    def heard(
+        self,
+        db: sqlite3.Connection,
+        todo_id: int,
+        now: float,
+        *,
+        default_timeout: float,
+        note: str | None = None,
+        session_id: str | None = None,
+    ) -> None:
+        """A heartbeat: the completion deadline measures silence, so it moves to now + timeout."""
+        db.execute(
+            "INSERT INTO todos (todo_id, session_id, last_heard_at, completion_timeout, note)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT(todo_id) DO UPDATE SET"
+            " last_heard_at = excluded.last_heard_at,"
+            " session_id = COALESCE(excluded.session_id, session_id),"
+            " completion_due = CASE WHEN done = 0 AND completion_due IS NOT NULL"
+            "   AND completion_fired = 0"
+            "   THEN excluded.last_heard_at + COALESCE(completion_timeout, ?)"
+            "   ELSE completion_due END,"
+            " waiting = NULL, note = COALESCE(excluded.note, note)",
+            (todo_id, session_id, now, default_timeout, note, default_timeout),
+        )
+
+    def mark_waiting(self, db: sqlite3.Connection, todo_id: int, reason: str, now: float) -> None:
+        db.execute(
+            "INSERT INTO todos (todo_id, last_heard_at, waiting) VALUES (?, ?, ?)"
+            " ON CONFLICT(todo_id) DO UPDATE SET waiting = excluded.waiting,"
+            " last_heard_at = excluded.last_heard_at",
+            (todo_id, now, reason or "waiting for a person"),
+        )
+
+    def disarm(self, db: sqlite3.Connection, todo_id: int) -> None:
+        """A normal completion cancels both deadlines."""
+        db.execute(
+            "UPDATE todos SET done = 1, completion_due = NULL, emergency_due = NULL,"
+            " waiting = NULL WHERE todo_id = ?",
+            (todo_id,),
+        )
+
+    def has_completion(self, db: sqlite3.Connection, todo_id: int) -> bool:
+        row = db.execute(
+            "SELECT 1 FROM entries WHERE todo_id = ? AND kind IN ('normal', 'emergency')"
+            " AND state != 'failed' LIMIT 1",
+            (todo_id,),
+        ).fetchone()
+        return row is not None
+
+    # ------------------------------------------------------------ workers
+
+    def entries_in(self, states: Iterable[str], limit: int = 1000) -> list[Entry]:
+        states = tuple(states)
+        marks = ", ".join("?" * len(states))
+        rows = self._db.execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE state IN ({marks}) ORDER BY seq LIMIT ?",
+            (*states, limit),
+        ).fetchall()
+        return [Entry(*row) for row in rows]
+
+    def entry(self, completion_id: str) -> Entry | None:
+        row = self._db.execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE completion_id = ?", (completion_id,)
+        ).fetchone()
+        return Entry(*row) if row else None
+
+    def entries_for_todo(self, todo_id: int) -> list[Entry]:
+        rows = self._db.execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE todo_id = ? ORDER BY seq", (todo_id,)
+        ).fetchall()
+        return [Entry(*row) for row in rows]
+
+    def update_entries(self, updates: Iterable[tuple[str, dict[str, object]]], now: float) -> None:
+        """Apply several (completion_id, {column: value}) changes in one transaction."""
+        with self.transaction() as db:
+            for completion_id, values in updates:
+                self._update(db, completion_id, values, now)
+
+    def update_entry(self, completion_id: str, now: float, **values: object) -> None:
+        self.update_entries([(completion_id, values)], now)
+
+    @staticmethod
+    def _update(
+        db: sqlite3.Connection, completion_id: str, values: dict[str, object], now: float
+    ) -> None:
+        unknown = set(values) - set(Entry.__slots__)
+        if unknown:
+            raise ValueError(f"not journal columns: {sorted(unknown)}")
+        assignments = ", ".join(f"{name} = ?" for name in values)
+        db.execute(
+            f"UPDATE entries SET {assignments}, updated_at = ? WHERE completion_id = ?",
+            (*values.values(), now, completion_id),
+        )
+
+    def count_by_state(self) -> dict[str, int]:
+        rows = self._db.execute("SELECT state, COUNT(*) FROM entries GROUP BY state").fetchall()
+        return {state: count for state, count in rows}
+
+    # ------------------------------------------------------------ timers (monitor)
+
+    def timers(self, todo_id: int | None = None) -> list[TodoTimers]:
+        if todo_id is None:
+            rows = self._db.execute(f"SELECT {_TIMER_COLUMNS} FROM todos").fetchall()
+        else:
+            rows = self._db.execute(
+                f"SELECT {_TIMER_COLUMNS} FROM todos WHERE todo_id = ?", (todo_id,)
+            ).fetchall()
+        return [TodoTimers(*row) for row in rows]
+
+    def armed_timers(self) -> list[TodoTimers]:
+        rows = self._db.execute(
+            f"SELECT {_TIMER_COLUMNS} FROM todos WHERE done = 0 AND"
+            " ((completion_due IS NOT NULL AND completion_fired = 0)"
+            "  OR (emergency_due IS NOT NULL AND emergency_fired = 0))"
+        ).fetchall()
+        return [TodoTimers(*row) for row in rows]
+
+    def set_timer_fields(self, db: sqlite3.Connection, todo_id: int, **values: object) -> None:
+        unknown = set(values) - set(TodoTimers.__slots__)
+        if unknown:
+            raise ValueError(f"not timer columns: {sorted(unknown)}")
+        assignments = ", ".join(f"{name} = ?" for name in values)
+        db.execute(f"UPDATE todos SET {assignments} WHERE todo_id = ?", (*values.values(), todo_id))
+
+    # ------------------------------------------------------------ health and counters
+
+    def save_checks(self, checks: Iterable[tuple[str, str, str, list[int]]], now: float) -> None:
+        with self.transaction() as db:
+            for name, status, message, todo_ids in checks:
+                db.execute(
+                    "INSERT INTO health (name, status, message, todo_ids, checked_at)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET"
+                    " status = excluded.status, message = excluded.message,"
+                    " todo_ids = excluded.todo_ids, checked_at = excluded.checked_at",
+                    (name, status, message, json.dumps(todo_ids), now),
+                )
+
+    def checks(self) -> list[tuple[str, str, str, list[int], float]]:
+        rows = self._db.execute(
+            "SELECT name, status, message, todo_ids, checked_at FROM health"
+        ).fetchall()
+        return [(n, s, m, json.loads(ids), at) for n, s, m, ids, at in rows]
+
+    def bump(self, db: sqlite3.Connection, name: str, by: int = 1) -> None:
+        db.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?)"
+            " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            (name, by),
+        )
+
+    def counters(self) -> dict[str, int]:
+        return dict(self._db.execute("SELECT name, value FROM counters").fetchall())
+
+    def prune(self, older_than: float) -> int:
+        """Forget finished entries and old request ids after the retention time."""
+        with self.transaction() as db:
+            gone = db.execute(
+                "DELETE FROM entries WHERE state IN ('cleaned', 'failed') AND updated_at < ?",
+                (older_than,),
+            ).rowcount
+            db.execute("DELETE FROM requests WHERE received_at < ?", (older_than,))
+            db.execute(
+                "DELETE FROM todos WHERE done = 1 AND COALESCE(last_heard_at, 0) < ?",
+                (older_than,),
+            )
+            db.execute("DELETE FROM sessions WHERE seen_at < ?", (older_than,))
+        return gone

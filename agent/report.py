@@ -1,0 +1,375 @@
+"""The completion report: one self-contained, script-free HTML page, plus its text and summary.
+
+Agent output is untrusted. Every piece of it goes through the same pipeline, in this order:
+cap (head and tail kept, "N bytes omitted" note) before any other work, so a 100 MB output costs
+no more than a 1 MB one; decode invalid UTF-8 and lone surrogates to U+FFFD; strip terminal
+escape sequences and C0/C1 control characters (tab and newline stay, CRLF becomes LF); make
+bidi controls visible as "⟦U+202E⟧"; then escape. Markdown is rendered only by markdown-it-py
+with raw HTML off, images shown as text, and links limited to http, https, mailto and in-page
+anchors; above ``MARKDOWN_MAX_BYTES`` (where rendering time would grow past about a second) or
+when the rendering does not fit the page, the output is shown escaped in ``<pre>``.
+
+The page does not rely on its Content-Security-Policy for safety: it may be shown embedded in a
+page whose own policy applies, so the markup itself carries no scripts, handlers or outside
+resources, and the policy is a second wall.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from html import escape
+
+from markdown_it import MarkdownIt
+
+from agent.sources import (
+    NOTE_RESERVE,
+    Collected,
+    TodoFacts,
+    cap_text,
+    omission_note,
+    split_for_cap,
+    strip_escape_sequences,
+)
+
+# default-src does not cover base-uri and form-action, so they are closed by name.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+)
+MARKDOWN_MAX_BYTES = 128 * 1024  # markdown-it-py renders ~100 KB/s on hostile input
+SUMMARY_MAX_CHARS = 500
+MIN_REPORT_BYTES = 64 * 1024  # room for the page's fixed parts and every capped field
+
+_TITLE_MAX_BYTES = 1000
+_REASON_MAX_BYTES = 4000
+_WORKDIR_MAX_BYTES = 2000
+_PROBLEM_MAX_BYTES = 2000
+_SAFE_LINK_SCHEMES = ("http:", "https:", "mailto:")
+
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+# C0 except tab and newline, DEL, C1: after escape sequences are gone, what is left is noise
+# or a trick (NUL truncating a C reader, a lone CR overwriting a line in a terminal).
+_CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Bidi embeddings, overrides, isolates and marks: they reorder what a reader sees (Trojan Source).
+_BIDI_RE = re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
+
+
+@dataclass(frozen=True)
+class Report:
+    html: str  # the page, for claude_html_output
+    text: str  # the sanitized, capped plain output, for claude_text_output
+    summary: str  # a short sanitized summary, for claude_summary
+
+
+def render_report(
+    *,
+    todo_id: int,
+    todo: TodoFacts | None,
+    collected: Collected,
+    kind: str,
+    started_at: datetime | None,
+    completed_at: datetime,
+    reason: str | None = None,
+    system_status: str | None = None,
+    max_output_bytes: int = 1_000_000,
+    max_report_bytes: int = 2 * 1024 * 1024,
+) -> Report:
+    """Build the report for one completion. ``kind`` is "normal" or "emergency".
+
+    Naive datetimes are taken as UTC. Raises ValueError only for a ``max_report_bytes`` below
+    ``MIN_REPORT_BYTES`` or an unknown ``kind``.
+    """
+    if kind not in ("normal", "emergency"):
+        raise ValueError(f"kind must be 'normal' or 'emergency', not {kind!r}")
+    if max_report_bytes < MIN_REPORT_BYTES:
+        raise ValueError(f"max_report_bytes must be at least {MIN_REPORT_BYTES}")
+    field_budget = max_report_bytes // 16  # description, system status, problems: each
+
+    text = sanitize_capped(collected.text, max_output_bytes)
+    summary = _summary(text, kind=kind, reason=reason, source=collected.source)
+
+    if todo is not None and todo.title.strip():
+        title = " ".join(sanitize_capped(todo.title, _TITLE_MAX_BYTES).split())
+    else:
+        title = f"todo {todo_id}"
+    description = sanitize_capped(todo.description, field_budget) if todo else ""
+    workdir = sanitize_capped(todo.working_directory, _WORKDIR_MAX_BYTES) if todo else ""
+    problems = [sanitize_capped(problem, _PROBLEM_MAX_BYTES) for problem in collected.problems]
+
+    sections = [
+        _header(todo_id, title, kind),
+        _facts(
+            todo_id=todo_id,
+            workdir=workdir,
+            kind=kind,
+            started_at=started_at,
+            completed_at=completed_at,
+            collected=collected,
+        ),
+    ]
+    if kind == "emergency":
+        sections.append(_emergency(reason, system_status, field_budget))
+    sections.append(f'<section><h2>Summary</h2><p class="summary">{escape(summary)}</p></section>')
+    if description.strip():
+        sections.append(
+            "<section><h2>Description</h2>"
+            + _fit_html(description, field_budget, _pre)
+            + "</section>"
+        )
+    sections.append(_problems(problems, field_budget))
+    output_at = len(sections) - 1  # the output goes before the problems section
+
+    page_without_output = _page(title, todo_id, [*sections[:output_at], "", sections[output_at]])
+    room = max_report_bytes - _utf8_len(page_without_output) - 16  # 16: the joining newline
+
+    sections.insert(output_at, _output_section(text, collected, room))
+    page = _page(title, todo_id, sections)
+    # Every part above is fitted to its budget; this guards the arithmetic, not the input.
+    if _utf8_len(page) > max_report_bytes:
+        raise AssertionError("report exceeds max_report_bytes")
+    return Report(html=page, text=text, summary=summary)
+
+
+# --- the untrusted-text pipeline ---
+
+
+def sanitize(data: str | bytes) -> str:
+    """Untrusted output made safe to show: decoded, escape sequences and controls stripped,
+    bidi controls made visible. Not capped and not HTML-escaped: see ``sanitize_capped``."""
+    if isinstance(data, bytes):
+        text = data.decode("utf-8", "replace")
+    else:
+        text = _SURROGATE_RE.sub("\ufffd", data)
+    text = strip_escape_sequences(text.replace("\r\n", "\n"))
+    text = _CONTROL_RE.sub("", text)
+    return _BIDI_RE.sub(lambda m: f"⟦U+{ord(m.group()):04X}⟧", text)
+
+
+def sanitize_capped(data: str | bytes, max_bytes: int) -> str:
+    """``sanitize`` after capping to ``max_bytes``; the result is at most ``max_bytes`` of UTF-8.
+
+    Head and tail are sanitized apart, so an escape sequence left open at the cut cannot swallow
+    the omission note.
+    """
+    head, omitted, tail = split_for_cap(data, max_bytes)
+    if omitted:
+        head, omitted, tail = split_for_cap(data, max(0, max_bytes - NOTE_RESERVE))
+        text = sanitize(head) + omission_note(omitted) + sanitize(tail)
+    else:
+        text = sanitize(head)
+    # Visible bidi markers are longer than what they replace; cap again if they tipped it over.
+    return cap_text(text, max_bytes) if _utf8_len(text) > max_bytes else text
+
+
+def _summary(text: str, *, kind: str, reason: str | None, source: str) -> str:
+    if kind == "emergency":
+        said = " ".join(sanitize_capped(reason or "no reason given", _REASON_MAX_BYTES).split())
+        lead = f"Forced completion (emergency): {said}."
+    else:
+        lead = ""
+    if source == "none":
+        body = "No output was collected."
+    elif source == "database":
+        body = "No session output was found; the todo is shown as the database knows it."
+    else:
+        body = _first_lines(text)
+    summary = f"{lead} {body}".strip()
+    if len(summary) > SUMMARY_MAX_CHARS:
+        summary = summary[: SUMMARY_MAX_CHARS - 1].rstrip() + "…"
+    return summary
+
+
+def _first_lines(text: str) -> str:
+    """The first meaningful prose lines: markdown decoration, fences and blank lines skipped."""
+    kept: list[str] = []
+    length = 0
+    in_fence = False
+    for line in text[: SUMMARY_MAX_CHARS * 40].split("\n"):
+        stripped = line.strip()
+        if stripped.startswith(("```", "~~~")):
+            in_fence = not in_fence
+            continue
+        if in_fence or not stripped or not stripped.strip("-*_=#|:> "):
+            continue
+        stripped = stripped.lstrip("#> ").strip()
+        kept.append(stripped)
+        length += len(stripped) + 1
+        if length >= SUMMARY_MAX_CHARS:
+            break
+    if not kept:  # all code: the first lines are still better than nothing
+        kept = [line.strip() for line in text[: SUMMARY_MAX_CHARS * 4].split("\n") if line.strip()]
+    return " ".join(kept)
+
+
+# --- markdown ---
+
+
+def _is_safe_link(url: str) -> bool:
+    lowered = url.strip().lower()
+    return lowered.startswith(_SAFE_LINK_SCHEMES) or lowered.startswith("#")
+
+
+def _image_as_text(self, tokens, idx, options, env) -> str:
+    # An image would load from outside (a tracking pixel where no CSP applies); show its alt text.
+    alt = self.renderInlineAsText(tokens[idx].children or [], options, env)
+    return escape(f"[image: {alt}]" if alt else "[image]")
+
+
+def _link_open(self, tokens, idx, options, env) -> str:
+    tokens[idx].attrSet("rel", "nofollow noopener noreferrer")
+    return self.renderToken(tokens, idx, options, env)
+
+
+def _markdown_renderer() -> MarkdownIt:
+    md = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False})
+    md.enable(["table", "strikethrough"])
+    md.validateLink = _is_safe_link  # stricter than the default, which lets data:image links in
+    md.add_render_rule("image", _image_as_text)
+    md.add_render_rule("link_open", _link_open)
+    return md
+
+
+_MARKDOWN = _markdown_renderer()
+
+
+def _markdown(text: str) -> str:
+    return f'<div class="output markdown">{_MARKDOWN.render(text)}</div>'
+
+
+def _pre(text: str) -> str:
+    return f"<pre>{escape(text, quote=False)}</pre>"
+
+
+def _fit_html(text: str, budget: int, render: Callable[[str], str]) -> str:
+    """``render(text)``, with ``text`` cut further until the markup fits ``budget`` bytes.
+
+    Escaping can multiply the size (``&`` becomes ``&amp;``), so the cut is found by measuring.
+    """
+    for _ in range(8):
+        markup = render(text)
+        size = _utf8_len(markup)
+        if size <= budget:
+            return markup
+        keep = int(_utf8_len(text) * budget / size * 0.9) - NOTE_RESERVE
+        text = cap_text(text, max(0, keep))
+    return render("[… too large to show …]")
+
+
+# --- the page ---
+
+_STYLE = """
+body{font:15px/1.5 system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;
+color:#1d1d1f;background:#fff}
+h1{font-size:1.5rem;margin:0 0 .25rem}h2{font-size:1.1rem;margin:1.5rem 0 .5rem;
+border-bottom:1px solid #ddd}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:.25rem 1rem}dt{font-weight:600}
+dd{margin:0}pre{white-space:pre-wrap;overflow-wrap:anywhere;background:#f6f8fa;padding:.75rem;
+border-radius:4px}code{font-family:ui-monospace,monospace}
+.kind{display:inline-block;padding:0 .5rem;border-radius:3px;background:#e8f0fe}
+.emergency .kind,section.emergency{background:#fdecea}section.emergency{padding:.5rem 1rem}
+.markdown pre{background:#f6f8fa}.markdown table{border-collapse:collapse}
+.markdown td,.markdown th{border:1px solid #ddd;padding:.25rem .5rem}
+.none{color:#555}
+""".strip()
+
+
+def _page(title: str, todo_id: int, sections: list[str]) -> str:
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f'<meta http-equiv="Content-Security-Policy" content="{CONTENT_SECURITY_POLICY}">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>Todo {todo_id}: {escape(title)} — completion report</title>\n"
+        f"<style>{_STYLE}</style>\n</head>\n<body>\n"
+        + "\n".join(section for section in sections if section)
+        + "\n</body>\n</html>\n"
+    )
+
+
+def _header(todo_id: int, title: str, kind: str) -> str:
+    label = "Forced completion (emergency)" if kind == "emergency" else "Completed"
+    return (
+        f'<header class="{kind}"><h1>{escape(title)}</h1>'
+        f'<p>Todo {todo_id} · <span class="kind">{label}</span></p></header>'
+    )
+
+
+def _facts(
+    *,
+    todo_id: int,
+    workdir: str,
+    kind: str,
+    started_at: datetime | None,
+    completed_at: datetime,
+    collected: Collected,
+) -> str:
+    source = collected.source
+    if collected.is_html:
+        source += " (HTML reduced to plain text)"
+    rows = [
+        ("Todo", str(todo_id)),
+        ("Kind", "emergency (forced)" if kind == "emergency" else "normal"),
+        ("Started", _utc(started_at)),
+        ("Completed", _utc(completed_at)),
+        ("Output source", source),
+    ]
+    if workdir.strip():
+        rows.append(("Working directory", workdir))
+    items = "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in rows)
+    return f"<section><h2>Completion</h2><dl>{items}</dl></section>"
+
+
+def _emergency(reason: str | None, system_status: str | None, budget: int) -> str:
+    said = sanitize_capped(reason, _REASON_MAX_BYTES) if reason else "no reason given"
+    parts = [
+        '<section class="emergency"><h2>Forced completion</h2>',
+        f"<p>This todo was completed by force, not by its session. Reason: {escape(said)}</p>",
+    ]
+    if system_status:
+        status = sanitize_capped(system_status, budget)
+        parts.append("<h3>System status</h3>" + _fit_html(status, budget, _pre))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _output_section(text: str, collected: Collected, room: int) -> str:
+    head = "<section><h2>Output</h2>"
+    tail = "</section>"
+    room -= len(head) + len(tail)
+    if not text.strip():
+        return head + '<p class="none">No output was collected.</p>' + tail
+    if collected.is_markdown and _utf8_len(text) <= MARKDOWN_MAX_BYTES:
+        rendered = _markdown(text)
+        if _utf8_len(rendered) <= room:
+            return head + rendered + tail
+    return head + _fit_html(text, room, _pre) + tail
+
+
+def _problems(problems: list[str], budget: int) -> str:
+    head = "<section><h2>Collection problems</h2>"
+    if not problems:
+        return head + '<p class="none">There were none.</p></section>'
+    items: list[str] = []
+    used = 0
+    for index, problem in enumerate(problems):
+        item = f"<li>{escape(problem, quote=False)}</li>"
+        if used + len(item.encode("utf-8")) > budget - 200:
+            items.append(f"<li>… and {len(problems) - index} more, not shown.</li>")
+            break
+        items.append(item)
+        used += len(item.encode("utf-8"))
+    return head + "<ul>" + "".join(items) + "</ul></section>"
+
+
+def _utc(moment: datetime | None) -> str:
+    if moment is None:
+        return "unknown"
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S UTC")
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))

@@ -1,0 +1,57 @@
+"""The todo database: one `Store` interface, a SQLite and a MySQL/MariaDB backend.
+
+`open_store(url)` is the only constructor the agent's processes use; each process builds its own
+store from plain arguments after it starts. This package imports nothing else from `agent` and
+no logging library: callers log what it raises. Datetimes in and out are naive UTC.
+"""
+
+from __future__ import annotations
+
+from .base import (
+    STATUSES,
+    PermanentError,
+    Store,
+    StoreError,
+    Todo,
+    TodoWrite,
+    TransientError,
+    WriteOutcome,
+    check_table_name,
+)
+from .url import MysqlTarget, SqliteTarget, parse_url, redact_url
+
+__all__ = [
+    "STATUSES",
+    "MysqlTarget",
+    "PermanentError",
+    "SqliteTarget",
+    "Store",
+    "StoreError",
+    "Todo",
+    "TodoWrite",
+    "TransientError",
+    "WriteOutcome",
+    "open_store",
+    "parse_url",
+    "redact_url",
+]
+
+
+def open_store(url: str, *, table: str = "stage_project_todos", timeout: float = 30.0) -> Store:
+    """A store for `url` (sqlite:///ABS/PATH.db or mysql://USER[:PASS]@HOST[:PORT]/DB).
+
+    Nothing connects yet: the first call does, and every error after that comes as a
+    TransientError or PermanentError. A bad URL, table name or timeout raises ValueError here.
+    """
+    check_table_name(table)
+    if not (isinstance(timeout, int | float) and 0 < timeout <= 86400):
+        raise ValueError(f"timeout must be a number of seconds in (0, 86400], got {timeout!r}")
+    target = parse_url(url)
+    if isinstance(target, SqliteTarget):
+        from .sqlite import SqliteStore
+
+        return SqliteStore(target.path, table=table, timeout=timeout)
+    # PyMySQL is imported only when a MySQL URL is used.
+    from .mysql import MysqlStore
+
+    return MysqlStore(target, table=table, timeout=timeout)

@@ -1,0 +1,366 @@
+"""The MySQL/MariaDB backend through PyMySQL: the real deployment (a WordPress plugin's table).
+
+Owns the connection (lazy, bounded by timeouts, dropped after any error and made afresh on the
+next call), `classify()` of PyMySQL errors into Transient/Permanent by error number, the fitting
+of output values to the site's column types and `max_allowed_packet`, and the MySQL DDL.
+
+The site's table is not ours: only the named columns are read or written, extra columns are left
+to their defaults, and an existing table is never altered.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Any
+
+import pymysql
+from pymysql.constants import CLIENT
+from pymysql.converters import escape_string
+
+from .base import (
+    LOG_TABLE,
+    STATUSES,
+    PermanentError,
+    SqlStore,
+    StoreError,
+    TodoWrite,
+    TransientError,
+    fit_text,
+)
+from .url import MysqlTarget
+
+OUTPUT_COLUMNS = ("claude_html_output", "claude_text_output", "claude_summary")
+
+# Error numbers that say "try again later": the server is unreachable, went away, is shutting
+# down, is read-only (failover), killed us, or a lock/deadlock made the transaction lose.
+TRANSIENT_ERRNOS: dict[int, str] = {
+    1040: "the server has too many connections",
+    1053: "the server is shutting down",
+    1158: "network error reading from the server",
+    1159: "network timeout reading from the server",
+    1160: "network error writing to the server",
+    1161: "network timeout writing to the server",
+    1180: "the server failed during COMMIT",
+    1205: "lock wait timeout: another session holds the todo's row lock",
+    1213: "deadlock: the transaction was chosen as the victim",
+    1290: "the server is read-only right now (--read-only; failover?)",
+    1317: "the query was interrupted",
+    1792: "the transaction is read-only",
+    1836: "the server is in read-only mode",
+    1927: "the connection was killed",
+    2002: "cannot connect through the socket",
+    2003: "cannot connect to the server",
+    2006: "the server has gone away",
+    2013: "the connection was lost during the query",
+    2014: "commands out of sync (connection dropped)",
+    2026: "SSL connection error",
+    2055: "the connection was lost",
+    4031: "the server disconnected this idle client",
+}
+# Error numbers that need a person: setup, grants, schema, or data the column cannot hold.
+PERMANENT_ERRNOS: dict[int, str] = {
+    1044: "the user may not use this database: GRANT it SELECT, INSERT, UPDATE, CREATE",
+    1045: "access denied: check the user and password in database.url",
+    1046: "no database selected: name one in database.url",
+    1048: "a NOT NULL column got NULL",
+    1049: "unknown database: create it or fix the database name in database.url",
+    1054: "a column is missing: run `completionctl check` to see which",
+    1064: "SQL syntax error (a bug in the agent: please report it)",
+    1136: "column count does not match (a bug in the agent: please report it)",
+    1142: "the user lacks a privilege on the table: GRANT SELECT, INSERT, UPDATE (and CREATE)",
+    1143: "the user lacks a privilege on a column: GRANT SELECT, UPDATE on the table",
+    1146: "a table is missing: check database.table, or run `completionctl db init`",
+    1153: "a packet exceeded max_allowed_packet: raise it on the server",
+    1227: "the user lacks a needed privilege",
+    1264: "a value is out of range for its column",
+    1265: "a value was truncated by the column",
+    1292: "a datetime value was refused",
+    1366: "a value has characters the column's charset cannot hold",
+    1406: "a value is too long for its column",
+    1452: "a foreign key refused the row",
+    1698: "access denied for this user: check the user and its authentication",
+    2059: "the authentication plugin cannot be loaded",
+}
+_PERMANENT_CLASSES = (
+    pymysql.err.ProgrammingError,
+    pymysql.err.DataError,
+    pymysql.err.IntegrityError,
+    pymysql.err.NotSupportedError,
+)
+_INT_TYPES = {"tinyint", "smallint", "mediumint", "int", "integer", "bigint"}
+_TEXT_TYPES = {"char", "varchar", "tinytext", "text", "mediumtext", "longtext"}
+_PACKET_SLACK = 64 * 1024  # room in a packet for the statement itself and the other values
+
+
+def classify(exc: BaseException) -> StoreError:
+    """Map an exception from PyMySQL or the socket to a TransientError or PermanentError.
+
+    PyMySQL raises OperationalError both for a lost connection and for many permanent errors, so
+    the error number decides first; only an unknown number falls back to the class.
+    """
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, pymysql.err.MySQLError):
+        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        detail = str(exc.args[1]) if len(exc.args) > 1 else str(exc) or type(exc).__name__
+        text = f"MySQL error {code}: {detail}" if code else f"MySQL error: {detail}"
+        if code in TRANSIENT_ERRNOS:
+            return TransientError(f"{text} ({TRANSIENT_ERRNOS[code]}; will retry)", errno=code)
+        if code in PERMANENT_ERRNOS:
+            return PermanentError(f"{text} ({PERMANENT_ERRNOS[code]}; not retried)", errno=code)
+        if isinstance(exc, _PERMANENT_CLASSES):
+            return PermanentError(f"{text} (not retried)", errno=code)
+        # OperationalError, InternalError, InterfaceError, "Already closed": the connection.
+        return TransientError(f"{text} (will retry)", errno=code or None)
+    if isinstance(exc, OSError | socket.timeout):
+        return TransientError(f"network error talking to MySQL: {exc!r} (will retry)")
+    return PermanentError(
+        f"unexpected {type(exc).__name__} from the MySQL store: {exc} (a bug? please report it)"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Limits:
+    """What the output columns and one packet can hold; read once per connection."""
+
+    columns: dict[str, tuple[int | None, int | None, str]]  # name -> (bytes, chars, charset)
+    packet: int
+
+
+def _wire_size(value: str | None) -> int:
+    # Bytes the value takes in the statement PyMySQL sends: escaped, quoted, utf8mb4.
+    return 4 if value is None else len(escape_string(value).encode("utf-8")) + 2
+
+
+class MysqlStore(SqlStore):
+    """`Store` on MySQL/MariaDB. Connects lazily; never retries by itself (the writer does)."""
+
+    placeholder = "%s"
+    lock_clause = " FOR UPDATE"
+
+    def __init__(self, target: MysqlTarget, *, table: str, timeout: float) -> None:
+        self.target = target
+        self._conn: pymysql.connections.Connection | None = None
+        self._limits: _Limits | None = None
+        super().__init__(table, timeout)
+        # The server's lock wait must end before our socket read gives up, so that a held row
+        # lock comes back as the clear 1205, not as a lost connection.
+        self.lock_wait = max(1, math.ceil(self.timeout) - 1)
+        self.read_timeout = max(self.timeout, self.lock_wait + 1.0)
+
+    def __repr__(self) -> str:
+        return f"MysqlStore(url={self.target.redacted()!r}, table={self.table!r})"
+
+    def _q(self, name: str) -> str:
+        return f"`{name}`"
+
+    # ---- connection
+    def _connect(self) -> pymysql.connections.Connection:
+        if self._conn is None:
+            t = self.target
+            self._limits = None
+            self._conn = pymysql.connect(
+                host=t.host,
+                port=t.port,
+                user=t.user,
+                password=t.password,
+                database=t.database,
+                unix_socket=t.unix_socket,
+                charset="utf8mb4",
+                autocommit=False,
+                connect_timeout=self.timeout,
+                read_timeout=self.read_timeout,
+                write_timeout=self.timeout,
+                client_flag=CLIENT.FOUND_ROWS,
+                init_command=(
+                    f"SET SESSION innodb_lock_wait_timeout = {self.lock_wait}, time_zone = '+00:00'"
+                ),
+            )
+        return self._conn
+
+    def _drop(self) -> None:
+        """Roll back (best effort) and forget the connection; the next call makes a fresh one."""
+        conn, self._conn, self._limits = self._conn, None, None
+        if conn is None or not conn.open:
+            return
+        with suppress(Exception):
+            conn.rollback()
+        with suppress(Exception):
+            conn.close()
+
+    def _classify(self, exc: BaseException) -> StoreError:
+        err = classify(exc)
+        if err.errno == 1062 and "uq_completion_id" in str(exc):
+            # Another writer recorded the same completion id at the same moment; a retry will
+            # find it in completion_log and answer "already".
+            err = TransientError(f"{err}: another writer recorded it; will retry", errno=1062)
+        pw = self.target.password
+        if pw and pw in str(err):  # never let a password reach a log line
+            err = type(err)(str(err).replace(pw, "***"), errno=err.errno)
+        return err
+
+    @contextmanager
+    def _transaction(self, *, write: bool) -> Iterator[Any]:
+        try:
+            conn = self._connect()
+            with conn.cursor() as cur:
+                yield cur
+            conn.commit()
+        except Exception as exc:
+            err = self._classify(exc)
+            self._drop()
+            raise err from exc
+
+    # ---- schema
+    def _columns(self, cur: Any, table: str) -> dict[str, str]:
+        cur.execute(
+            "SELECT COLUMN_NAME, COLUMN_TYPE FROM information_schema.COLUMNS "
+            "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s",
+            (table,),
+        )
+        return {str(name): str(ctype).lower() for name, ctype in cur.fetchall()}
+
+    def _type_problem(self, category: str, decl: str) -> str | None:
+        base = re.split(r"[ (]", decl, maxsplit=1)[0]
+        if category == "int":
+            return None if base in _INT_TYPES else "an integer type (INT or BIGINT)"
+        if category == "datetime":
+            return None if base in ("datetime", "timestamp") else "DATETIME or TIMESTAMP"
+        if category == "text":
+            return None if base in _TEXT_TYPES else "a text type (LONGTEXT, TEXT or VARCHAR)"
+        # status
+        want = f"ENUM({', '.join(repr(s) for s in STATUSES)}) or a VARCHAR of 11 or more"
+        if base == "enum":
+            values = set(re.findall(r"'((?:[^']|'')*)'", decl))
+            missing = [s for s in ("offen", "in_progress", "completed") if s not in values]
+            return f"{want} (it lacks {', '.join(missing)})" if missing else None
+        if base in ("varchar", "char"):
+            size = re.search(r"\((\d+)\)", decl)
+            return None if size and int(size.group(1)) >= len("in_progress") else want
+        return want
+
+    def _suggested_type(self, category: str) -> str:
+        return {
+            "int": "BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY",
+            "datetime": "DATETIME NULL",
+            "status": f"ENUM({', '.join(repr(s) for s in STATUSES)}) NOT NULL DEFAULT 'offen'",
+        }.get(category, "LONGTEXT NULL")
+
+    def ensure_schema(self, *, create_todo_table: bool) -> None:
+        """Create completion_log (and the todo table if asked) where missing; never alter.
+
+        Existence is checked first, so a user without CREATE privilege can still run the agent
+        once completion_log exists.
+        """
+        statuses = ", ".join(f"'{s}'" for s in STATUSES)
+        with self._lock, self._transaction(write=True) as cur:
+            if create_todo_table and not self._columns(cur, self.table):
+                cur.execute(
+                    f"CREATE TABLE IF NOT EXISTS {self._t} ("
+                    "`id` BIGINT UNSIGNED NOT NULL AUTO_INCREMENT, "
+                    "`title` VARCHAR(255) NOT NULL, "
+                    "`description` LONGTEXT NULL, "
+                    "`working_directory` VARCHAR(1024) NULL, "
+                    f"`status` ENUM({statuses}) NOT NULL DEFAULT 'offen', "
+                    "`started_at` DATETIME NULL DEFAULT NULL, "
+                    "`completed_at` DATETIME NULL DEFAULT NULL, "
+                    "`created_at` DATETIME NOT NULL DEFAULT CURRENT_TIMESTAMP, "
+                    "`updated_at` DATETIME NOT NULL DEFAULT CURRENT_TIMESTAMP "
+                    "ON UPDATE CURRENT_TIMESTAMP, "
+                    "`claude_html_output` LONGTEXT NULL, "
+                    "`claude_text_output` LONGTEXT NULL, "
+                    "`claude_summary` LONGTEXT NULL, "
+                    "PRIMARY KEY (`id`), KEY `status` (`status`)"
+                    ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci"
+                )
+            if not self._columns(cur, LOG_TABLE):
+                cur.execute(
+                    f"CREATE TABLE IF NOT EXISTS {self._log} ("
+                    "`id` BIGINT UNSIGNED NOT NULL AUTO_INCREMENT, "
+                    "`completion_id` VARCHAR(64) COLLATE utf8mb4_bin NOT NULL, "
+                    "`todo_id` BIGINT NOT NULL, "
+                    "`kind` VARCHAR(16) NOT NULL, "
+                    "`sources` VARCHAR(255) NOT NULL DEFAULT '', "
+                    "`attempts` INT NOT NULL DEFAULT 1, "
+                    "`created_at` DATETIME NOT NULL, "
+                    "`logged_at` DATETIME NOT NULL, "
+                    "PRIMARY KEY (`id`), "
+                    "UNIQUE KEY `uq_completion_id` (`completion_id`), "
+                    "KEY `ix_todo_id` (`todo_id`)"
+                    ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci"
+                )
+
+    # ---- output fitting
+    def _load_limits(self, cur: Any) -> _Limits:
+        if self._limits is None:
+            cur.execute(
+                "SELECT COLUMN_NAME, CHARACTER_OCTET_LENGTH, CHARACTER_MAXIMUM_LENGTH, "
+                "CHARACTER_SET_NAME FROM information_schema.COLUMNS "
+                "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s",
+                (self.table,),
+            )
+            columns = {
+                str(name): (
+                    None if octets is None else int(octets),
+                    None if chars is None else int(chars),
+                    str(charset or "utf8mb4"),
+                )
+                for name, octets, chars, charset in cur.fetchall()
+                if name in OUTPUT_COLUMNS
+            }
+            cur.execute("SELECT @@max_allowed_packet")
+            (packet,) = cur.fetchone()
+            self._limits = _Limits(columns, int(packet))
+        return self._limits
+
+    def _fit_outputs(self, cur: Any, write: TodoWrite) -> tuple[str | None, ...]:
+        """The three outputs cut to their columns, and together to one packet."""
+        limits = self._load_limits(cur)
+        originals = (write.html, write.text, write.summary)
+        caps: list[int | None] = [None, None, None]
+
+        def fit(i: int) -> str | None:
+            value = originals[i]
+            if value is None:
+                return None
+            octets, chars, charset = limits.columns.get(OUTPUT_COLUMNS[i], (None, None, ""))
+            if caps[i] is not None:
+                chars = caps[i] if chars is None else min(chars, caps[i])
+            return fit_text(value, octets, chars, charset)
+
+        fitted = [fit(i) for i in range(3)]
+        sizes = [_wire_size(v) for v in fitted]
+        budget = max(limits.packet - _PACKET_SLACK, 4096)
+        # Shrink the largest value in proportion to the excess until the statement fits; the
+        # character cap is independent of the column's charset, so this converges in a few steps.
+        for _ in range(16):
+            excess = sum(sizes) - budget
+            if excess <= 0:
+                break
+            i = max(range(3), key=sizes.__getitem__)
+            current = fitted[i] or ""
+            keep = max(0.0, (sizes[i] - excess) / sizes[i]) * 0.97
+            caps[i] = int(len(current) * keep)
+            fitted[i] = fit(i)
+            sizes[i] = _wire_size(fitted[i])
+        return tuple(fitted)
+
+    # ---- the rest of Store
+    def ping(self) -> None:
+        """Raise TransientError when the server is unreachable (PermanentError if it refuses us)."""
+        with self._lock:
+            try:
+                self._connect().ping(reconnect=False)
+            except Exception as exc:
+                err = self._classify(exc)
+                self._drop()
+                raise err from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()

@@ -1,0 +1,269 @@
+"""The client: ``from ctl import Client``, one method per command.
+
+The hot path (complete, start, heartbeat, emergency, hook) imports only ``protocol`` and pyzmq.
+A request that the agent does not answer in time is queued in the state dir's outbox (written
+atomically) and the method returns an Ack with ``state == "queued"``; the agent ingests it later,
+and the client-made request id makes a delivered-and-queued request apply once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import zmq
+
+import protocol as p
+from protocol import outbox
+from protocol.config import Config, load
+
+__all__ = ["AgentUnavailable", "Client", "CommandRefused"]
+
+DEFAULT_WAIT = 2.0
+_NOTE_RESERVE = 1024
+
+
+class AgentUnavailable(Exception):
+    """The agent did not answer in time (not running, stuck, or a wrong endpoint)."""
+
+
+class CommandRefused(Exception):
+    """The agent answered with an error; ``code`` is a protocol.ErrorCode."""
+
+    def __init__(self, code: p.ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def cap_output(text: str, limit: int = p.MAX_MESSAGE_BYTES - 64 * 1024) -> str:
+    """Keep the head and the tail of an output that is too large to send, with a visible note."""
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return text
+    half = (limit - _NOTE_RESERVE) // 2
+    omitted = len(data) - 2 * half
+    head = data[:half].decode("utf-8", "ignore")
+    tail = data[-half:].decode("utf-8", "ignore")
+    note = f"\n\n[... {omitted} bytes omitted by completionctl: the output was too large ...]\n\n"
+    return head + note + tail
+
+
+class Client:
+    def __init__(
+        self,
+        config_path: str | None = None,
+        *,
+        config: Config | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        self.config = config if config is not None else load(config_path)
+        self.timeout = DEFAULT_WAIT if timeout is None else timeout
+
+    # ------------------------------------------------------------ transport
+
+    def _socket_missing(self) -> bool:
+        endpoint = self.config.endpoint
+        return endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://") :])
+
+    def request(self, message: p.Request, timeout: float | None = None) -> p.AnyReply:
+        """Send one request and wait for its reply (the lazy-pirate pattern: one try, bounded)."""
+        wait = self.timeout if timeout is None else timeout
+        if self._socket_missing():
+            raise AgentUnavailable(
+                f"no agent socket at {self.config.endpoint}: is completiond running "
+                f"with state dir {self.config.state_dir}?"
+            )
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(self.config.endpoint)
+            sock.send(p.encode(message))
+            if not sock.poll(int(wait * 1000), zmq.POLLIN):
+                raise AgentUnavailable(
+                    f"completiond did not answer within {wait:g} s at {self.config.endpoint}; "
+                    "it may be stopped, stuck, or listening elsewhere (check --config)"
+                )
+            return p.decode_reply(sock.recv())
+        except zmq.ZMQError as exc:
+            raise AgentUnavailable(f"cannot reach {self.config.endpoint}: {exc}") from None
+        finally:
+            sock.close(0)
+
+    def _deliver(self, message: p.Request, *, queue: bool = True, timeout: float | None = None):
+        """Send a request that changes state; queue it in the outbox when the agent is away."""
+        try:
+            reply = self.request(message, timeout)
+        except AgentUnavailable as exc:
+            if not queue:
+                raise
+            path = outbox.put(self.config.outbox_dir, message.request_id, p.encode(message))
+            return p.Ack(
+                request_id=message.request_id,
+                state="queued",
+                todo_id=getattr(message, "todo_id", None),
+                message=f"{exc}; the request was queued in {path.parent} and will be delivered "
+                "when the agent starts",
+            )
+        if isinstance(reply, p.Error):
+            raise CommandRefused(reply.code, reply.message)
+        if not isinstance(reply, p.Ack):
+            raise CommandRefused(p.ErrorCode.INTERNAL, f"unexpected reply {type(reply).__name__}")
+        return reply
+
+    def _read(self, message: p.Request, expected: type):
+        reply = self.request(message)
+        if isinstance(reply, p.Error):
+            raise CommandRefused(reply.code, reply.message)
+        if not isinstance(reply, expected):
+            raise CommandRefused(p.ErrorCode.INTERNAL, f"unexpected reply {type(reply).__name__}")
+        return reply
+
+    # ------------------------------------------------------------ commands
+
+    def start(
+        self,
+        todo_id: int | None,
+        *,
+        session_id: str | None = None,
+        completion_timeout: float | None = None,
+        transcript_path: str | None = None,
+        cwd: str | None = None,
+        todo_hint: str | None = None,
+        request_id: str | None = None,
+        wait: float | None = None,
+    ) -> p.Ack:
+        return self._deliver(
+            p.Start(
+                request_id=request_id or p.new_request_id(),
+                todo_id=todo_id,
+                session_id=session_id,
+                todo_hint=todo_hint,
+                timeout=completion_timeout,
+                transcript_path=transcript_path,
+                cwd=cwd,
+                sent_at=time.time(),
+            ),
+            timeout=wait,
+        )
+
+    def heartbeat(
+        self,
+        todo_id: int | None,
+        *,
+        session_id: str | None = None,
+        todo_hint: str | None = None,
+        event: str | None = None,
+        note: str | None = None,
+        request_id: str | None = None,
+        wait: float | None = None,
+    ) -> p.Ack:
+        return self._deliver(
+            p.Heartbeat(
+                request_id=request_id or p.new_request_id(),
+                todo_id=todo_id,
+                session_id=session_id,
+                todo_hint=todo_hint,
+                event=event,
+                note=note,
+                sent_at=time.time(),
+            ),
+            timeout=wait,
+        )
+
+    def waiting(
+        self,
+        todo_id: int | None,
+        *,
+        reason: str = "",
+        session_id: str | None = None,
+        todo_hint: str | None = None,
+        wait: float | None = None,
+    ) -> p.Ack:
+        return self._deliver(
+            p.Waiting(
+                request_id=p.new_request_id(),
+                todo_id=todo_id,
+                session_id=session_id,
+                todo_hint=todo_hint,
+                reason=reason,
+                sent_at=time.time(),
+            ),
+            timeout=wait,
+        )
+
+    def complete(
+        self,
+        todo_id: int | None,
+        *,
+        output: str | None = None,
+        session_id: str | None = None,
+        transcript_path: str | None = None,
+        tmux_target: str | None = None,
+        cwd: str | None = None,
+        todo_hint: str | None = None,
+        event: str = "cli",
+        only_if_open: bool = False,
+        request_id: str | None = None,
+        queue_when_unreachable: bool = True,
+        wait: float | None = None,
+    ) -> p.Ack:
+        return self._deliver(
+            p.Complete(
+                request_id=request_id or p.new_request_id(),
+                todo_id=todo_id,
+                session_id=session_id,
+                todo_hint=todo_hint,
+                output=cap_output(output) if output is not None else None,
+                transcript_path=transcript_path,
+                tmux_target=tmux_target,
+                cwd=cwd,
+                event=event,
+                only_if_open=only_if_open,
+                sent_at=time.time(),
+            ),
+            queue=queue_when_unreachable,
+            timeout=wait,
+        )
+
+    def emergency(
+        self, todo_id: int, *, reason: str | None = None, request_id: str | None = None
+    ) -> p.Ack:
+        return self._deliver(
+            p.Emergency(
+                request_id=request_id or p.new_request_id(),
+                todo_id=todo_id,
+                reason=reason or "forced by completionctl emergency",
+                sent_at=time.time(),
+            )
+        )
+
+    def retry(self, completion_id: str | None = None, *, all_dead: bool = False) -> p.Ack:
+        return self._deliver(
+            p.Retry(request_id=p.new_request_id(), completion_id=completion_id, all_dead=all_dead),
+            queue=False,
+        )
+
+    def health(self) -> p.HealthReport:
+        return self._read(p.Health(request_id=p.new_request_id()), p.HealthReport)
+
+    def status(self, todo_id: int | None = None) -> p.StatusReport:
+        return self._read(p.Status(request_id=p.new_request_id(), todo_id=todo_id), p.StatusReport)
+
+    def ping(self) -> p.Pong:
+        return self._read(p.Ping(request_id=p.new_request_id()), p.Pong)
+
+
+def read_text_file(path: str) -> str:
+    """--output-file: a path, or - for stdin; bytes that are not UTF-8 are kept as replacement
+    characters, and a huge file is read only as far as the cap needs."""
+    import sys
+
+    limit = p.MAX_MESSAGE_BYTES * 4
+    if path == "-":
+        data = sys.stdin.buffer.read(limit)
+    else:
+        with Path(path).open("rb") as f:
+            data = f.read(limit)
+    return data.decode("utf-8", "replace")

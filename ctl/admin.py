@@ -1,0 +1,163 @@
+"""Admin commands that open the database themselves and need no running agent:
+``add``, ``db init`` and ``check``.  Imported lazily, so the hot path never pays for the store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+from protocol.config import Config, mask_url
+
+from . import AgentUnavailable, Client
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _open(config: Config):
+    from agent.store import open_store
+
+    return open_store(
+        config.database_url,
+        table=config.database.table,
+        timeout=config.behavior.database_timeout,
+    )
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    from agent.store import StoreError
+
+    try:
+        if args.command == "add":
+            return _add(args, config)
+        if args.command == "db":
+            if args.db_command != "init":
+                print("completionctl: db needs a subcommand: init", file=sys.stderr)
+                return EXIT_USAGE
+            return _db_init(args, config)
+        return _check(args, config)
+    except StoreError as exc:
+        print(f"completionctl: database error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except ValueError as exc:
+        print(f"completionctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _add(args: argparse.Namespace, config: Config) -> int:
+    if not args.title.strip():
+        print("completionctl: add needs a non-empty title", file=sys.stderr)
+        return EXIT_USAGE
+    store = _open(config)
+    try:
+        if config.database_url.startswith("sqlite:"):
+            # The embedded default has no WordPress in front of it to create the table.
+            store.ensure_schema(create_todo_table=True)
+        todo_id = store.add_todo(args.title, args.description, args.working_directory)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"id": todo_id}))
+    else:
+        print(f"todo {todo_id} added")
+    return EXIT_OK
+
+
+def _db_init(args: argparse.Namespace, config: Config) -> int:
+    store = _open(config)
+    try:
+        store.ensure_schema(create_todo_table=True)
+        problems = store.check_schema()
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"ok": not problems, "problems": problems}))
+    elif problems:
+        print("schema problems:\n  " + "\n  ".join(problems))
+    else:
+        print(f"schema ready in {mask_url(config.database_url)} (table {config.database.table})")
+    return EXIT_FAILED if problems else EXIT_OK
+
+
+def _check(args: argparse.Namespace, config: Config) -> int:
+    from agent.store import StoreError
+
+    results: list[tuple[str, bool, str]] = []
+    results.append(("config", True, config.source or "no file: built-in defaults"))
+
+    state = config.state_path
+    if state.is_dir():
+        mode = stat.S_IMODE(state.stat().st_mode)
+        writable = os.access(state, os.W_OK)
+        ok = writable and not mode & 0o007
+        results.append(
+            (
+                "state dir",
+                ok,
+                f"{state} mode {mode:04o}"
+                + ("" if writable else ", not writable")
+                + (", readable by others: chmod 700 it" if mode & 0o007 else ""),
+            )
+        )
+    else:
+        results.append(("state dir", True, f"{state} does not exist yet (completiond creates it)"))
+
+    try:
+        pong = Client(config=config, timeout=args.wait or 2.0).ping()
+        results.append(("socket", True, f"completiond pid {pong.pid} answers at {config.endpoint}"))
+    except AgentUnavailable as exc:
+        results.append(("socket", False, str(exc)))
+
+    try:
+        store = _open(config)
+        try:
+            store.ping()
+            problems = store.check_schema()
+        finally:
+            store.close()
+        if problems:
+            results.append(("database", False, "; ".join(problems)))
+        else:
+            results.append(("database", True, f"{mask_url(config.database_url)} schema ok"))
+    except StoreError as exc:
+        results.append(("database", False, str(exc)))
+
+    tmux = shutil.which("tmux")
+    if tmux is None:
+        results.append(("tmux", not config.collect.tmux_target, "tmux is not installed"))
+    elif config.collect.tmux_target:
+        socket_args = ["-S", config.collect.tmux_socket] if config.collect.tmux_socket else []
+        probe = subprocess.run(
+            [tmux, *socket_args, "has-session", "-t", config.collect.tmux_target],
+            capture_output=True,
+            timeout=5,
+        )
+        results.append(
+            (
+                "tmux",
+                probe.returncode == 0,
+                f"target {config.collect.tmux_target}"
+                + (" found" if probe.returncode == 0 else " not found"),
+            )
+        )
+    else:
+        results.append(("tmux", True, f"{tmux} (no collect.tmux_target configured)"))
+
+    ok = all(good for _, good, _ in results)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "ok": ok,
+                    "checks": [{"name": n, "ok": g, "message": m} for n, g, m in results],
+                }
+            )
+        )
+    else:
+        for name, good, message in results:
+            print(f"  {'ok  ' if good else 'FAIL'} {name:<10} {message}")
+    return EXIT_OK if ok else EXIT_FAILED

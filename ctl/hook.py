@@ -1,0 +1,155 @@
+"""``completionctl hook``: a Claude Code hook's JSON on stdin becomes the matching request.
+
+It never fails the session: it exits 0 when the message was delivered or queued, and also on any
+error of its own (the reason goes to stderr; stdout stays empty, since Claude Code reads it).  It
+waits at most ``hook.timeout`` and not at all when the agent's socket is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import msgspec
+
+from protocol.config import Config, ConfigError, load
+
+from . import AgentUnavailable, Client, CommandRefused
+
+MAX_PAYLOAD = 1024 * 1024
+WAITING_TYPES = ("permission_prompt", "idle_prompt")
+HEARTBEAT_EVENTS = (
+    "PostToolUse",
+    "UserPromptSubmit",
+    "SubagentStop",
+    "TaskCompleted",
+    "PreToolUse",
+)
+
+
+def _todo_id() -> int | None:
+    raw = os.environ.get("TODO_ID", "").strip()
+    if raw.isdigit() and 0 < int(raw) < 2**63:
+        return int(raw)
+    return None
+
+
+def _hint(config: Config) -> str | None:
+    try:
+        with open(config.marker.current_todo_file, encoding="utf-8", errors="replace") as f:
+            return f.read(64).strip() or None
+    except OSError:
+        return None
+
+
+def _config_path(argv: list[str]) -> str | None:
+    for index, token in enumerate(argv[:-1]):
+        if token == "--config":
+            return argv[index + 1]
+    return None
+
+
+def _notification_kind(payload: dict) -> str | None:
+    kind = payload.get("notification_type")
+    if isinstance(kind, str):
+        return kind if kind in WAITING_TYPES else None
+    # Older Claude Code versions send only the message.
+    message = str(payload.get("message", "")).lower()
+    if "permission" in message:
+        return "permission_prompt"
+    if "waiting for your input" in message:
+        return "idle_prompt"
+    return None
+
+
+def dispatch(client: Client, payload: dict) -> str:
+    """Send what the event means; returns a word for the log line."""
+    config = client.config
+    event = payload.get("hook_event_name")
+    common = {
+        "session_id": _str(payload.get("session_id")),
+        "todo_hint": _hint(config),
+        "wait": config.hook.timeout,
+    }
+    todo_id = _todo_id()
+    transcript = _str(payload.get("transcript_path"))
+    cwd = _str(payload.get("cwd"))
+    if event == "SessionStart":
+        if todo_id is None and common["todo_hint"] is None:
+            return "ignored (no todo id for this session)"
+        client.start(todo_id, transcript_path=transcript, cwd=cwd, **common)
+        return "start"
+    if event == "Stop":
+        if payload.get("stop_hook_active") or config.hook.stop_means == "heartbeat":
+            client.heartbeat(todo_id, event="Stop", **common)
+            return "heartbeat"
+        client.complete(
+            todo_id,
+            output=_str(payload.get("last_assistant_message")),
+            transcript_path=transcript,
+            cwd=cwd,
+            event="Stop",
+            **common,
+        )
+        return "complete"
+    if event == "SessionEnd":
+        means = config.hook.session_end_means
+        if means == "nothing":
+            return "ignored"
+        if means == "heartbeat":
+            client.heartbeat(todo_id, event="SessionEnd", **common)
+            return "heartbeat"
+        client.complete(
+            todo_id,
+            transcript_path=transcript,
+            cwd=cwd,
+            event="SessionEnd",
+            only_if_open=means == "complete_if_open",
+            **common,
+        )
+        return "complete"
+    if event == "Notification":
+        kind = _notification_kind(payload)
+        if kind is None:
+            client.heartbeat(todo_id, event="Notification", **common)
+            return "heartbeat"
+        client.waiting(todo_id, reason=f"{kind}: {_str(payload.get('message')) or ''}", **common)
+        return "waiting"
+    if event == "StopFailure":
+        note = (
+            f"{_str(payload.get('error')) or 'error'}: {_str(payload.get('error_details')) or ''}"
+        )
+        client.heartbeat(todo_id, event="StopFailure", note=note.strip(": "), **common)
+        return "heartbeat"
+    if event in HEARTBEAT_EVENTS:
+        client.heartbeat(todo_id, event=event, **common)
+        return "heartbeat"
+    return f"ignored (event {event!r})"
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def run_hook(argv: list[str]) -> int:
+    try:
+        config = load(_config_path(argv))
+    except ConfigError as exc:
+        print(f"completionctl hook: configuration error: {exc}", file=sys.stderr)
+        return 0
+    try:
+        raw = sys.stdin.buffer.read(MAX_PAYLOAD + 1)
+        if len(raw) > MAX_PAYLOAD:
+            raise ValueError("hook payload over 1 MiB")
+        payload = msgspec.json.decode(raw)
+        if not isinstance(payload, dict):
+            raise ValueError("hook payload is not a JSON object")
+        client = Client(config=config, timeout=config.hook.timeout)
+        dispatch(client, payload)
+    except CommandRefused as exc:
+        print(f"completionctl hook: the agent refused: {exc}", file=sys.stderr)
+    except (AgentUnavailable, OSError, ValueError, msgspec.DecodeError) as exc:
+        print(f"completionctl hook: {exc}", file=sys.stderr)
+    except Exception as exc:  # a hook must never break the session it reports on
+        print(f"completionctl hook: unexpected error: {exc!r}", file=sys.stderr)
+    return 0

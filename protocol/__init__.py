@@ -1,0 +1,276 @@
+"""The wire protocol between completionctl, the hook and completiond.
+
+Every frame is a MessagePack array ``[version, body]``; the body is one of the tagged, frozen
+structs below.  The version is checked before the body is decoded, so an old client gets a
+sentence instead of a decode error.  One ``except ProtocolError`` catches every bad input.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from typing import Annotated, Any
+
+import msgspec
+
+VERSION = 1
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Room for the envelope and the other fields around a capped output.
+MAX_FRAME_BYTES = MAX_MESSAGE_BYTES + 64 * 1024
+
+TodoId = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+ShortText = Annotated[str, msgspec.Meta(max_length=4096)]
+RequestId = Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_.:-]*$")]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=30 * 24 * 3600)]
+
+
+class ErrorCode(enum.IntEnum):
+    """Numbered reasons for an Error reply; the sentence says what to do."""
+
+    BAD_FRAME = 1
+    TOO_LARGE = 2
+    BAD_VERSION = 3
+    INVALID = 4
+    UNKNOWN_TODO = 5
+    NOT_FOUND = 6
+    STOPPING = 7
+    INTERNAL = 8
+
+
+class ProtocolError(Exception):
+    """A frame that cannot be accepted; ``code`` and the message go into the Error reply."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+# ---------------------------------------------------------------- requests
+
+
+class Request(
+    msgspec.Struct, frozen=True, kw_only=True, tag_field="type", forbid_unknown_fields=True
+):
+    """Base of every request: the client-made id makes a delivered-and-queued request apply once."""
+
+    request_id: RequestId = ""
+
+
+class TodoRequest(Request, frozen=True, kw_only=True):
+    """A request about one todo; the agent resolves which one (explicit id, session, hint)."""
+
+    todo_id: TodoId | None = None
+    session_id: ShortText | None = None
+    todo_hint: ShortText | None = None  # content of the CURRENT_TODO_ID file, if any
+    sent_at: float | None = None  # client's wall clock, for the report only
+
+
+class Start(TodoRequest, frozen=True, kw_only=True, tag="start"):
+    timeout: Seconds | None = None  # this todo's completion timeout
+    transcript_path: ShortText | None = None
+    cwd: ShortText | None = None
+
+
+class Heartbeat(TodoRequest, frozen=True, kw_only=True, tag="heartbeat"):
+    event: ShortText | None = None  # hook event that caused it (PostToolUse, StopFailure, ...)
+    note: ShortText | None = None  # e.g. the StopFailure's error, recorded on the todo
+
+
+class Waiting(TodoRequest, frozen=True, kw_only=True, tag="waiting"):
+    """The session waits for a person (permission or idle prompt): report, don't force-complete."""
+
+    reason: ShortText = ""
+
+
+class Complete(TodoRequest, frozen=True, kw_only=True, tag="complete"):
+    output: str | None = None
+    transcript_path: ShortText | None = None
+    tmux_target: ShortText | None = None
+    cwd: ShortText | None = None
+    event: ShortText | None = None  # "cli", "Stop", "SessionEnd", "marker"
+    only_if_open: bool = False  # SessionEnd: complete only when no completion is known yet
+
+
+class Emergency(TodoRequest, frozen=True, kw_only=True, tag="emergency"):
+    reason: ShortText = "forced by completionctl emergency"
+
+
+class Health(Request, frozen=True, kw_only=True, tag="health"):
+    pass
+
+
+class Status(Request, frozen=True, kw_only=True, tag="status"):
+    todo_id: TodoId | None = None
+
+
+class Ping(Request, frozen=True, kw_only=True, tag="ping"):
+    pass
+
+
+class Retry(Request, frozen=True, kw_only=True, tag="retry"):
+    """Queue dead completions again: one by id, or all of them."""
+
+    completion_id: RequestId | None = None
+    all_dead: bool = False
+
+
+AnyRequest = Start | Heartbeat | Waiting | Complete | Emergency | Health | Status | Ping | Retry
+# Requests that are queued in the outbox when the agent does not answer.
+QUEUEABLE = (Start, Heartbeat, Waiting, Complete, Emergency)
+
+
+# ---------------------------------------------------------------- replies
+
+
+class Reply(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    pass
+
+
+class Ack(Reply, frozen=True, kw_only=True, tag="ack"):
+    request_id: str
+    state: str  # "accepted" | "queued" (set by the client) | "duplicate-request"
+    todo_id: int | None = None
+    completion_id: str | None = None
+    message: str = ""
+
+
+class Error(Reply, frozen=True, kw_only=True, tag="error"):
+    code: ErrorCode
+    message: str
+
+
+class Pong(Reply, frozen=True, kw_only=True, tag="pong"):
+    version: int
+    pid: int
+
+
+class Check(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    status: str  # OK | WARNING | CRITICAL | UNKNOWN
+    message: str
+    todo_ids: list[int] = []
+
+
+class HealthReport(Reply, frozen=True, kw_only=True, tag="health"):
+    status: str
+    checks: list[Check]
+    checked_at: float = 0.0
+
+
+class Deadline(msgspec.Struct, frozen=True, kw_only=True):
+    name: str  # "completion" | "emergency"
+    due_at: float
+    fired: bool = False
+
+
+class Entry(msgspec.Struct, frozen=True, kw_only=True):
+    """One journal row of a todo, as status shows it."""
+
+    completion_id: str
+    kind: str
+    state: str
+    source: str | None
+    attempts: int
+    last_error: str | None
+    outcome: str | None
+    created_at: float
+    updated_at: float
+
+
+class TodoStatus(msgspec.Struct, frozen=True, kw_only=True):
+    todo_id: int
+    entries: list[Entry]
+    deadlines: list[Deadline]
+    waiting: str | None = None
+    session_id: str | None = None
+    last_heard_at: float | None = None
+    note: str | None = None
+
+
+class AgentStatus(msgspec.Struct, frozen=True, kw_only=True):
+    pid: int
+    version: int
+    endpoint: str
+    state_dir: str
+    database: str  # URL with the password masked
+    started_at: float
+    children: dict[str, int | None]
+    restarts: dict[str, int]
+    journal: dict[str, int]  # count per state
+    recoveries: dict[str, int] = {}
+
+
+class StatusReport(Reply, frozen=True, kw_only=True, tag="status"):
+    agent: AgentStatus | None = None
+    todo: TodoStatus | None = None
+
+
+AnyReply = Ack | Error | Pong | HealthReport | StatusReport
+
+
+# ---------------------------------------------------------------- framing
+
+
+class _Frame(msgspec.Struct, array_like=True):
+    version: int
+    body: Any
+
+
+class _RawFrame(msgspec.Struct, array_like=True):
+    version: int
+    body: msgspec.Raw
+
+
+_encoder = msgspec.msgpack.Encoder()
+_frame_decoder = msgspec.msgpack.Decoder(_RawFrame)
+_request_decoder = msgspec.msgpack.Decoder(AnyRequest)
+_reply_decoder = msgspec.msgpack.Decoder(AnyReply)
+
+
+def encode(message: Request | Reply) -> bytes:
+    return _encoder.encode(_Frame(VERSION, message))
+
+
+def _unwrap(frame: bytes) -> msgspec.Raw:
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE,
+            f"message of {len(frame)} bytes is over the {MAX_FRAME_BYTES}-byte limit; "
+            "send the output with --output-file so the client can cap it",
+        )
+    try:
+        raw = _frame_decoder.decode(frame)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"not a protocol frame: {exc}") from None
+    if raw.version != VERSION:
+        raise ProtocolError(
+            ErrorCode.BAD_VERSION,
+            f"protocol version {raw.version} is not supported (this agent speaks {VERSION}); "
+            "use a completionctl from the same release as completiond",
+        )
+    return raw.body
+
+
+def decode_request(frame: bytes) -> AnyRequest:
+    body = _unwrap(frame)
+    try:
+        return _request_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(ErrorCode.INVALID, f"invalid request: {exc}") from None
+
+
+def decode_reply(frame: bytes) -> AnyReply:
+    body = _unwrap(frame)
+    try:
+        return _reply_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(ErrorCode.INVALID, f"invalid reply: {exc}") from None
+
+
+def to_builtins(message: msgspec.Struct) -> Any:
+    """The JSON-ready form used by ``completionctl --json``."""
+    return msgspec.to_builtins(message)

@@ -1,0 +1,234 @@
+"""Configuration: one JSON or TOML file decoded into frozen structs.
+
+Shared by the agent and the client, so it imports nothing but msgspec and the standard library.
+A wrong key or type raises ConfigError naming the key path; with no file, defaults serve.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+
+IPC_PATH_MAX = 107  # sockaddr_un.sun_path minus the terminating NUL
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the file and the key."""
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class Database(_Section, frozen=True, kw_only=True):
+    url: str = ""  # "" = sqlite:///<state_dir>/todos.db
+    table: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_]{1,64}$")] = "stage_project_todos"
+
+
+class Behavior(_Section, frozen=True, kw_only=True):
+    completion_timeout: Positive = 300.0
+    emergency_timeout: Positive = 1800.0
+    enable_robust_completion: bool = True
+    enable_emergency_handlers: bool = True
+    auto_recovery: bool = True
+    auto_recovery_scope: Literal["own", "all"] = "own"
+    max_retries: NonNegativeInt = 3
+    retry_max_delay: Positive = 60.0
+    database_timeout: Positive = 30.0
+    health_check_interval: Positive = 300.0
+    hanging_after: Positive = 3600.0
+    log_max_bytes: Annotated[int, msgspec.Meta(gt=0)] = 10 * 1024 * 1024
+    # How often the agent sweeps the journal and the outbox for work a lost doorbell left behind.
+    sweep_interval: Positive = 2.0
+    # Accepted from the seed's config for compatibility; the agent has no use for them.
+    ssh_timeout: Positive = 30.0
+    auto_archive: bool = True
+    cleanup_orphaned: bool = True
+
+
+class Collect(_Section, frozen=True, kw_only=True):
+    session_dir: str = "/tmp/claude_session_{todo_id}"
+    tmux_target: str = ""
+    tmux_socket: str = ""  # tmux -S path; "" = the user's default server
+    transcript_wait: Annotated[float, msgspec.Meta(ge=0)] = 2.0
+    tmux_timeout: Positive = 3.0
+    cleanup: bool = True  # delete the session dir after a verified, archived completion
+
+
+class Hook(_Section, frozen=True, kw_only=True):
+    timeout: Positive = 0.5
+    stop_means: Literal["complete", "heartbeat"] = "complete"
+    session_end_means: Literal["complete_if_open", "complete", "heartbeat", "nothing"] = (
+        "complete_if_open"
+    )
+
+
+class Marker(_Section, frozen=True, kw_only=True):
+    enabled: bool = False
+    completed_file: str = "/tmp/TASK_COMPLETED"
+    current_todo_file: str = "/tmp/CURRENT_TODO_ID"
+    stale_after: Positive = 3600.0
+
+
+class Journal(_Section, frozen=True, kw_only=True):
+    retention_days: Annotated[float, msgspec.Meta(ge=0)] = 14.0
+
+
+class Config(_Section, frozen=True, kw_only=True):
+    state_dir: str = ""
+    endpoint: str = ""
+    socket_mode: Annotated[str, msgspec.Meta(pattern=r"^0?[0-7]{3}$")] = "0600"
+    socket_group: str = ""
+    database: Database = Database()
+    behavior: Behavior = Behavior()
+    collect: Collect = Collect()
+    hook: Hook = Hook()
+    marker: Marker = Marker()
+    journal: Journal = Journal()
+    source: str = ""  # the file this came from; set by load(), not by the user
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{Path(self.state_dir) / 'todos.db'}"
+
+    @property
+    def logs_dir(self) -> Path:
+        return Path(self.state_dir) / "logs"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return Path(self.state_dir) / "outbox"
+
+    @property
+    def archive_dir(self) -> Path:
+        return Path(self.state_dir) / "archive"
+
+    @property
+    def journal_path(self) -> Path:
+        return Path(self.state_dir) / "journal.db"
+
+    @property
+    def pid_path(self) -> Path:
+        return Path(self.state_dir) / "completiond.pid"
+
+    def session_dir_for(self, todo_id: int) -> str:
+        return self.collect.session_dir.replace("{todo_id}", str(todo_id))
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "completion"
+
+
+def find_config_file(explicit: str | None = None) -> Path | None:
+    """--config, then $COMPLETION_CONFIG, then the XDG config dir, then /etc; None = defaults."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("COMPLETION_CONFIG")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    for base in (Path(xdg) / "completion", Path("/etc/completion")):
+        for name in ("config.toml", "config.json"):
+            if (base / name).is_file():
+                return base / name
+    return None
+
+
+_PATH_IN_MESSAGE = re.compile(r"`\$\.?([^`]*)`")
+
+
+def _explain(exc: msgspec.DecodeError, path: Path) -> str:
+    # msgspec says "... - at `$.behavior.max_retries`"; users write behavior.max_retries.
+    text = _PATH_IN_MESSAGE.sub(lambda m: f"`{m.group(1) or '(top level)'}`", str(exc))
+    return f"{path}: {text}"
+
+
+def parse(data: bytes, path: Path) -> Config:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            config = msgspec.toml.decode(data, type=Config)
+        elif suffix == ".json":
+            config = msgspec.json.decode(data, type=Config)
+        else:
+            raise ConfigError(f"{path}: unknown config format {suffix!r}; use .toml or .json")
+    except msgspec.DecodeError as exc:
+        raise ConfigError(_explain(exc, path)) from None
+    return config
+
+
+def load(explicit: str | None = None) -> Config:
+    """Find, read, validate and complete the configuration (defaults filled in)."""
+    path = find_config_file(explicit)
+    if path is None:
+        config = Config()
+    else:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        config = parse(data, path)
+    return _complete(config, path)
+
+
+def _complete(config: Config, path: Path | None) -> Config:
+    state_dir = Path(config.state_dir).expanduser() if config.state_dir else default_state_dir()
+    if not state_dir.is_absolute():
+        base = path.parent if path else Path.cwd()
+        state_dir = (base / state_dir).resolve()
+    endpoint = config.endpoint or f"ipc://{state_dir / 'completiond.sock'}"
+    validate_endpoint(endpoint)
+    url = config.database.url
+    if url and not (url.startswith("sqlite:///") or url.startswith("mysql://")):
+        raise ConfigError(
+            f"database.url: {mask_url(url)!r} is not supported; "
+            "use sqlite:///ABSOLUTE/PATH or mysql://USER:PASS@HOST:PORT/DB"
+        )
+    if config.behavior.emergency_timeout < config.behavior.completion_timeout:
+        raise ConfigError(
+            "behavior.emergency_timeout must not be shorter than behavior.completion_timeout"
+        )
+    return msgspec.structs.replace(
+        config,
+        state_dir=str(state_dir),
+        endpoint=endpoint,
+        source=str(path) if path else "",
+    )
+
+
+def validate_endpoint(endpoint: str) -> None:
+    if endpoint.startswith("ipc://"):
+        length = len(os.fsencode(endpoint[len("ipc://") :]))
+        if length > IPC_PATH_MAX:
+            raise ConfigError(
+                f"endpoint: the ipc path is {length} bytes, over the kernel's limit of "
+                f"{IPC_PATH_MAX}; set a shorter state_dir or endpoint"
+            )
+    elif not endpoint.startswith("tcp://"):
+        raise ConfigError(f"endpoint: {endpoint!r} must start with ipc:// or tcp://")
+
+
+def mask_url(url: str) -> str:
+    """The database URL with its password replaced, for logs and status."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
