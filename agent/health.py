@@ -103,6 +103,9 @@ class HealthChecker:
                     table=self.config.database.table,
                     timeout=self.config.behavior.database_timeout,
                 )
+                if self.config.database_url.startswith("sqlite:"):
+                    # Don't report a missing table that the writer is about to create.
+                    self._store.ensure_schema(create_todo_table=True)
             self._store.ping()
             todos = self._store.todos_with_status("in_progress")
         except StoreError as exc:

@@ -1,1 +1,45 @@
+"""Shared fixtures: a short private directory per test, and real agents inside it."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import Agent, short_tmp
+
 pytest_plugins = ["tests.dbfixtures"]
+
+
+@pytest.fixture
+def tmpdir_short() -> Iterator[Path]:
+    """A private directory under /tmp with a short path (ipc sockets need short paths)."""
+    root = short_tmp()
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def make_agent(tmpdir_short: Path) -> Iterator[Callable[..., Agent]]:
+    """Build agents (not started) in the test's private directory; all are killed at the end."""
+    agents: list[Agent] = []
+
+    def make(config: dict[str, Any] | None = None, *, name: str = "a") -> Agent:
+        root = tmpdir_short / name
+        root.mkdir(exist_ok=True)
+        agent = Agent(root, config)
+        agents.append(agent)
+        return agent
+
+    yield make
+    for agent in agents:
+        agent.cleanup()
+
+
+@pytest.fixture
+def agent(make_agent: Callable[..., Agent]) -> Agent:
+    """A running completiond on the embedded default (SQLite)."""
+    return make_agent().start()

@@ -494,7 +494,8 @@ class SqlStore:
         d = decide(w, None if row is None else str(row[0]), logged, prior_kinds)
         at = db_time(w.at)
         if d.status is not None:
-            sets, params = ["status = ?", "updated_at = ?"], [d.status, at]
+            sets = ["status = ?", "updated_at = ?"]
+            params: list[Any] = [d.status, at]
             if d.started:
                 sets.append("started_at = ?")
                 params.append(at)

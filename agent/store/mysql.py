@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pymysql
-from pymysql.constants import CLIENT
 from pymysql.converters import escape_string
 
 from .base import (
@@ -107,7 +106,7 @@ def classify(exc: BaseException) -> StoreError:
         return exc
     if isinstance(exc, pymysql.err.MySQLError):
         code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
-        detail = str(exc.args[1]) if len(exc.args) > 1 else str(exc) or type(exc).__name__
+        detail = (str(exc.args[1]) if len(exc.args) > 1 else str(exc)) or type(exc).__name__
         text = f"MySQL error {code}: {detail}" if code else f"MySQL error: {detail}"
         if code in TRANSIENT_ERRNOS:
             return TransientError(f"{text} ({TRANSIENT_ERRNOS[code]}; will retry)", errno=code)
@@ -176,7 +175,6 @@ class MysqlStore(SqlStore):
                 connect_timeout=self.timeout,
                 read_timeout=self.read_timeout,
                 write_timeout=self.timeout,
-                client_flag=CLIENT.FOUND_ROWS,
                 init_command=(
                     f"SET SESSION innodb_lock_wait_timeout = {self.lock_wait}, time_zone = '+00:00'"
                 ),
@@ -329,8 +327,9 @@ class MysqlStore(SqlStore):
             if value is None:
                 return None
             octets, chars, charset = limits.columns.get(OUTPUT_COLUMNS[i], (None, None, ""))
-            if caps[i] is not None:
-                chars = caps[i] if chars is None else min(chars, caps[i])
+            cap = caps[i]
+            if cap is not None:
+                chars = cap if chars is None else min(chars, cap)
             return fit_text(value, octets, chars, charset)
 
         fitted = [fit(i) for i in range(3)]
