@@ -1,9 +1,9 @@
 """The journal: the agent's durable truth (SQLite, WAL, synchronous=FULL).
 
 Every accepted request becomes a row here before the client gets its ack.  Entries move
-through ``accepted -> collected -> written -> verified -> cleaned`` (``failed`` and ``dead`` beside them);
-the todo table holds deadlines, heartbeats and the session mapping, so no timer lives only in memory.
-Each process opens its own Journal; SQLite serialises the writers.
+through ``accepted -> collected -> written -> verified -> cleaned`` (``failed`` and ``dead``
+beside them); the todo table holds deadlines, heartbeats and the session mapping, so no timer
+lives only in memory.  Each process opens its own Journal; SQLite serialises the writers.
 """
 
 from __future__ import annotations

@@ -117,8 +117,7 @@ class TcpProxy:
         with self._cond:
             self._mode = mode
             if mode == "refuse" and self._listener is not None:
-                self._listener.close()
-                self._listener = None
+                self._stop_listening()
             elif mode != "refuse" and self._listener is None and not self._closed:
                 self._listener = self._listen(self.port)
             self._cond.notify_all()
@@ -139,8 +138,7 @@ class TcpProxy:
         with self._cond:
             self._closed = True
             if self._listener is not None:
-                self._listener.close()
-                self._listener = None
+                self._stop_listening()
             self._cond.notify_all()
         self._stopped.set()
         self.cut()
@@ -160,6 +158,15 @@ class TcpProxy:
         with self._cond:
             self._triggers.append(trigger)
         return trigger.fired
+
+    def _stop_listening(self) -> None:
+        assert self._listener is not None
+        # close() alone leaves the port listening while the accept thread's select() still
+        # holds the socket; shutdown() stops a Linux listening socket at once.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._listener = None
 
     def _listen(self, port: int) -> socket.socket:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -1,4 +1,4 @@
-"""Configuration: defaults, both formats, the seed's behavior block, and every error naming its key."""
+"""Configuration: defaults, both formats, the seed's behavior block, errors naming the key."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def test_ipc_path_too_long_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_unknown_extension_and_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="use .toml or .json"):
+    with pytest.raises(ConfigError, match=r"use \.toml or \.json"):
         (tmp_path / "c.yaml").write_text("a: 1")
         load(str(tmp_path / "c.yaml"))
     with pytest.raises(ConfigError, match="cannot read"):
