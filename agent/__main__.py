@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 from loguru import logger
@@ -25,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"completiond: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 
+    # Journal, logs, archive and outbox hold session output: nobody else may read them.
+    os.umask(0o077)
     from .daemon import Parent, PidLock, StartupError, StateDirLocked, prepare_state_dir
     from .logs import LogSinks
     from .loop import Signals, serve
@@ -35,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"completiond: {exc}", file=sys.stderr)
         return EXIT_FAILED
     lock = PidLock(config.pid_path)
+    # The pid file names us from here on; logrotate's SIGHUP must not kill us before Signals.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         lock.acquire()
     except StateDirLocked as exc:

@@ -49,6 +49,8 @@ def build(name: str, config: Config, parent_pid: int):
 
 
 def main() -> int:
+    # Until Signals.install: a logrotate's SIGHUP relayed now must not kill a starting child.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     name, parent_pid = sys.argv[1], int(sys.argv[2])
     _die_with_parent(parent_pid)
     config = msgspec.json.decode(sys.stdin.buffer.read(), type=Config)

@@ -3,15 +3,19 @@
 Each accepted entry is collected on a small thread pool (the fallback chain: message, transcript,
 session dir, tmux, database), rendered as an HTML report, its session files archived, and the
 result journaled as ``collected`` for the writer.  A slow source delays only its own completion;
-each source has its own timeout.
+each source has its own timeout.  The pool's threads are daemons: a stop never waits for a slow
+source, because the entry is still ``accepted`` and the next collector simply does it again.
 """
 
 from __future__ import annotations
 
+import html
 import os
+import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,14 +29,15 @@ import protocol as p
 from .archive import archive_session
 from .journal import Entry, TodoTimers
 from .loop import ChildBase
-from .report import render_report
-from .sources import CollectRequest, TodoFacts, collect
+from .report import Report, render_report, sanitize_capped
+from .sources import Collected, CollectRequest, TodoFacts, collect
 from .store import StoreError, open_store
 from .system_status import describe_system
 
 WORKERS = 4
 DB_READ_TIMEOUT = 3.0
 DB_QUIET_AFTER_FAILURE = 30.0  # after a failed read, don't make every report wait for the database
+CRASH_RETRY_MAX = 60.0  # a collection that crashed is tried again after a backoff up to this
 
 
 @dataclass(frozen=True)
@@ -60,12 +65,14 @@ class TodoFactsReader:
                 store = open_store(self.url, table=self.table, timeout=self.timeout)
                 self._local.store = store
             todo = store.get_todo(todo_id)
-        except StoreError:
+        except (StoreError, ValueError) as exc:
             with self._lock:
                 self._quiet_until = self.clock() + DB_QUIET_AFTER_FAILURE
             if store is not None:
                 store.close()
             self._local.store = None
+            if isinstance(exc, ValueError):  # an unusable URL or table: say so, as a store error
+                raise StoreError(f"database settings unusable: {exc}") from None
             raise
         if todo is None:
             return None
@@ -74,15 +81,55 @@ class TodoFactsReader:
         )
 
 
+class WorkerPool:
+    """A fixed set of daemon threads running jobs from a queue.
+
+    Unlike ThreadPoolExecutor, whose threads the interpreter joins at exit, a job stuck in a
+    slow source does not hold up the process's exit on SIGTERM.
+    """
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[..., Result], *args: object) -> Future[Result]:
+        future: Future[Result] = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def shutdown(self) -> None:
+        """Tell every thread to stop after its current job; wait for none of them."""
+        for _ in self._threads:
+            self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to the harvester, which logs it
+                future.set_exception(exc)
+
+
 class Collector(ChildBase):
     name = "collector"
     rings = ("writer",)
 
     def open(self) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="collect")
+        self.pool = WorkerPool(WORKERS, "collect")
         self.inflight: dict[str, Future[Result]] = {}
+        self.crashes: dict[str, tuple[int, float]] = {}  # completion id -> (count, retry at)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
+        self._wake_lock = threading.Lock()
+        self._closed = False
         self.poller.register(self._wake_r, zmq.POLLIN)
         self.facts = TodoFactsReader(
             self.config.database_url,
@@ -92,9 +139,18 @@ class Collector(ChildBase):
 
     def close(self) -> None:
         # In-flight work is simply redone by the next collector: the entries are still 'accepted'.
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        for future in self.inflight.values():
+            future.cancel()  # only those not started yet
+        self.pool.shutdown()
+        with self._wake_lock:  # a job finishing now must not write into a reused descriptor
+            self._closed = True
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _wake(self, _future: object) -> None:
+        with self._wake_lock:
+            if not self._closed:
+                os.write(self._wake_w, b"!")
 
     def work(self, now: float) -> float:
         try:
@@ -105,17 +161,23 @@ class Collector(ChildBase):
         self._harvest(now)
         room = WORKERS * 4 - len(self.inflight)
         if room > 0:
-            for entry in self.journal.entries_in(("accepted",), limit=room + len(self.inflight)):
+            limit = room + len(self.inflight) + len(self.crashes)
+            for entry in self.journal.entries_in(("accepted",), limit=limit):
                 if entry.completion_id in self.inflight:
+                    continue
+                crashed = self.crashes.get(entry.completion_id)
+                if crashed is not None and now < crashed[1]:
                     continue
                 timers = self.journal.timers(entry.todo_id)
                 future = self.pool.submit(self._collect, entry, timers[0] if timers else None, now)
-                future.add_done_callback(lambda _: os.write(self._wake_w, b"!"))
+                future.add_done_callback(self._wake)
                 self.inflight[entry.completion_id] = future
                 room -= 1
                 if room <= 0:
                     break
-        return now + self.sweep
+        wake = now + self.sweep
+        retries = [at for _, at in self.crashes.values() if at > now]
+        return min([wake, *retries])
 
     def _harvest(self, now: float) -> None:
         done = [cid for cid, future in self.inflight.items() if future.done()]
@@ -127,22 +189,47 @@ class Collector(ChildBase):
             try:
                 result = future.result()
             except Exception:
-                logger.bind(completion_id=cid).exception("collection crashed; it will be retried")
+                count = self.crashes.get(cid, (0, 0.0))[0] + 1
+                delay = min(CRASH_RETRY_MAX, self.sweep * 2**count)
+                self.crashes[cid] = (count, now + delay)
+                logger.bind(completion_id=cid).exception(
+                    "collection crashed ({} time(s)); tried again in {:.0f} s", count, delay
+                )
                 continue
+            self.crashes.pop(cid, None)
             updates.append((cid, result.values))
-        if updates:
-            self.journal.update_entries(updates, self.clock())
+        if not updates:
+            return
+        stamp = self.clock()
+        landed = 0
+        with self.journal.transaction() as db:
+            for cid, values in updates:
+                # Compare-and-set: an entry superseded meanwhile (a reset at the emergency
+                # deadline marks waiting emergency completions failed) must stay what it is.
+                assignments = ", ".join(f"{name} = ?" for name in values)
+                landed += db.execute(
+                    f"UPDATE entries SET {assignments}, updated_at = ?"
+                    " WHERE completion_id = ? AND state = 'accepted'",
+                    (*values.values(), stamp, cid),
+                ).rowcount
+        if landed < len(updates):
+            logger.info("{} collected entr(ies) had moved on meanwhile", len(updates) - landed)
+        if landed:
             self.ring("writer")
 
     # ------------------------------------------------------------ one completion (pool thread)
 
     def _collect(self, entry: Entry, timers: TodoTimers | None, now: float) -> Result:
         log = logger.bind(todo_id=entry.todo_id, completion_id=entry.completion_id)
+        log.debug("collecting the {} completion", entry.kind)
         request = _decode(entry.request)
         output = getattr(request, "output", None)
         transcript = getattr(request, "transcript_path", None) or (
             timers.transcript_path if timers else None
         )
+        cwd = getattr(request, "cwd", None) or (timers.cwd if timers else None)
+        if transcript and cwd and not os.path.isabs(transcript):
+            transcript = os.path.join(cwd, transcript)  # the agent's own cwd means nothing here
         tmux_target = getattr(request, "tmux_target", None) or self.config.collect.tmux_target
         session_dir = self.config.session_dir_for(entry.todo_id)
         emergency = entry.kind == "emergency"
@@ -168,24 +255,34 @@ class Collector(ChildBase):
             log.info("todo details unavailable for the report: {}", exc)
         except Exception as exc:
             log.warning("todo details unavailable for the report: {}", exc)
-        system_status = describe_system() if emergency else None
+        system_status = None
         if emergency:
+            try:
+                system_status = describe_system()
+            except Exception as exc:
+                system_status = f"system status unavailable: {exc}"
             log.bind(emergency=True).warning(
                 "emergency completion ({}); system: {}", entry.reason, system_status
             )
         started = None
         if timers is not None and timers.started_at:
             started = datetime.fromtimestamp(timers.started_at, UTC)
-        report = render_report(
-            todo_id=entry.todo_id,
-            todo=facts,
-            collected=collected,
-            kind=entry.kind,
-            started_at=started,
-            completed_at=datetime.fromtimestamp(entry.created_at, UTC),
-            reason=entry.reason,
-            system_status=system_status,
-        )
+        completed = datetime.fromtimestamp(entry.created_at, UTC)
+        try:
+            report = render_report(
+                todo_id=entry.todo_id,
+                todo=facts,
+                collected=collected,
+                kind=entry.kind,
+                started_at=started,
+                completed_at=completed,
+                reason=entry.reason,
+                system_status=system_status,
+            )
+        except Exception:
+            # A bug in the renderer must not keep the completion from the database.
+            log.exception("rendering the report failed; storing a plain one instead")
+            report = plain_report(entry.todo_id, collected, completed)
         values: dict[str, object] = {
             "state": "collected",
             "html": report.html,
@@ -202,7 +299,7 @@ class Collector(ChildBase):
         log.info("collected from {}", collected.source)
         return Result(entry, values)
 
-    def _archive(self, entry: Entry, session_dir, transcript, html, now, log) -> str | None:
+    def _archive(self, entry: Entry, session_dir, transcript, report_html, now, log) -> str | None:
         session = Path(session_dir) if session_dir and os.path.isdir(session_dir) else None
         transcript_path = Path(transcript) if transcript and os.path.isfile(transcript) else None
         if session is None and transcript_path is None:
@@ -214,15 +311,29 @@ class Collector(ChildBase):
                 now,
                 session_dir=session,
                 transcript=transcript_path,
-                report_html=html,
+                report_html=report_html,
             )
-        except OSError as exc:
+        except Exception as exc:
             log.error("archiving failed: {}; the session files will not be deleted", exc)
             return None
         for note in result.notes:
             log.info("archive: {}", note)
         log.info("archived {} file(s) into {}", result.files, result.path)
         return str(result.path)
+
+
+def plain_report(todo_id: int, collected: Collected, completed: datetime) -> Report:
+    """The last-resort report when the real renderer failed: escaped text in one <pre>."""
+    text = sanitize_capped(collected.text, 1_000_000)
+    page = (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'">\n'
+        f"<title>Todo {todo_id} — completion report</title>\n</head>\n<body>\n"
+        f"<h1>Todo {todo_id}</h1>\n<p>Completed {completed:%Y-%m-%dT%H:%M:%S} UTC; output from "
+        f"{html.escape(collected.source)} (the full report could not be rendered).</p>\n"
+        f"<pre>{html.escape(text, quote=False)}</pre>\n</body>\n</html>\n"
+    )
+    return Report(html=page, text=text, summary=" ".join(text[:300].split()))
 
 
 def _decode(frame: bytes | None) -> p.Request | None:

@@ -12,6 +12,7 @@ import fcntl
 import grp
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from protocol.config import Config, mask_url
 from .doorbell import CHILDREN, Bells
 from .intake import ChildInfo, Intake
 from .journal import Journal
+from .sdnotify import Notifier
 from .supervisor import Supervisor
 
 BATCH = 512  # requests journaled in one transaction (group commit)
@@ -107,6 +109,7 @@ class Parent:
         self.intake: Intake | None = None
         self._socket_path: Path | None = None
         self._next_sweep = 0.0
+        self.notifier = Notifier.from_env()  # systemd Type=notify; a no-op elsewhere
 
     # ------------------------------------------------------------ lifecycle
 
@@ -129,6 +132,7 @@ class Parent:
             config.state_dir,
             mask_url(config.database_url),
         )
+        self.notifier.ready(f"listening on {config.endpoint}")
 
     def _bind(self) -> zmq.Socket:
         assert self._ctx is not None
@@ -165,20 +169,26 @@ class Parent:
         restart = self.supervisor.next_restart()
         if restart is not None:
             wake = min(wake, restart)
+        watchdog = self.notifier.watchdog(now)
+        if watchdog is not None:
+            wake = min(wake, watchdog)
         return wake
 
     def shutdown(self) -> None:
         logger.info("stopping: no new requests; stopping children")
-        if self.intake is not None:
-            self.intake.stopping = True
-        if self._router is not None:
-            # Answer what already arrived, then close the door.
-            self._serve_requests(self.clock())
-            self._router.close(linger=500)
-            self._router = None
+        self.notifier.stopping("stopping the children")
         if self._socket_path is not None:
+            # New clients find no socket and queue in the outbox at once.
             with contextlib.suppress(FileNotFoundError):
                 self._socket_path.unlink()
+        if self._router is not None:
+            # Journal and answer what already arrived (a refusal would make the client drop it,
+            # silence makes it queue), then close the door.
+            self._serve_requests(self.clock())
+            if self.intake is not None:
+                self.intake.stopping = True
+            self._router.close(linger=500)
+            self._router = None
         self.supervisor.stop_all(STOP_ORDER, STOP_BUDGET)
         if self._bells is not None:
             self._bells.close()
@@ -186,6 +196,7 @@ class Parent:
             self._ctx.term()
         if self.journal is not None:
             self.journal.close()
+        self.notifier.close()
         logger.info("completiond stopped")
 
     def reopen_logs(self) -> None:
@@ -255,7 +266,12 @@ class Parent:
                     "outbox file {} holds a {}; kept as {}", path.name, type(request), kept
                 )
                 continue
-            outcome = self.intake.apply(request, now)
+            try:
+                outcome = self.intake.apply(request, now)
+            except sqlite3.Error as exc:
+                # The journal cannot be written (disk full?): the file stays for the next sweep.
+                logger.error("outbox: the journal could not record {}: {}", path.name, exc)
+                break
             if isinstance(outcome.reply, p.Error):
                 kept = outbox.reject(path)
                 logger.error(

@@ -13,6 +13,8 @@ import glob
 import os
 import re
 import shutil
+import sqlite3
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from loguru import logger
 from protocol.config import Config
 
 from .archive import archive_orphan
-from .journal import Journal, NewEntry
+from .journal import Entry, Journal, NewEntry, TodoTimers
 from .logs import LOG_FILES
 from .store import StoreError, Todo, open_store
 
@@ -38,6 +40,20 @@ class CheckResult:
 
     def as_row(self) -> tuple[str, str, str, list[int]]:
         return (self.name, self.status, self.message, self.todo_ids)
+
+
+_ENTRY_COLUMNS = ", ".join(Entry.__slots__)
+
+
+def completions_since_start(db: sqlite3.Connection, todo_id: int) -> list[Entry]:
+    """The todo's completions (normal, emergency) not failed, since its latest start here."""
+    rows = db.execute(
+        f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE todo_id = ?"
+        " AND kind IN ('normal', 'emergency') AND state != 'failed' AND seq > COALESCE("
+        "(SELECT MAX(seq) FROM entries WHERE todo_id = ? AND kind = 'start'), 0) ORDER BY seq",
+        (todo_id, todo_id),
+    ).fetchall()
+    return [Entry(*row) for row in rows]
 
 
 class HealthChecker:
@@ -75,16 +91,19 @@ class HealthChecker:
             self._journal = Journal(self.config.journal_path)
         journal = self._journal
         in_progress, db_check = self._database()
-        live = self._live_todos(journal)
-        known = {t.todo_id for t in journal.timers()}
+        timers = {t.todo_id: t for t in journal.timers()}
+        live = self._live_todos(journal, timers)
         results = [db_check]
         if in_progress is None:
             unknown = "not checked: the database is unreachable"
             results.append(CheckResult("hanging_todos", "UNKNOWN", unknown))
             results.append(CheckResult("db_consistency", "UNKNOWN", unknown))
         else:
-            results.append(self._hanging(journal, in_progress, known, now))
-            results.append(self._consistency(journal, in_progress, live, known, now))
+            hanging = self._hanging(journal, in_progress, timers, now)
+            results.append(hanging)
+            results.append(
+                self._consistency(journal, in_progress, live, timers, set(hanging.todo_ids), now)
+            )
         results.append(self._orphans(in_progress, live, now))
         results.append(self._stale_markers(now))
         results.append(self._log_sizes())
@@ -122,58 +141,89 @@ class HealthChecker:
         ms = (time.monotonic() - started) * 1000
         return todos, CheckResult("database", "OK", f"reachable ({ms:.0f} ms)")
 
-    def _live_todos(self, journal: Journal) -> set[int]:
-        """Todos this agent is working on: started and not finished."""
-        live = {t.todo_id for t in journal.timers() if not t.done}
+    def _live_todos(self, journal: Journal, timers: dict[int, TodoTimers]) -> set[int]:
+        """Todos this agent is working on: started and not finished, or with a completion that
+        has not reached the database yet (a dead one waits for a person)."""
+        live = {todo_id for todo_id, t in timers.items() if not t.done}
         rows = journal._db.execute(
-            "SELECT DISTINCT todo_id FROM entries WHERE state IN ('accepted','collected','written')"
+            "SELECT DISTINCT todo_id FROM entries"
+            " WHERE state IN ('accepted','collected','written','dead')"
         ).fetchall()
         return live | {row[0] for row in rows}
 
-    def _own_or_all(self, todo_id: int, known: set[int]) -> bool:
-        return todo_id in known or self.config.behavior.auto_recovery_scope == "all"
+    def _in_scope(self, todo_id: int, timers: dict[int, TodoTimers]) -> bool:
+        """Auto-recovery acts on todos this agent started, unless auto_recovery_scope = "all"."""
+        return todo_id in timers or self.config.behavior.auto_recovery_scope == "all"
 
     def _hanging(
-        self, journal: Journal, in_progress: list[Todo], known: set[int], now: float
+        self,
+        journal: Journal,
+        in_progress: list[Todo],
+        timers: dict[int, TodoTimers],
+        now: float,
     ) -> CheckResult:
+        """in_progress and silent too long: for a todo this agent started and still follows,
+        nothing (start or heartbeat) heard for hanging_after, or past its completion deadline
+        without the deadline having acted; for one it never saw, a database started_at older than
+        hanging_after.  A session waiting for a person is not hanging (waiting_for_person)."""
         after = self.config.behavior.hanging_after
-        timers = {t.todo_id: t for t in journal.timers()}
         hanging: list[int] = []
+        overdue: list[int] = []
+        silent_since: dict[int, float] = {}
         for todo in in_progress:
             timer = timers.get(todo.id)
-            if timer is not None and not timer.done:
+            if timer is not None and timer.done:
+                continue  # this agent saw it finish: db_consistency's business
+            if timer is not None:
+                if timer.waiting:
+                    continue
                 heard = timer.last_heard_at or timer.started_at or now
-                silent_too_long = now - heard > after
-                past_heartbeat = (
+                if now - heard > after:
+                    hanging.append(todo.id)
+                    silent_since[todo.id] = heard
+                elif (
                     timer.completion_due is not None
                     and now > timer.completion_due
                     and not timer.completion_fired
-                    and not timer.waiting
-                )
-                if silent_too_long or past_heartbeat:
-                    hanging.append(todo.id)
-            elif timer is None and todo.started_at is not None:
+                    and not self.config.behavior.enable_robust_completion
+                ):
+                    overdue.append(todo.id)
+            elif todo.started_at is not None:
                 started = todo.started_at.replace(tzinfo=UTC).timestamp()
                 if now - started > after:
                     hanging.append(todo.id)
-        if not hanging:
+                    silent_since[todo.id] = started
+        if not hanging and not overdue:
             return CheckResult("hanging_todos", "OK", "no todo hangs")
         acted = []
         if self.config.behavior.auto_recovery:
             for todo_id in hanging:
-                if self._own_or_all(todo_id, set(timers)) and self._force_complete(
-                    journal, todo_id, now
+                if self._in_scope(todo_id, timers) and self._force_complete(
+                    journal, todo_id, silent_since[todo_id], now
                 ):
                     acted.append(todo_id)
-        message = f"{len(hanging)} todo(s) in_progress with nothing heard for over {after:.0f} s"
+        parts = []
+        if hanging:
+            parts.append(
+                f"{len(hanging)} todo(s) in_progress with nothing heard for over {after:.0f} s"
+            )
+        if overdue:
+            parts.append(f"{len(overdue)} todo(s) past their heartbeat timeout")
+        message = "; ".join(parts)
         if acted:
-            message += f"; forced completion of {acted}"
-        return CheckResult("hanging_todos", "WARNING", message, hanging)
+            message += f"; auto-recovery forced the completion of {acted}"
+        return CheckResult("hanging_todos", "WARNING", message, sorted(hanging + overdue))
 
-    def _force_complete(self, journal: Journal, todo_id: int, now: float) -> bool:
-        completion_id = f"hang-{todo_id}-{int(now // self.config.behavior.hanging_after)}"
+    def _force_complete(self, journal: Journal, todo_id: int, since: float, now: float) -> bool:
+        """Queue one emergency completion for a hanging todo, unless one is already in hand.
+
+        Keyed by the todo and the start of its silence, so it is taken once per hang; another
+        agent sharing the database that acts on the same todo loses the writer's
+        compare-and-set and is recorded as a duplicate that changes nothing.
+        """
+        completion_id = f"hang-{todo_id}-{int(since)}"
         with journal.transaction() as db:
-            if journal.has_completion(db, todo_id):
+            if completions_since_start(db, todo_id):
                 return False
             added = journal.add_entry(
                 db,
@@ -181,7 +231,11 @@ class HealthChecker:
                     completion_id,
                     todo_id,
                     "emergency",
-                    reason="auto-recovery: the todo was hanging (nothing heard for too long)",
+                    reason=(
+                        "auto-recovery: the todo was hanging (in_progress with nothing heard for "
+                        f"{now - since:.0f} s, over hanging_after "
+                        f"{self.config.behavior.hanging_after:.0f} s)"
+                    ),
                 ),
                 now,
             )
@@ -190,7 +244,9 @@ class HealthChecker:
                 db.execute("UPDATE todos SET completion_fired = 1 WHERE todo_id = ?", (todo_id,))
         if added:
             logger.bind(todo_id=todo_id, completion_id=completion_id, emergency=True).warning(
-                "auto-recovery: forced completion of hanging todo {}", todo_id
+                "auto-recovery: forced completion of hanging todo {} (silent for {:.0f} s)",
+                todo_id,
+                now - since,
             )
         return added
 
@@ -199,48 +255,89 @@ class HealthChecker:
         journal: Journal,
         in_progress: list[Todo],
         live: set[int],
-        known: set[int],
+        timers: dict[int, TodoTimers],
+        hanging: set[int],
         now: float,
     ) -> CheckResult:
-        orphaned = [t.id for t in in_progress if t.id not in live]
+        """in_progress in the database with no live session known to this agent.
+
+        Auto-recovery resets such a todo to 'offen' only when this agent started it, its journal
+        says it finished (nothing waits), and it has been silent for hanging_after: its
+        completion never landed.  A todo this agent never saw is reported; when it is old enough
+        the hanging check handles it (force completion, with auto_recovery_scope = "all").
+        """
+        orphaned = [t for t in in_progress if t.id not in live]
         if not orphaned:
             return CheckResult("db_consistency", "OK", "every in_progress todo has a live session")
+        after = self.config.behavior.hanging_after
         acted = []
-        if self.config.behavior.auto_recovery and self.config.behavior.auto_recovery_scope == "all":
-            for todo_id in orphaned:
-                completion_id = f"fix-{todo_id}-{int(now // 3600)}"
-                with journal.transaction() as db:
-                    if journal.add_entry(
-                        db,
-                        NewEntry(
-                            completion_id,
-                            todo_id,
-                            "reset",
-                            state="collected",
-                            reason="auto-recovery: in_progress with no live session",
-                        ),
-                        now,
-                    ):
-                        journal.bump(db, "status_resets")
-                        acted.append(todo_id)
-            for todo_id in acted:
-                logger.bind(todo_id=todo_id).warning("auto-recovery: reset inconsistent todo")
+        if self.config.behavior.auto_recovery:
+            for todo in orphaned:
+                timer = timers.get(todo.id)
+                if timer is None or todo.id in hanging:
+                    continue
+                heard = max(timer.last_heard_at or 0.0, timer.started_at or 0.0)
+                if now - heard <= after:
+                    continue
+                if self._reset_inconsistent(journal, todo.id, heard, now):
+                    acted.append(todo.id)
         message = f"{len(orphaned)} todo(s) in_progress with no live session known to this agent"
         if acted:
-            message += f"; reset {acted}"
-        return CheckResult("db_consistency", "WARNING", message, orphaned)
+            message += f"; auto-recovery reset {acted} to offen"
+        return CheckResult("db_consistency", "WARNING", message, [t.id for t in orphaned])
+
+    def _reset_inconsistent(self, journal: Journal, todo_id: int, since: float, now: float) -> bool:
+        completion_id = f"fix-{todo_id}-{int(since)}"
+        with journal.transaction() as db:
+            waiting = db.execute(
+                "SELECT 1 FROM entries WHERE todo_id = ?"
+                " AND state IN ('accepted','collected','written','dead') LIMIT 1",
+                (todo_id,),
+            ).fetchone()
+            if waiting:
+                return False
+            added = journal.add_entry(
+                db,
+                NewEntry(
+                    completion_id,
+                    todo_id,
+                    "reset",
+                    state="collected",
+                    reason="auto-recovery: in_progress with no live session",
+                ),
+                now,
+            )
+            if added:
+                journal.bump(db, "status_resets")
+        if added:
+            logger.bind(todo_id=todo_id, completion_id=completion_id, emergency=True).warning(
+                "auto-recovery: todo {} is in_progress in the database, but this agent's session "
+                "for it ended {:.0f} s ago and nothing waits to be written; resetting it to offen",
+                todo_id,
+                now - since,
+            )
+        return added
 
     def _orphans(self, in_progress: list[Todo] | None, live: set[int], now: float) -> CheckResult:
+        """Session dirs whose todo is neither live here nor in_progress in the database, and
+        untouched for hanging_after (a session may create its dir just before it starts)."""
         template = self.config.collect.session_dir
         if "{todo_id}" not in template:
             return CheckResult("orphaned_sessions", "OK", "session_dir has no {todo_id}: skipped")
         pattern = glob.escape(template).replace(glob.escape("{todo_id}"), "*")
         regex = re.compile(re.escape(template).replace(re.escape("{todo_id}"), r"(\d+)") + "$")
         active = live | {t.id for t in in_progress or []}
+        min_age = self.config.behavior.hanging_after
         orphans: list[tuple[int, Path]] = []
         for path in glob.glob(pattern):
             match = regex.match(path)
-            if match and os.path.isdir(path) and int(match.group(1)) not in active:
+            if not match or int(match.group(1)) in active:
+                continue
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode) and now - st.st_mtime > min_age:
                 orphans.append((int(match.group(1)), Path(path)))
         if not orphans:
             return CheckResult("orphaned_sessions", "OK", "no orphaned session dir")
@@ -258,13 +355,15 @@ class HealthChecker:
                 shutil.rmtree(path, ignore_errors=True)
                 acted.append(todo_id)
                 logger.bind(todo_id=todo_id).warning(
-                    "auto-recovery: archived orphaned session dir {} into {}", path, result.path
+                    "auto-recovery: archived orphaned session dir {} (no live todo) into {}",
+                    path,
+                    result.path,
                 )
             if acted:
                 self._bump("orphans_archived", len(acted))
         message = f"{len(orphans)} session dir(s) with no live todo"
         if acted:
-            message += f"; archived and removed {len(acted)}"
+            message += f"; auto-recovery archived and removed {len(acted)}"
         return CheckResult("orphaned_sessions", "WARNING", message, ids)
 
     def _stale_markers(self, now: float) -> CheckResult:

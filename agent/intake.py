@@ -105,7 +105,21 @@ class Intake:
                         message="completiond is stopping; the request was not taken",
                     )
             else:
-                for index, outcome in self._journal_batch(writes, now):
+                try:
+                    outcomes = self._journal_batch(writes, now)
+                except sqlite3.Error as exc:
+                    # Disk full, an I/O error, a lock held past the busy timeout: nothing of the
+                    # batch was recorded, so nothing is acknowledged; the client queues it.
+                    logger.error(
+                        "the journal could not record {} request(s): {}; they were not taken",
+                        len(writes),
+                        exc,
+                    )
+                    outcomes = [
+                        (index, Outcome(_unavailable(exc, self.config.state_dir)))
+                        for index, _ in writes
+                    ]
+                for index, outcome in outcomes:
                     replies[index] = outcome.reply
                     ring |= outcome.ring
         return [r if r is not None else _internal("no reply") for r in replies], ring
@@ -513,6 +527,14 @@ class Intake:
 
 def _with_id(request: p.Request, request_id: str) -> p.Request:
     return msgspec.structs.replace(request, request_id=request_id)
+
+
+def _unavailable(exc: Exception, state_dir: str) -> p.Error:
+    return p.Error(
+        code=p.ErrorCode.UNAVAILABLE,
+        message=f"completiond could not record the request in its journal ({exc}); it was NOT "
+        f"taken: free space in {state_dir} (the client queues it in the outbox if it can)",
+    )
 
 
 def _internal(message: str) -> p.Error:

@@ -8,6 +8,7 @@ lives only in memory.  Each process opens its own Journal; SQLite serialises the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -167,10 +168,15 @@ class Journal:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # A failed COMMIT (disk full, I/O error) must not leave the transaction open, or
+            # every later BEGIN fails; SQLite may have rolled back already, and a failing
+            # ROLLBACK must not hide the error that matters.
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
 
     # ------------------------------------------------------------ intake (parent)
 

@@ -35,11 +35,14 @@ class LogSinks:
         self._ids: list[int] = []
 
     def open(self) -> None:
-        self.logs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # loguru's default handler shows local variables in tracebacks (diagnose=True), and a
+        # local may be the config with the database password: it goes first, before anything
+        # here can fail and be logged.
         logger.remove()
         logger.configure(extra={"process": self.process, "todo_id": "-", "completion_id": "-"})
         if self.stderr:
             self._ids.append(logger.add(sys.stderr, format=_FORMAT, level="INFO", diagnose=False))
+        self.logs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         main = self.logs_dir / FILES_BY_PROCESS[self.process]
         self._ids.append(logger.add(main, format=_FORMAT, level="DEBUG", mode="a", diagnose=False))
         self._ids.append(

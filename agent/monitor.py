@@ -11,19 +11,26 @@ own, so an outage never delays a timer.
 from __future__ import annotations
 
 import shutil
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
 
 from .archive import archive_session
-from .health import HealthChecker
+from .health import HealthChecker, completions_since_start
 from .journal import NewEntry, TodoTimers
 from .loop import ChildBase
 from .marker import MarkerBridge
+from .system_status import describe_system
 
 PRUNE_EVERY = 3600.0
+RECHECK = 0.25  # how soon a due-but-held deadline is looked at again
+# A reset waits at most this long for a completion in flight to settle before superseding it.
+RESET_SETTLE_MAX = 120.0
+# A normal completion in these states is in hand: the emergency deadline never resets its todo.
+NORMAL_HELD = ("accepted", "collected", "written", "dead")
+# Emergency completions in these states never landed; a reset replaces them.
+EMERGENCY_SUPERSEDED = ("accepted", "collected", "written", "dead")
 
 
 @dataclass(frozen=True)
@@ -36,13 +43,35 @@ class Due:
 
 
 def due_deadlines(
-    timers: list[TodoTimers], now: float, *, completion_enabled: bool, emergency_enabled: bool
+    timers: list[TodoTimers],
+    now: float,
+    *,
+    completion_enabled: bool = True,
+    emergency_enabled: bool = True,
 ) -> list[Due]:
-    """Pure: which armed deadlines have passed at ``now``."""
+    """Pure: which armed deadlines have passed at ``now``, in the order they are acted on.
+
+    A todo whose session waits for a person is reported, never force-completed.  When both
+    deadlines of a todo have passed at once (the agent was down through both), the emergency
+    completion comes first; the reset is judged on a later pass, once that completion had its
+    chance to land.
+    """
     due: list[Due] = []
     for t in timers:
         if t.done:
             continue
+        completion = (
+            completion_enabled
+            and t.completion_due is not None
+            and not t.completion_fired
+            and now >= t.completion_due
+        )
+        if completion:
+            assert t.completion_due is not None
+            if not t.waiting:
+                due.append(Due(t.todo_id, "emergency", t.completion_due))
+                continue
+            due.append(Due(t.todo_id, "report-waiting", t.completion_due))
         if (
             emergency_enabled
             and t.emergency_due is not None
@@ -50,26 +79,29 @@ def due_deadlines(
             and now >= t.emergency_due
         ):
             due.append(Due(t.todo_id, "reset", t.emergency_due))
-        elif (
-            completion_enabled
-            and t.completion_due is not None
-            and not t.completion_fired
-            and now >= t.completion_due
-        ):
-            due.append(
-                Due(t.todo_id, "report-waiting" if t.waiting else "emergency", t.completion_due)
-            )
     return due
 
 
-def next_deadline(timers: list[TodoTimers]) -> float | None:
+def next_deadline(
+    timers: list[TodoTimers],
+    *,
+    completion_enabled: bool = True,
+    emergency_enabled: bool = True,
+) -> float | None:
+    """Pure: the earliest deadline still to act on (a waiting todo's completion deadline is not
+    one: it moves again with the next heartbeat)."""
     times = []
     for t in timers:
         if t.done:
             continue
-        if t.completion_due is not None and not t.completion_fired and not t.waiting:
+        if (
+            completion_enabled
+            and t.completion_due is not None
+            and not t.completion_fired
+            and not t.waiting
+        ):
             times.append(t.completion_due)
-        if t.emergency_due is not None and not t.emergency_fired:
+        if emergency_enabled and t.emergency_due is not None and not t.emergency_fired:
             times.append(t.emergency_due)
     return min(times) if times else None
 
@@ -82,33 +114,33 @@ class Monitor(ChildBase):
         self.checker = HealthChecker(self.config, clock=self.clock)
         self.next_check = 0.0
         self.next_prune = 0.0
-        self._check_thread: threading.Thread | None = None
         self.marker = MarkerBridge(self.config) if self.config.marker.enabled else None
+        self._reported_waiting: set[tuple[int, float]] = set()
 
     def close(self) -> None:
         self.checker.stop()
 
     def work(self, now: float) -> float:
         behavior = self.config.behavior
+        flags = {
+            "completion_enabled": behavior.enable_robust_completion,
+            "emergency_enabled": behavior.enable_emergency_handlers,
+        }
         wake = now + self.sweep
-        timers = self.journal.armed_timers()
-        for due in due_deadlines(
-            timers,
-            now,
-            completion_enabled=behavior.enable_robust_completion,
-            emergency_enabled=behavior.enable_emergency_handlers,
-        ):
+        for due in due_deadlines(self.journal.armed_timers(), now, **flags):
             self._act(due, now)
-        upcoming = next_deadline(self.journal.armed_timers())
+        upcoming = next_deadline(self.journal.armed_timers(), **flags)
         if upcoming is not None:
-            wake = min(wake, upcoming)
+            # A deadline that is due but held back (a reset waiting for a completion to settle)
+            # is looked at again soon, not in a busy loop.
+            wake = min(wake, upcoming if upcoming > now else now + RECHECK)
         self._clean_up(now)
         if self.marker is not None:
             self.marker.poll(now)
         if now >= self.next_check and not self.checker.running:
             self.checker.start_round(now)
             self.next_check = now + behavior.health_check_interval
-        wake = min(wake, self.next_check)
+        wake = min(wake, self.next_check if self.next_check > now else now + RECHECK)
         if now >= self.next_prune:
             retention = self.config.journal.retention_days * 86400
             pruned = self.journal.prune(now - retention)
@@ -122,29 +154,48 @@ class Monitor(ChildBase):
     def _act(self, due: Due, now: float) -> None:
         log = logger.bind(todo_id=due.todo_id)
         if due.action == "report-waiting":
-            # A person is needed; forcing a completion now would cut the session off.
-            with self.journal.transaction() as db:
-                self.journal.set_timer_fields(db, due.todo_id, completion_fired=1)
-            log.warning("completion deadline passed while the session waits for a person")
+            # A person is needed; forcing a completion now would cut the session off.  Nothing
+            # is marked fired: the next heartbeat arms the deadline again from then.
+            key = (due.todo_id, due.due_at)
+            if key not in self._reported_waiting:
+                self._reported_waiting.add(key)
+                log.warning(
+                    "completion deadline passed while the session waits for a person; "
+                    "not forcing a completion (reported in health: waiting_for_person)"
+                )
             return
         if due.action == "emergency":
-            completion_id = f"emg-{due.todo_id}-{int(due.due_at)}"
-            reason = (
-                f"no completion and no heartbeat for {self._timeout_of(due.todo_id):.0f} s "
-                "(completion deadline passed)"
+            self._emergency(due, now, log)
+        else:
+            self._reset(due, now, log)
+
+    def _emergency(self, due: Due, now: float, log) -> None:
+        completion_id = f"emg-{due.todo_id}-{int(due.due_at)}"
+        reason = (
+            f"no completion and no heartbeat for {self._timeout_of(due.todo_id):.0f} s "
+            "(completion deadline passed)"
+        )
+        with self.journal.transaction() as db:
+            # Compare-and-set on the timer: a heartbeat, a completion, a person's emergency or
+            # the health round's auto-recovery that came first wins, and this stands down.
+            fired = db.execute(
+                "UPDATE todos SET completion_fired = 1 WHERE todo_id = ? AND done = 0"
+                " AND completion_fired = 0 AND completion_due = ? AND waiting IS NULL",
+                (due.todo_id, due.due_at),
+            ).rowcount
+            if not fired:
+                return
+            added = self.journal.add_entry(
+                db, NewEntry(completion_id, due.todo_id, "emergency", reason=reason), now
             )
-            with self.journal.transaction() as db:
-                self.journal.add_entry(
-                    db, NewEntry(completion_id, due.todo_id, "emergency", reason=reason), now
-                )
-                self.journal.set_timer_fields(db, due.todo_id, completion_fired=1)
-                self.journal.bump(db, "forced_completions")
-            log.bind(completion_id=completion_id, emergency=True).warning(
-                "emergency completion: {}", reason
-            )
-            self.ring("collector")
+            if added:
+                self.journal.bump(db, "deadline_emergencies")
+        if not added:
             return
-        self._reset(due, now, log)
+        log.bind(completion_id=completion_id, emergency=True).warning(
+            "emergency completion: {}", reason
+        )
+        self.ring("collector")
 
     def _timeout_of(self, todo_id: int) -> float:
         timers = self.journal.timers(todo_id)
@@ -153,39 +204,62 @@ class Monitor(ChildBase):
         return self.config.behavior.completion_timeout
 
     def _reset(self, due: Due, now: float, log) -> None:
-        entries = self.journal.entries_for_todo(due.todo_id)
-        completed = any(
-            e.kind in ("normal", "emergency") and e.state in ("verified", "cleaned")
-            for e in entries
-        )
-        normal_waiting = any(
-            e.kind == "normal" and e.state in ("accepted", "collected", "written", "dead")
-            for e in entries
-        )
+        """The emergency deadline: reset the todo to 'offen' unless a completion is in hand.
+
+        Ordering rules (all decided inside one journal transaction, so intake cannot slip a
+        completion in between the look and the action):
+        - a normal completion waiting in the journal (even a dead one) is never thrown away:
+          no reset;
+        - a completion already verified: nothing to do;
+        - a completion still being collected or verified, or just collected and not tried by
+          the writer yet: wait for it to settle (at most RESET_SETTLE_MAX);
+        - otherwise every waiting emergency completion is superseded by the reset, which the
+          writer applies compare-and-set (only an in_progress todo goes back to 'offen'); a
+          completion that arrives later is written after it and wins.
+        """
+        completion_id = f"reset-{due.todo_id}-{int(due.due_at)}"
         with self.journal.transaction() as db:
-            self.journal.set_timer_fields(db, due.todo_id, emergency_fired=1, done=1)
-            if completed:
+            row = db.execute(
+                "SELECT done, emergency_fired, emergency_due, waiting FROM todos WHERE todo_id = ?",
+                (due.todo_id,),
+            ).fetchone()
+            if row is None or row[0] or row[1] or row[2] != due.due_at:
+                return  # completed, restarted or already handled since we looked
+            waiting_for = row[3]
+            entries = completions_since_start(db, due.todo_id)
+            if any(e.kind == "normal" and e.state in NORMAL_HELD for e in entries):
+                self.journal.set_timer_fields(db, due.todo_id, emergency_fired=1, done=1)
+                log.warning(
+                    "emergency deadline passed, but a completion is waiting in the journal; "
+                    "no reset (a real result is never thrown away)"
+                )
+                return
+            if any(e.state in ("verified", "cleaned") for e in entries):
+                self.journal.set_timer_fields(db, due.todo_id, emergency_fired=1, done=1)
                 log.info("emergency deadline passed; the todo is already completed")
                 return
-            if normal_waiting:
-                # A real result is on its way; a reset would throw it away.
-                log.warning("emergency deadline passed, but a completion is still being written")
-                return
-            for e in entries:
-                if e.kind == "emergency" and e.state in (
-                    "accepted",
-                    "collected",
-                    "written",
-                    "dead",
-                ):
-                    db.execute(
-                        "UPDATE entries SET state = 'failed', outcome = 'superseded',"
-                        " last_error = 'superseded by the reset at the emergency deadline',"
-                        " updated_at = ? WHERE completion_id = ?",
-                        (now, e.completion_id),
-                    )
-            completion_id = f"reset-{due.todo_id}-{int(due.due_at)}"
-            self.journal.add_entry(
+            # A collected completion the writer has not tried yet gets the time of one attempt;
+            # a writer that knows the database is down does not try, and this does not wait.
+            grace = self.config.behavior.database_timeout + 2 * self.sweep
+            settling = [
+                e
+                for e in entries
+                if e.state in ("accepted", "written")
+                or (e.state == "collected" and not e.attempts and now - e.updated_at < grace)
+            ]
+            since = max([due.due_at, *(e.created_at for e in settling)])
+            if settling and now - since < RESET_SETTLE_MAX:
+                return  # looked at again on the next pass
+            superseded = [e.completion_id for e in entries if e.state in EMERGENCY_SUPERSEDED]
+            for cid in superseded:
+                db.execute(
+                    "UPDATE entries SET state = 'failed', outcome = 'superseded',"
+                    " last_error = 'superseded by the reset at the emergency deadline',"
+                    " updated_at = ? WHERE completion_id = ?",
+                    (now, cid),
+                )
+            self.journal.set_timer_fields(db, due.todo_id, emergency_fired=1, done=1)
+            added = self.journal.add_entry(
                 db,
                 NewEntry(
                     completion_id,
@@ -196,7 +270,10 @@ class Monitor(ChildBase):
                 ),
                 now,
             )
-            self.journal.bump(db, "status_resets")
+            if added:
+                self.journal.bump(db, "deadline_resets")
+        if not added:
+            return
         session = Path(self.config.session_dir_for(due.todo_id))
         archived = None
         if session.is_dir():
@@ -211,30 +288,63 @@ class Monitor(ChildBase):
                 ).path
             except OSError as exc:
                 log.error("could not archive {}: {}", session, exc)
+        details = []
+        if superseded:
+            details.append(f"superseded emergency completion(s) that never landed: {superseded}")
+        if waiting_for:
+            details.append(f"the session was waiting for a person: {waiting_for}")
         log.bind(completion_id=completion_id, emergency=True).error(
-            "ALERT: todo {} reached its emergency deadline without a completion; resetting it to "
-            "'offen'. Manual intervention needed. Archived: {}",
+            "ALERT: todo {} reached its emergency deadline without a completion in the database; "
+            "resetting it to 'offen'. Manual intervention needed. Archived: {}.{}\nsystem: {}",
             due.todo_id,
             archived or "nothing",
+            "".join(f" {d}." for d in details),
+            describe_system(),
         )
         self.ring("writer")
 
     # ------------------------------------------------------------ cleanup
 
     def _clean_up(self, now: float) -> None:
-        """After a verified completion: delete the session dir that the collector archived."""
+        """After a verified completion: delete the session dir that the collector archived.
+
+        Only after a normal completion: a forced (emergency) one may have cut off a session that
+        is still running, and its later real result may need the session's files; the orphan
+        sweep archives and removes the dir once its todo is no longer live.
+        """
         entries = self.journal.entries_in(("verified",), limit=500)
         if not entries:
             return
         updates = []
+        deleted = 0
         for entry in entries:
             log = logger.bind(todo_id=entry.todo_id, completion_id=entry.completion_id)
             session = Path(self.config.session_dir_for(entry.todo_id))
             if self.config.collect.cleanup and session.is_dir():
-                if entry.archive_path and Path(entry.archive_path).is_dir():
+                if entry.kind != "normal":
+                    log.info("kept session dir {} after a forced completion", session)
+                elif entry.archive_path and Path(entry.archive_path).is_dir():
                     shutil.rmtree(session, ignore_errors=True)
+                    deleted += 1
                     log.info("deleted session dir {} (archived in {})", session, entry.archive_path)
                 else:
                     log.warning("kept session dir {}: it was not archived", session)
             updates.append((entry.completion_id, {"state": "cleaned"}))
-        self.journal.update_entries(updates, now)
+        with self.journal.transaction() as db:
+            for completion_id, values in updates:
+                db.execute(
+                    "UPDATE entries SET state = ?, updated_at = ? WHERE completion_id = ?"
+                    " AND state = 'verified'",
+                    (values["state"], now, completion_id),
+                )
+            for entry in entries:
+                # The todo is completed in the database: its remaining deadline (the reset) has
+                # nothing left to guard.  Only for a completion of the todo's current run.
+                db.execute(
+                    "UPDATE todos SET done = 1, emergency_due = NULL, waiting = NULL"
+                    " WHERE todo_id = ? AND done = 0 AND ? > COALESCE((SELECT MAX(seq)"
+                    " FROM entries WHERE todo_id = ? AND kind = 'start'), 0)",
+                    (entry.todo_id, entry.seq, entry.todo_id),
+                )
+            if deleted:
+                self.journal.bump(db, "sessions_cleaned", deleted)

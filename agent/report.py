@@ -78,11 +78,11 @@ def render_report(
 ) -> Report:
     """Build the report for one completion. ``kind`` is "normal" or "emergency".
 
-    Naive datetimes are taken as UTC. Raises ValueError only for a ``max_report_bytes`` below
-    ``MIN_REPORT_BYTES`` or an unknown ``kind``.
+    ``collected.text`` may also be bytes (decoded with replacement here). Naive datetimes are
+    taken as UTC. Raises ValueError only for a ``max_report_bytes`` below ``MIN_REPORT_BYTES``.
     """
-    if kind not in ("normal", "emergency"):
-        raise ValueError(f"kind must be 'normal' or 'emergency', not {kind!r}")
+    # Any other kind the journal may carry is reported as normal: a report must not fail on it.
+    kind = "emergency" if kind == "emergency" else "normal"
     if max_report_bytes < MIN_REPORT_BYTES:
         raise ValueError(f"max_report_bytes must be at least {MIN_REPORT_BYTES}")
     field_budget = max_report_bytes // 16  # description, system status, problems: each
@@ -121,9 +121,8 @@ def render_report(
     sections.append(_problems(problems, field_budget))
     output_at = len(sections) - 1  # the output goes before the problems section
 
-    page_without_output = _page(title, todo_id, [*sections[:output_at], "", sections[output_at]])
-    room = max_report_bytes - _utf8_len(page_without_output) - 16  # 16: the joining newline
-
+    # The output gets whatever room the rest of the page leaves (16: its joining newline).
+    room = max_report_bytes - _utf8_len(_page(title, todo_id, sections)) - 16
     sections.insert(output_at, _output_section(text, collected, room))
     page = _page(title, todo_id, sections)
     # Every part above is fitted to its budget; this guards the arithmetic, not the input.
@@ -222,10 +221,15 @@ def _link_open(self, tokens, idx, options, env) -> str:
     return self.renderToken(tokens, idx, options, env)
 
 
+class _ReportMarkdown(MarkdownIt):
+    def validateLink(self, url: str) -> bool:
+        # Stricter than markdown-it's default, which lets data:image/... links through.
+        return _is_safe_link(url)
+
+
 def _markdown_renderer() -> MarkdownIt:
-    md = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False})
+    md = _ReportMarkdown("commonmark", {"html": False, "linkify": False, "typographer": False})
     md.enable(["table", "strikethrough"])
-    md.validateLink = _is_safe_link  # stricter than the default, which lets data:image links in
     md.add_render_rule("image", _image_as_text)
     md.add_render_rule("link_open", _link_open)
     return md

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import html
 import os
 import re
 import signal
@@ -36,8 +37,8 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
+from typing import overload
 
 from agent import transcript as transcript_reader
 
@@ -47,13 +48,15 @@ SESSION_FILES = ("output.md", "output.html", "output.txt", "summary.txt")
 
 # ECMA-48 escape sequences as terminals emit them: CSI, OSC (e.g. OSC 8 hyperlinks, window
 # titles), the string controls DCS/SOS/PM/APC, their 8-bit C1 forms, and two-byte ESC sequences.
+# A string control's body stops at any introducer or terminator, so that a run of unterminated
+# introducers costs linear time instead of each one scanning to the end of the text.
+_BODY = r"[^\x07\x1b\x90\x98\x9b\x9c\x9d\x9e\x9f]*"
+_END = r"(?:\x07|\x1b\\|\x9c)"
 ESCAPE_SEQUENCE_RE = re.compile(
     r"\x1b\[[0-?]*[ -/]*[@-~]"
     r"|\x9b[0-?]*[ -/]*[@-~]"
-    r"|\x1b\][^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)"
-    r"|\x9d[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)"
-    r"|\x1b[P^_X][^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)"
-    r"|[\x90\x98\x9e\x9f][^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)"
+    rf"|\x1b[\]P^_X]{_BODY}{_END}"
+    rf"|[\x90\x98\x9d\x9e\x9f]{_BODY}{_END}"
     r"|\x1b[ -/]*[0-~]"
 )
 
@@ -294,7 +297,9 @@ def _run_bounded(argv: list[str], timeout: float) -> tuple[bytes, bytes, int]:
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):  # the group may be gone already
                 os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
+            # Reap it; a process that left the group could hold the pipe, so bound this too.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.communicate(timeout=1.0)
             raise
         return stdout, stderr, process.returncode
 
@@ -311,9 +316,10 @@ def read_capped(path: Path, max_bytes: int, *, follow_symlinks: bool = True) -> 
             raise OSError(errno.ELOOP, "is a symlink, not followed") from None
         raise
     try:
-        size = os.fstat(fd).st_size
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
+        size = info.st_size
         if size <= max_bytes:
             return _read_exactly(fd, 0, size)
         budget = max(0, max_bytes - NOTE_RESERVE)
@@ -340,19 +346,35 @@ def cap_text(text: str, max_bytes: int) -> str:
     return head + omission_note(omitted) + tail
 
 
-def split_for_cap(data: str | bytes, max_bytes: int) -> tuple[str | bytes, int, str | bytes]:
+@overload
+def split_for_cap(data: str, max_bytes: int) -> tuple[str, int, str]: ...
+@overload
+def split_for_cap(data: bytes, max_bytes: int) -> tuple[bytes, int, bytes]: ...
+@overload
+def split_for_cap(
+    data: str | bytes, max_bytes: int
+) -> tuple[str, int, str] | tuple[bytes, int, bytes]: ...
+def split_for_cap(data, max_bytes):
     """Split into (head, omitted byte count, tail) so that head and tail fit ``max_bytes``.
 
     Works on bytes (cut at UTF-8 character boundaries) and on str (counted as UTF-8; lone
     surrogates count as three bytes, as they would be written with surrogatepass).
     """
     if isinstance(data, bytes):
-        if len(data) <= max_bytes:
-            return data, 0, b""
-        head = data[: _utf8_cut(data, max_bytes // 2)]
-        tail_from = len(data) - (max_bytes - len(head))
-        tail = data[tail_from + _utf8_start(data[tail_from : tail_from + 4]) :]
-        return head, len(data) - len(head) - len(tail), tail
+        return _split_bytes(data, max_bytes)
+    return _split_str(data, max_bytes)
+
+
+def _split_bytes(data: bytes, max_bytes: int) -> tuple[bytes, int, bytes]:
+    if len(data) <= max_bytes:
+        return data, 0, b""
+    head = data[: _utf8_cut(data, max_bytes // 2)]
+    tail_from = len(data) - (max_bytes - len(head))
+    tail = data[tail_from + _utf8_start(data[tail_from : tail_from + 4]) :]
+    return head, len(data) - len(head) - len(tail), tail
+
+
+def _split_str(data: str, max_bytes: int) -> tuple[str, int, str]:
     if len(data) <= max_bytes // 4 or (data.isascii() and len(data) <= max_bytes):
         return data, 0, ""
     total = _utf8_len(data)
@@ -376,42 +398,45 @@ def strip_escape_sequences(text: str) -> str:
 
 
 def html_to_text(markup: str) -> str:
-    """The readable text of an HTML document: tags dropped, script/style bodies dropped."""
-    parser = _TextExtractor()
-    parser.feed(markup)
-    parser.close()
-    text = "".join(parser.parts)
-    text = re.sub(r"[ \t]+\n", "\n", text)
+    """The readable text of an HTML document: tags, comments, script and style bodies dropped.
+
+    A single forward scan rather than html.parser, which takes quadratic time on hostile input
+    such as a long run of unclosed ``<a `` tags.
+    """
+    parts: list[str] = []
+    skipping: str | None = None  # inside <script>, <style>, ...: until its end tag
+    position = 0
+    while (tag := _TAG_RE.search(markup, position)) is not None:
+        if skipping is None:
+            parts.append(markup[position : tag.start()])
+        position = tag.end()
+        if tag.group() == "<!--":
+            close = markup.find("-->", position)
+            position = len(markup) if close < 0 else close + 3
+            continue
+        name = (tag.group(2) or "").lower()
+        if skipping is not None:
+            if tag.group(1) and name == skipping:
+                skipping = None
+        elif name in _SKIPPED_ELEMENTS and not tag.group(1):
+            skipping = name
+        elif name in _BLOCK_ELEMENTS:
+            parts.append("\n")
+    if skipping is None:
+        parts.append(markup[position:])
+    text = html.unescape("".join(parts))
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
-class _TextExtractor(HTMLParser):
-    _SKIP = frozenset({"script", "style", "template", "noscript", "head", "title"})
-    _BLOCK = frozenset(
-        {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "table"}
-        | {"section", "article", "header", "footer", "ul", "ol", "blockquote", "hr", "dt", "dd"}
-    )
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self._skipping = 0
-
-    def handle_starttag(self, tag, attrs):
-        if tag in self._SKIP:
-            self._skipping += 1
-        elif tag in self._BLOCK:
-            self.parts.append("\n")
-
-    def handle_endtag(self, tag):
-        if tag in self._SKIP:
-            self._skipping = max(0, self._skipping - 1)
-        elif tag in self._BLOCK:
-            self.parts.append("\n")
-
-    def handle_data(self, data):
-        if not self._skipping:
-            self.parts.append(data)
+# A comment opening, a tag, or a declaration (<!DOCTYPE>, <?xml?>); a tag's body stops at "<", so
+# a failed match is cheap and a lone "<" stays text.
+_TAG_RE = re.compile(r"<!--|<(?:(/?)([A-Za-z][A-Za-z0-9:-]*)|[!?])[^<>]*>")
+_SKIPPED_ELEMENTS = frozenset({"script", "style", "template", "noscript", "title", "textarea"})
+_BLOCK_ELEMENTS = frozenset(
+    {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "table"}
+    | {"section", "article", "header", "footer", "ul", "ol", "blockquote", "hr", "dt", "dd"}
+)
 
 
 def _reason(error: BaseException) -> str:

@@ -4,23 +4,42 @@ It takes collected journal entries in order (per todo), writes them in batched t
 reads each back (verification) and records the result in the journal.  Transient errors back off
 and retry for as long as it takes; permanent errors make an entry ``dead`` (``completionctl retry``
 queues it again).  While the database is down it probes it, and drains the backlog at once when
-it answers again.
+it answers again.  A lock held by someone else is not an outage: the batch is split so that only
+the locked todo waits, with backoff.
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from datetime import UTC, datetime
 
 from loguru import logger
 
 from .journal import Entry
 from .loop import ChildBase
-from .store import PermanentError, StoreError, TodoWrite, TransientError, open_store
+from .store import (
+    PermanentError,
+    StoreError,
+    TodoWrite,
+    TransientError,
+    WriteOutcome,
+    open_store,
+)
 
 BATCH = 200
+BATCH_BYTES = 8 * 1024 * 1024  # a burst of huge reports must not become one giant transaction
 PROBE_INTERVAL = 1.0
 VERIFY_TRIES = 3
+WORK_BUDGET = 5.0  # seconds of draining before the loop looks at its signals again
+# Transient errors of a server that answers: a lock, a deadlock, a concurrent insert of the same
+# completion id.  They cost one todo a backoff; they do not mean the database is down.
+MYSQL_CONTENTION = {1205, 1213, 1062}
+SQLITE_CONTENTION = {5, 6}  # SQLITE_BUSY, SQLITE_LOCKED (primary result codes)
+
+
+class _Unconfigured(Exception):
+    """database.url or database.table cannot be used; nothing can be written until a restart."""
 
 
 class Writer(ChildBase):
@@ -29,9 +48,14 @@ class Writer(ChildBase):
 
     def open(self) -> None:
         self.store = None
-        self.schema_ready = False
+        self.sqlite = self.config.database_url.startswith("sqlite:")
+        self.config_error: str | None = None
+        self.schema = "pending"  # "ready" | "pending" | "broken" (see _prepare)
+        self.schema_error: str | None = None
+        self.schema_retry_at = 0.0
         self.down_since: float | None = None
         self.next_probe = 0.0
+        self.transactions = 0  # committed write transactions since this writer started
         self._rng = random.Random()
 
     def close(self) -> None:
@@ -40,62 +64,105 @@ class Writer(ChildBase):
 
     def _store(self):
         if self.store is None:
-            self.store = open_store(
-                self.config.database_url,
-                table=self.config.database.table,
-                timeout=self.config.behavior.database_timeout,
-            )
+            try:
+                self.store = open_store(
+                    self.config.database_url,
+                    table=self.config.database.table,
+                    timeout=self.config.behavior.database_timeout,
+                )
+            except ValueError as exc:
+                self.config_error = str(exc)
+                logger.error(
+                    "the database settings cannot be used: {}; completions wait in the journal "
+                    "until the configuration is fixed and completiond restarted",
+                    exc,
+                )
+                raise _Unconfigured(str(exc)) from exc
         return self.store
 
     # ------------------------------------------------------------ the loop's work
 
     def work(self, now: float) -> float:
+        if self.config_error is not None:
+            return now + self.sweep
+        try:
+            return self._work(now)
+        except _Unconfigured:
+            return now + self.sweep
+
+    def _work(self, now: float) -> float:
         if self.down_since is not None:
             if now < self.next_probe:
                 return self._next_wake(now)
             if not self._probe(now):
                 return self.next_probe
-        if not self.schema_ready:
-            try:
-                self._store().ensure_schema(
-                    create_todo_table=self.config.database_url.startswith("sqlite:")
-                )
-                self.schema_ready = True
-            except TransientError as exc:
-                self._went_down(now, exc)
-                return self.next_probe
-            except PermanentError as exc:
-                logger.error("cannot prepare the database schema: {}", exc)
-                self._went_down(now, exc)
-                return self.next_probe
+        if self.schema != "ready" and now >= self.schema_retry_at:
+            self._prepare(now)
+        if self.down_since is not None or self.schema == "pending":
+            return self._next_wake(now)
+        started = self.clock()
         while True:
-            batch, verify = self._pick(now)
+            batch, verify, more = self._pick(now)
             if not batch and not verify:
                 break
             if verify:
                 self._verify_written(verify, now)
-            if batch:
+            if batch and self.down_since is None:
                 self._write(batch, now)
-            if self.down_since is not None or len(batch) < BATCH:
-                break
             now = self.clock()
+            if self.down_since is not None or not more:
+                break
+            if now - started > WORK_BUDGET:
+                return now  # more to drain: run again at once, after a look at the signals
         return self._next_wake(now)
 
-    def _pick(self, now: float) -> tuple[list[Entry], list[Entry]]:
-        """Entries ready to write, in order; a todo with an earlier unfinished entry waits."""
+    def _prepare(self, now: float) -> None:
+        """Create completion_log (and on SQLite the todo table) where missing.
+
+        Until that worked nothing is written ("pending"), except after a permanent error
+        ("broken"): then the writes go ahead and those that fail on it become dead with the
+        error, since a wrong password or table needs a person, not a retry loop.
+        """
+        try:
+            self._store().ensure_schema(create_todo_table=self.sqlite)
+        except TransientError as exc:
+            self.schema_retry_at = now + PROBE_INTERVAL
+            if self._contention(exc):
+                logger.info("database schema not checked yet: {}", exc)
+            else:
+                self._went_down(now, exc)
+            return
+        except PermanentError as exc:
+            if self.schema_error != str(exc):
+                logger.error("cannot prepare the database schema: {}", exc)
+            self.schema, self.schema_error = "broken", str(exc)
+            self.schema_retry_at = now + self.config.behavior.retry_max_delay
+            return
+        if self.schema_error is not None:
+            logger.info("database schema ready")
+        self.schema, self.schema_error = "ready", None
+
+    def _pick(self, now: float) -> tuple[list[Entry], list[Entry], bool]:
+        """Entries ready to write and to verify, in order; a todo with an earlier unfinished
+        entry waits.  `more`: the batch is full and others are ready behind it."""
         batch: list[Entry] = []
         verify: list[Entry] = []
         blocked: set[int] = set()
+        size = 0
         for entry in self.journal.entries_in(("accepted", "collected", "written"), limit=5000):
             if entry.todo_id in blocked:
                 continue
             if entry.state == "accepted" or entry.next_attempt_at > now:
                 blocked.add(entry.todo_id)
                 continue
-            (verify if entry.state == "written" else batch).append(entry)
-            if len(batch) >= BATCH:
-                break
-        return batch, verify
+            if entry.state == "written":
+                verify.append(entry)
+                continue
+            if len(batch) >= BATCH or (batch and size + _size(entry) > BATCH_BYTES):
+                return batch, verify, True
+            batch.append(entry)
+            size += _size(entry)
+        return batch, verify, False
 
     def _next_wake(self, now: float) -> float:
         rows = self.journal._db.execute(
@@ -106,84 +173,152 @@ class Writer(ChildBase):
             wake = min(wake, max(rows[0], now))
         if self.down_since is not None:
             wake = min(wake, self.next_probe)
+        if self.schema != "ready":
+            wake = min(wake, max(self.schema_retry_at, now))
         return wake
+
+    def _contention(self, exc: StoreError) -> bool:
+        if exc.errno is None:
+            return False
+        if self.sqlite:
+            return exc.errno & 0xFF in SQLITE_CONTENTION
+        return exc.errno in MYSQL_CONTENTION
 
     # ------------------------------------------------------------ writing
 
-    def _write(self, batch: list[Entry], now: float) -> None:
-        writes = [_to_write(entry) for entry in batch]
+    def _write(self, batch: list[Entry], now: float) -> str:
+        """Write `batch` in one transaction; "done", "retry" (transient) or "dead"."""
+        entries: list[Entry] = []
+        writes: list[TodoWrite] = []
+        for entry in batch:
+            try:
+                writes.append(_to_write(entry))
+                entries.append(entry)
+            except (ValueError, OverflowError, OSError) as exc:
+                self._dead(entry, now, f"the journal entry cannot be written: {exc}")
+        if not entries:
+            return "dead"
         try:
             outcomes = self._store().apply(writes)
         except TransientError as exc:
-            self._retry_later(batch, now, exc)
-            self._went_down(now, exc)
-            return
+            if self._contention(exc) and len(entries) > 1:
+                logger.info("{}; writing the batch of {} one at a time", exc, len(entries))
+                self._write_each(entries, now)
+                return "done"
+            self._retry_later(entries, now, exc)
+            if not self._contention(exc):
+                self._went_down(now, exc)
+            return "retry"
         except PermanentError as exc:
-            if len(batch) > 1:
+            if len(entries) > 1:
                 # One bad entry must not hold up the rest: find it by writing one at a time.
-                for entry in batch:
-                    self._write([entry], now)
-                return
-            self._dead(batch[0], now, exc)
-            return
+                self._write_each(entries, now)
+                return "done"
+            self._dead(entries[0], now, str(exc))
+            return "dead"
+        self.transactions += 1
+        counts = Counter(o.outcome for o in outcomes)
+        logger.info(
+            "wrote {} in one transaction (#{} of this writer: {})",
+            len(entries),
+            self.transactions,
+            ", ".join(f"{n} {name}" for name, n in sorted(counts.items())),
+        )
         self._came_back(now)
+        self._record_outcomes(entries, writes, outcomes, now)
+        return "done"
+
+    def _write_each(self, entries: list[Entry], now: float) -> None:
+        """One transaction per entry; a todo whose entry must wait keeps its later ones back."""
+        held: set[int] = set()
+        for entry in entries:
+            if self.down_since is not None:
+                return
+            if entry.todo_id in held:
+                continue
+            if self._write([entry], self.clock()) == "retry":
+                held.add(entry.todo_id)
+
+    def _record_outcomes(
+        self,
+        entries: list[Entry],
+        writes: list[TodoWrite],
+        outcomes: list[WriteOutcome],
+        now: float,
+    ) -> None:
         updates = []
         verified_any = False
-        for entry, write, outcome in zip(batch, writes, outcomes, strict=True):
+        unreadable: StoreError | None = None
+        for entry, write, outcome in zip(entries, writes, outcomes, strict=True):
             log = logger.bind(todo_id=entry.todo_id, completion_id=entry.completion_id)
+            values: dict[str, object] = {"outcome": outcome.outcome, "attempts": entry.attempts + 1}
             if outcome.outcome == "refused":
                 log.warning("database refused the {}: {}", entry.kind, outcome.reason)
-                updates.append(
-                    (
-                        entry.completion_id,
-                        {
-                            "state": "failed",
-                            "outcome": "refused",
-                            "last_error": outcome.reason,
-                            "attempts": entry.attempts + 1,
-                        },
-                    )
-                )
+                values.update(state="failed", last_error=outcome.reason)
+                updates.append((entry.completion_id, values))
                 continue
-            ok = self._verified(write, outcome)
-            state = _after_verify(entry.kind) if ok else "written"
-            verified_any |= ok
             if outcome.outcome == "duplicate":
                 log.info("recorded as a duplicate: {}", outcome.reason)
-            else:
-                log.info("{} {} ({})", entry.kind, outcome.outcome, state)
-            updates.append(
-                (
-                    entry.completion_id,
-                    {
-                        "state": state,
-                        "outcome": outcome.outcome,
-                        "attempts": entry.attempts + 1,
-                        "last_error": None if ok else "verification did not read the write back",
-                        "next_attempt_at": 0 if ok else now + PROBE_INTERVAL,
-                    },
+            elif outcome.outcome == "already":
+                log.info(
+                    "{} was already in the database (a commit whose acknowledgement was lost); "
+                    "not applied again",
+                    entry.kind,
                 )
+            else:
+                log.info("{} {}{}", entry.kind, outcome.outcome, _because(outcome.reason))
+            ok, problem = False, None
+            if unreadable is None:
+                try:
+                    ok = self._store().verify(write, outcome)
+                except TransientError as exc:
+                    unreadable = exc
+                except PermanentError as exc:
+                    problem = f"verification failed: {exc}"
+            if unreadable is not None:
+                problem = f"committed, but not read back yet: {unreadable}"
+            elif not ok and problem is None:
+                problem = "verification did not read the write back"
+            if problem is not None:
+                log.warning("{}", problem)
+            verified_any |= ok
+            values.update(
+                state=_after_verify(entry.kind) if ok else "written",
+                last_error=problem,
+                next_attempt_at=0 if ok else now + PROBE_INTERVAL,
             )
+            updates.append((entry.completion_id, values))
         self.journal.update_entries(updates, now)
         if verified_any:
             self.ring("monitor")
-
-    def _verified(self, write: TodoWrite, outcome) -> bool:
-        try:
-            return self._store().verify(write, outcome)
-        except StoreError as exc:
-            logger.bind(completion_id=write.completion_id).warning("verification failed: {}", exc)
-            return False
+        if unreadable is not None:
+            self._went_down(now, unreadable)
 
     def _verify_written(self, entries: list[Entry], now: float) -> None:
-        from .store import WriteOutcome
-
         updates = []
+        unreadable: StoreError | None = None
         for entry in entries:
-            write = _to_write(entry)
-            outcome = WriteOutcome(entry.completion_id, entry.outcome or "applied")
-            if self._verified(write, outcome):
-                updates.append((entry.completion_id, {"state": _after_verify(entry.kind)}))
+            try:
+                write = _to_write(entry)
+            except (ValueError, OverflowError, OSError) as exc:
+                self._dead(entry, now, f"the journal entry cannot be verified: {exc}")
+                continue
+            kind = entry.outcome or "applied"
+            outcome = WriteOutcome(entry.completion_id, kind, log_kind=_log_kind(entry.kind, kind))
+            try:
+                ok = self._store().verify(write, outcome)
+            except TransientError as exc:
+                unreadable = exc  # the database is down: not a failed verification
+                break
+            except PermanentError as exc:
+                logger.bind(completion_id=entry.completion_id).warning(
+                    "verification failed: {}", exc
+                )
+                ok = False
+            if ok:
+                updates.append(
+                    (entry.completion_id, {"state": _after_verify(entry.kind), "last_error": None})
+                )
             elif entry.attempts >= VERIFY_TRIES + 1:
                 updates.append(
                     (
@@ -202,8 +337,11 @@ class Writer(ChildBase):
                         {"attempts": entry.attempts + 1, "next_attempt_at": now + PROBE_INTERVAL},
                     )
                 )
-        self.journal.update_entries(updates, now)
-        self.ring("monitor")
+        if updates:
+            self.journal.update_entries(updates, now)
+            self.ring("monitor")
+        if unreadable is not None:
+            self._went_down(now, unreadable)
 
     def _retry_later(self, batch: list[Entry], now: float, exc: StoreError) -> None:
         behavior = self.config.behavior
@@ -231,19 +369,20 @@ class Writer(ChildBase):
                     },
                 )
             )
+        logger.warning("could not write {} completion(s), will retry: {}", len(batch), exc)
         self.journal.update_entries(updates, now)
 
-    def _dead(self, entry: Entry, now: float, exc: StoreError) -> None:
+    def _dead(self, entry: Entry, now: float, error: str) -> None:
         logger.bind(todo_id=entry.todo_id, completion_id=entry.completion_id).error(
-            "permanent database error, not retried: {}; fix it, then `completionctl retry {}`",
-            exc,
+            "permanent error, not retried: {}; fix it, then `completionctl retry {}`",
+            error,
             entry.completion_id,
         )
         self.journal.update_entry(
             entry.completion_id,
             now,
             state="dead",
-            last_error=str(exc),
+            last_error=error,
             attempts=entry.attempts + 1,
         )
 
@@ -261,9 +400,12 @@ class Writer(ChildBase):
     def _probe(self, now: float) -> bool:
         try:
             self._store().ping()
-        except StoreError:
-            self.next_probe = now + PROBE_INTERVAL
-            return False
+        except TransientError as exc:
+            if not self._contention(exc):
+                self.next_probe = now + PROBE_INTERVAL
+                return False
+        except PermanentError:
+            pass  # it answers, with an error the next write will report (and die of)
         self._came_back(now)
         return True
 
@@ -282,6 +424,23 @@ class Writer(ChildBase):
 def _after_verify(kind: str) -> str:
     # Starts and resets leave no session files behind: they are finished once verified.
     return "verified" if kind in ("normal", "emergency") else "cleaned"
+
+
+def _log_kind(kind: str, outcome: str) -> str | None:
+    """The completion_log kind `apply` recorded for this outcome (see store.base.decide)."""
+    if outcome == "applied":
+        return None if kind == "start" else kind
+    if outcome == "duplicate":
+        return "duplicate" if kind in ("normal", "emergency") else None
+    return None
+
+
+def _because(reason: str) -> str:
+    return f": {reason}" if reason else ""
+
+
+def _size(entry: Entry) -> int:
+    return sum(len(v) for v in (entry.html, entry.text, entry.summary) if v)
 
 
 def _to_write(entry: Entry) -> TodoWrite:

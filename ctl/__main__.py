@@ -8,124 +8,22 @@ exits 0.
 
 from __future__ import annotations
 
-import argparse
+import gc
 import json
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import protocol as p
 from protocol.config import ConfigError, load
 
 from . import AgentUnavailable, Client, CommandRefused, read_text_file
 
+if TYPE_CHECKING:
+    import argparse
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 HEALTH_EXIT = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
-
-
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="completionctl",
-        description="Talk to completiond: report todo starts, heartbeats and completions.",
-    )
-    parser.add_argument("--config", metavar="PATH", help="config file (.toml or .json)")
-    parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.add_argument(
-        "--timeout",
-        dest="wait",
-        type=float,
-        default=None,
-        metavar="S",
-        help="seconds to wait for the agent's reply (default 2)",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    # --json is accepted after the command too; SUPPRESS keeps the global value when absent.
-    json_flag = _Parser(add_help=False)
-    json_flag.add_argument(
-        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON"
-    )
-
-    add = sub.add_parser(
-        "add", parents=[json_flag], help="create a todo (opens the database directly)"
-    )
-    add.add_argument("title")
-    add.add_argument("--description", default="")
-    add.add_argument("--dir", dest="working_directory", default="")
-
-    start = sub.add_parser(
-        "start", parents=[json_flag], help="mark a todo in_progress and arm its deadlines"
-    )
-    start.add_argument("todo_id", type=int)
-    start.add_argument("--session", dest="session_id")
-    start.add_argument(
-        "--timeout",
-        dest="completion_timeout",
-        type=float,
-        metavar="S",
-        help="this todo's completion timeout (default behavior.completion_timeout)",
-    )
-    start.add_argument("--transcript", dest="transcript_path")
-
-    heartbeat = sub.add_parser(
-        "heartbeat", parents=[json_flag], help="the session is alive: push the deadline back"
-    )
-    heartbeat.add_argument("todo_id", type=int)
-    heartbeat.add_argument("--session", dest="session_id")
-
-    complete = sub.add_parser("complete", parents=[json_flag], help="report a todo as done")
-    complete.add_argument("todo_id", type=int)
-    source = complete.add_mutually_exclusive_group()
-    source.add_argument("--output", help="the session's result text")
-    source.add_argument(
-        "--output-file", metavar="PATH", help="read the result from PATH (- = stdin)"
-    )
-    complete.add_argument("--session", dest="session_id")
-    complete.add_argument("--transcript", dest="transcript_path")
-    complete.add_argument("--tmux-target", dest="tmux_target")
-
-    emergency = sub.add_parser(
-        "emergency", parents=[json_flag], help="force an emergency completion now"
-    )
-    emergency.add_argument("todo_id", type=int)
-    emergency.add_argument("--reason")
-
-    sub.add_parser(
-        "health",
-        parents=[json_flag],
-        help="health checks (exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN)",
-    )
-
-    status = sub.add_parser(
-        "status", parents=[json_flag], help="the agent's state, or one todo's journal entries"
-    )
-    status.add_argument("todo_id", type=int, nargs="?")
-
-    retry = sub.add_parser("retry", parents=[json_flag], help="queue dead completions again")
-    retry.add_argument("completion_id", nargs="?")
-    retry.add_argument("--dead", action="store_true", help="all dead completions")
-
-    sub.add_parser(
-        "check", parents=[json_flag], help="preflight: config, state dir, socket, database, tmux"
-    )
-
-    db = sub.add_parser("db", parents=[json_flag], help="database administration")
-    db_sub = db.add_subparsers(dest="db_command", metavar="DB_COMMAND", parser_class=_Parser)
-    db_sub.add_parser(
-        "init", parents=[json_flag], help="create completion_log (and the todo table where missing)"
-    )
-
-    sub.add_parser(
-        "hook", parents=[json_flag], help="read a Claude Code hook's JSON on stdin (always exits 0)"
-    )
-    return parser
 
 
 def _command_of(argv: list[str]) -> str | None:
@@ -142,13 +40,25 @@ def _command_of(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    if argv is not None:
+        return run(argv)
+    code = run(sys.argv[1:])
+    # The process exits next: spare the interpreter's final garbage collections their walk over
+    # every object the imports made. It costs ~8 ms, more than a hook's whole work beyond
+    # starting Python (docs/PERFORMANCE.md); nothing of ours waits for a collection to be done.
+    gc.freeze()
+    return code
+
+
+def run(argv: list[str]) -> int:
     if _command_of(argv) == "hook":
         # The hook must never fail a session: parse as little as possible before handing over.
         from .hook import run_hook
 
         return run_hook(argv)
-    parser = build_parser()
+    from .parser import UsageError, build_parser
+
+    parser = build_parser(_command_of(argv))
     try:
         args = parser.parse_args(argv)
     except UsageError as exc:
@@ -181,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"completionctl: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        client.close()
 
 
 # ---------------------------------------------------------------- commands

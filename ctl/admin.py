@@ -31,6 +31,9 @@ def _open(config: Config):
 def run(args: argparse.Namespace, config: Config) -> int:
     from agent.store import StoreError
 
+    # The embedded database this may create holds session output: private, like the agent's files.
+    os.umask(0o077)
+
     try:
         if args.command == "add":
             return _add(args, config)
@@ -68,19 +71,29 @@ def _add(args: argparse.Namespace, config: Config) -> int:
 
 
 def _db_init(args: argparse.Namespace, config: Config) -> int:
+    table = config.database.table
     store = _open(config)
     try:
+        existed = not _missing_table(store.check_schema(), table)
         store.ensure_schema(create_todo_table=True)
         problems = store.check_schema()
     finally:
         store.close()
     if args.json:
-        print(json.dumps({"ok": not problems, "problems": problems}))
+        print(json.dumps({"ok": not problems, "todo_table_existed": existed, "problems": problems}))
     elif problems:
         print("schema problems:\n  " + "\n  ".join(problems))
     else:
-        print(f"schema ready in {mask_url(config.database_url)} (table {config.database.table})")
+        what = "exists and was left as it is" if existed else "was created"
+        print(
+            f"schema ready in {mask_url(config.database_url)}: table {table} {what}, "
+            "completion_log is there"
+        )
     return EXIT_FAILED if problems else EXIT_OK
+
+
+def _missing_table(problems: list[str], table: str) -> bool:
+    return any(problem.startswith(f"table `{table}` does not exist") for problem in problems)
 
 
 def _check(args: argparse.Namespace, config: Config) -> int:
@@ -112,6 +125,7 @@ def _check(args: argparse.Namespace, config: Config) -> int:
     except AgentUnavailable as exc:
         results.append(("socket", False, str(exc)))
 
+    problems: list[str] = []
     try:
         store = _open(config)
         try:
@@ -120,10 +134,12 @@ def _check(args: argparse.Namespace, config: Config) -> int:
         finally:
             store.close()
         if problems:
-            results.append(("database", False, "; ".join(problems)))
+            results.append(("database", False, "\n".join(problems)))
         else:
             results.append(("database", True, f"{mask_url(config.database_url)} schema ok"))
     except StoreError as exc:
+        results.append(("database", False, str(exc)))
+    except ValueError as exc:  # a database.url or table the store cannot use
         results.append(("database", False, str(exc)))
 
     tmux = shutil.which("tmux")
@@ -153,11 +169,19 @@ def _check(args: argparse.Namespace, config: Config) -> int:
             json.dumps(
                 {
                     "ok": ok,
-                    "checks": [{"name": n, "ok": g, "message": m} for n, g, m in results],
+                    "checks": [
+                        {"name": n, "ok": g, "message": m.replace("\n", "; ")}
+                        for n, g, m in results
+                    ],
+                    "schema_problems": problems,
                 }
             )
         )
     else:
         for name, good, message in results:
-            print(f"  {'ok  ' if good else 'FAIL'} {name:<10} {message}")
+            # One line per problem, so a missing column is not buried in a long line.
+            first, *rest = message.split("\n")
+            print(f"  {'ok  ' if good else 'FAIL'} {name:<10} {first}")
+            for line in rest:
+                print(f"  {'':4} {'':<10} {line}")
     return EXIT_OK if ok else EXIT_FAILED

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TypedDict
 
 import msgspec
 
+import protocol as p
 from protocol.config import Config, ConfigError, load
 
 from . import AgentUnavailable, Client, CommandRefused
 
-MAX_PAYLOAD = 1024 * 1024
+# PostToolUse carries the tool's whole response and Stop the whole last message: read generously
+# (the client caps the output it sends); only a runaway stream is refused.
+MAX_PAYLOAD = 64 * 1024 * 1024
 WAITING_TYPES = ("permission_prompt", "idle_prompt")
 HEARTBEAT_EVENTS = (
     "PostToolUse",
@@ -27,10 +31,25 @@ HEARTBEAT_EVENTS = (
 )
 
 
+class _HookClient(Client):
+    """Remembers the last reply, so the hook can say on stderr that a request was queued."""
+
+    last: p.Ack | None = None
+
+    def _deliver(
+        self, message: p.Request, *, queue: bool = True, timeout: float | None = None
+    ) -> p.Ack:
+        self.last = super()._deliver(message, queue=queue, timeout=timeout)
+        return self.last
+
+
 def _todo_id() -> int | None:
     raw = os.environ.get("TODO_ID", "").strip()
+    if not raw:
+        return None
     if raw.isdigit() and 0 < int(raw) < 2**63:
         return int(raw)
+    print(f"completionctl hook: ignoring $TODO_ID={raw[:40]!r} (not a todo id)", file=sys.stderr)
     return None
 
 
@@ -43,9 +62,13 @@ def _hint(config: Config) -> str | None:
 
 
 def _config_path(argv: list[str]) -> str | None:
-    for index, token in enumerate(argv[:-1]):
-        if token == "--config":
+    for index, token in enumerate(argv):
+        if token == "--config" and index + 1 < len(argv):
             return argv[index + 1]
+        if token.startswith("--config="):
+            return token[len("--config=") :]
+        if token == "hook":
+            break  # options of the command itself come after it
     return None
 
 
@@ -62,11 +85,19 @@ def _notification_kind(payload: dict) -> str | None:
     return None
 
 
+class _Common(TypedDict):
+    """What every request of the hook carries: the session, the CURRENT_TODO_ID hint, the wait."""
+
+    session_id: str | None
+    todo_hint: str | None
+    wait: float
+
+
 def dispatch(client: Client, payload: dict) -> str:
     """Send what the event means; returns a word for the log line."""
     config = client.config
     event = payload.get("hook_event_name")
-    common = {
+    common: _Common = {
         "session_id": _str(payload.get("session_id")),
         "todo_hint": _hint(config),
         "wait": config.hook.timeout,
@@ -75,8 +106,12 @@ def dispatch(client: Client, payload: dict) -> str:
     transcript = _str(payload.get("transcript_path"))
     cwd = _str(payload.get("cwd"))
     if event == "SessionStart":
+        if payload.get("source") == "compact":
+            # A compaction inside a running session: it is alive, it did not start anew.
+            client.heartbeat(todo_id, event="SessionStart", **common)
+            return "heartbeat"
         if todo_id is None and common["todo_hint"] is None:
-            return "ignored (no todo id for this session)"
+            return "ignored (no $TODO_ID and no CURRENT_TODO_ID file: no todo for this session)"
         client.start(todo_id, transcript_path=transcript, cwd=cwd, **common)
         return "start"
     if event == "Stop":
@@ -85,7 +120,7 @@ def dispatch(client: Client, payload: dict) -> str:
             return "heartbeat"
         client.complete(
             todo_id,
-            output=_str(payload.get("last_assistant_message")),
+            output=_text(payload.get("last_assistant_message")),
             transcript_path=transcript,
             cwd=cwd,
             event="Stop",
@@ -131,6 +166,11 @@ def _str(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _text(value: object) -> str | None:
+    """An output worth sending; an empty one lets the collector fall back to the transcript."""
+    return value if isinstance(value, str) and value.strip() else None
+
+
 def run_hook(argv: list[str]) -> int:
     try:
         config = load(_config_path(argv))
@@ -140,15 +180,22 @@ def run_hook(argv: list[str]) -> int:
     try:
         raw = sys.stdin.buffer.read(MAX_PAYLOAD + 1)
         if len(raw) > MAX_PAYLOAD:
-            raise ValueError("hook payload over 1 MiB")
-        payload = msgspec.json.decode(raw)
+            raise ValueError(f"stdin is not a hook payload (over {MAX_PAYLOAD >> 20} MiB)")
+        try:
+            payload = msgspec.json.decode(raw)
+        except msgspec.DecodeError as exc:
+            raise ValueError(f"stdin is not a hook payload (not JSON: {exc})") from None
         if not isinstance(payload, dict):
-            raise ValueError("hook payload is not a JSON object")
-        client = Client(config=config, timeout=config.hook.timeout)
-        dispatch(client, payload)
+            raise ValueError("stdin is not a hook payload (JSON, but not an object)")
+        client = _HookClient(config=config, timeout=config.hook.timeout)
+        outcome = dispatch(client, payload)
+        if outcome.startswith("ignored"):
+            print(f"completionctl hook: {outcome}", file=sys.stderr)
+        elif client.last is not None and client.last.state == "queued":
+            print(f"completionctl hook: {outcome} queued: {client.last.message}", file=sys.stderr)
     except CommandRefused as exc:
         print(f"completionctl hook: the agent refused: {exc}", file=sys.stderr)
-    except (AgentUnavailable, OSError, ValueError, msgspec.DecodeError) as exc:
+    except (AgentUnavailable, OSError, ValueError) as exc:
         print(f"completionctl hook: {exc}", file=sys.stderr)
     except Exception as exc:  # a hook must never break the session it reports on
         print(f"completionctl hook: unexpected error: {exc!r}", file=sys.stderr)

@@ -42,7 +42,7 @@ class Behavior(_Section, frozen=True, kw_only=True):
     auto_recovery_scope: Literal["own", "all"] = "own"
     max_retries: NonNegativeInt = 3
     retry_max_delay: Positive = 60.0
-    database_timeout: Positive = 30.0
+    database_timeout: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 30.0
     health_check_interval: Positive = 300.0
     hanging_after: Positive = 3600.0
     log_max_bytes: Annotated[int, msgspec.Meta(gt=0)] = 10 * 1024 * 1024
@@ -196,6 +196,21 @@ def _complete(config: Config, path: Path | None) -> Config:
         raise ConfigError(
             f"database.url: {mask_url(url)!r} is not supported; "
             "use sqlite:///ABSOLUTE/PATH or mysql://USER:PASS@HOST:PORT/DB"
+        )
+    if url.startswith("mysql://"):
+        parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port out of range
+        except ValueError:
+            raise ConfigError(f"database.url: {mask_url(url)!r} has an invalid port") from None
+        if not parts.username or not parts.hostname or not parts.path.strip("/"):
+            raise ConfigError(
+                f"database.url: {mask_url(url)!r} needs a user, a host and a database: "
+                "mysql://USER:PASS@HOST:PORT/DB"
+            )
+    if config.database.table == "completion_log":
+        raise ConfigError(
+            "database.table: completion_log is the agent's own audit table; name the todo table"
         )
     if config.behavior.emergency_timeout < config.behavior.completion_timeout:
         raise ConfigError(

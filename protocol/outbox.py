@@ -1,13 +1,15 @@
 """The outbox: requests the client could not deliver, one file each, written atomically.
 
-The client writes ``<request_id>.req`` (write, fsync, rename, fsync the directory); the agent
-ingests the files at start and on every sweep, and deletes each only after its journal commit.
+The client writes ``<time_ns>-<request_id>.req`` (write, fsync, rename, fsync the directory);
+the agent ingests the files in name order at start and on every sweep, and deletes each only
+after its journal commit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 SUFFIX = ".req"
@@ -16,17 +18,25 @@ REJECTED = "rejected"
 
 def put(outbox: Path, request_id: str, frame: bytes) -> Path:
     outbox.mkdir(parents=True, exist_ok=True, mode=0o700)
-    final = outbox / f"{request_id}{SUFFIX}"
+    # The name sorts in queueing order (file times are too coarse): a SessionStart queued just
+    # before a Stop must be ingested first.
+    final = outbox / f"{time.time_ns():020d}-{request_id}{SUFFIX}"
     temporary = outbox / f".{request_id}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        view = memoryview(frame)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(temporary, final)
+        try:
+            view = memoryview(frame)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temporary, final)
+    except OSError:
+        # Disk full, say: no half-written file may stay behind to take the space.
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
     dir_fd = os.open(outbox, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -41,7 +51,7 @@ def pending(outbox: Path, limit: int = 1000) -> list[Path]:
         entries = [e for e in os.scandir(outbox) if e.name.endswith(SUFFIX) and e.is_file()]
     except FileNotFoundError:
         return []
-    entries.sort(key=lambda e: (e.stat().st_mtime_ns, e.name))
+    entries.sort(key=lambda e: e.name)
     return [Path(e.path) for e in entries[:limit]]
 
 

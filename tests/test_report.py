@@ -112,8 +112,10 @@ def test_dangerous_markdown_links_lose_their_href():
     page = report((Path(__file__).parent / "hostile" / "links.md").read_text()).html
     markup = assert_safe(page)
     hrefs = markup.attrs("a", "href")
-    assert hrefs == ["https://example.com", "https://example.com/ok?a=1&b=2"] + [
-        "mailto:someone@example.com"
+    assert hrefs == [
+        "https://example.com",
+        "https://example.com/ok?a=1&b=2",
+        "mailto:someone@example.com",
     ]
     assert set(markup.attrs("a", "rel")) == {"nofollow noopener noreferrer"}
     assert "[image: tracking pixel]" in page
@@ -303,3 +305,9 @@ def test_100_mb_output_is_bounded_in_size_time_and_memory(make):
     assert elapsed < 20
     assert peak < 60 * 1024 * 1024  # a few copies of the capped megabyte, never the 100 MB
     assert_safe(result.html)
+
+
+def test_unexpected_kind_is_reported_as_normal():
+    page = report("out", kind='"><script>alert(1)</script>').html
+    assert_safe(page)
+    assert '<header class="normal">' in page

@@ -16,11 +16,14 @@ from agent.sources import (
     TodoFacts,
     cap_text,
     collect,
+    html_to_text,
     strip_escape_sequences,
 )
 
-FIXTURE = Path("/work/shared/fixtures/claude-code/transcript.jsonl")
-FINAL_ANSWER = "Das Login-Formular validiert jetzt E-Mail und Passwort.\n\nAlle 12 Tests laufen grün."
+FIXTURE = Path(__file__).parent / "fixtures" / "claude-code" / "transcript.jsonl"
+FINAL_ANSWER = (
+    "Das Login-Formular validiert jetzt E-Mail und Passwort.\n\nAlle 12 Tests laufen grün."
+)
 TODO = TodoFacts("Login-Formular validieren", "E-Mail und Passwort prüfen", "/srv/sites/plugin")
 TMUX = shutil.which("tmux")
 
@@ -67,8 +70,11 @@ def test_transcript_wins_without_message_output():
 
 @pytest.mark.parametrize(
     ("name", "content", "is_markdown"),
-    [("output.md", "# Result\n", True), ("output.txt", "result\n", False)]
-    + [("summary.txt", "short\n", False)],
+    [
+        ("output.md", "# Result\n", True),
+        ("output.txt", "result\n", False),
+        ("summary.txt", "short\n", False),
+    ],
 )
 def test_session_dir_file_wins(tmp_path, name, content, is_markdown):
     (tmp_path / name).write_text(content, encoding="utf-8")
@@ -180,9 +186,7 @@ def test_session_dir_symlinks_and_fifos_are_not_read(tmp_path):
 def test_database_failure_is_a_problem_and_nothing_is_none():
     got = run(CollectRequest(3), load_todo=broken_database)
     assert (got.text, got.source) == ("", "none")
-    assert got.problems == (
-        "database: loading todo 3 failed: database did not answer within 2 s",
-    )
+    assert got.problems == ("database: loading todo 3 failed: database did not answer within 2 s",)
     assert not got.is_markdown and not got.is_html
 
 
@@ -242,6 +246,36 @@ def test_escape_sequences_are_stripped():
     assert strip_escape_sequences(raw) == "red link done"
 
 
+@pytest.mark.parametrize(
+    "hostile",
+    ["\x90" * 1_000_000, "\x1b]" * 500_000, "\x1bP" * 500_000, "\x9b" + "0" * 1_000_000],
+    ids=["dcs-8bit", "osc", "dcs", "csi-params"],
+)
+def test_unterminated_escape_sequences_cost_linear_time(hostile):
+    started = time.perf_counter()
+    strip_escape_sequences(hostile)
+    assert time.perf_counter() - started < 2
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    ["<" * 1_000_000, "<a " * 300_000, "<!--" * 250_000, "<script>" * 120_000, "<b>" * 300_000],
+    ids=["lt", "unclosed-tags", "comments", "scripts", "tags"],
+)
+def test_html_to_text_costs_linear_time(hostile):
+    started = time.perf_counter()
+    html_to_text(hostile)
+    assert time.perf_counter() - started < 2
+
+
+def test_html_to_text_drops_scripts_comments_and_declarations():
+    markup = (
+        "<!DOCTYPE html><html><head><title>t</title><style>p{}</style></head><body>"
+        "<p>a &lt; b</p><!-- hidden --><script>alert(1)</script>c < d<br>e</body></html>"
+    )
+    assert html_to_text(markup) == "a < b\nc < d\ne"
+
+
 # --- tmux: a real server on a private socket ---
 
 
@@ -273,9 +307,9 @@ def wait_for_pane(socket: str, target: str, needle: str) -> None:
 
 def test_tmux_pane_is_captured_and_stripped(tmux_socket):
     script = r"printf '\033[31mRED-ALERT\033[0m and \033[1;32mgreen\033[0m\nsecond line\n\n\n'"
+    new_session = ["new-session", "-d", "-s", "work", "-x", "120", "-y", "20"]
     subprocess.run(
-        [TMUX, "-S", tmux_socket, "new-session", "-d", "-s", "work", "-x", "120", "-y", "20"]
-        + [f"{script}; exec sleep 60"],
+        [TMUX, "-S", tmux_socket, *new_session, f"{script}; exec sleep 60"],
         check=True,
         timeout=5,
     )

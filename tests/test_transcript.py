@@ -11,8 +11,10 @@ import pytest
 
 from agent.transcript import await_final_message, final_text, last_main_message
 
-FIXTURE = Path("/work/shared/fixtures/claude-code/transcript.jsonl")
-FINAL_ANSWER = "Das Login-Formular validiert jetzt E-Mail und Passwort.\n\nAlle 12 Tests laufen grün."
+FIXTURE = Path(__file__).parent / "fixtures" / "claude-code" / "transcript.jsonl"
+FINAL_ANSWER = (
+    "Das Login-Formular validiert jetzt E-Mail und Passwort.\n\nAlle 12 Tests laufen grün."
+)
 
 
 def assistant(message_id, *blocks, sidechain=False, stop_reason=None, content=None) -> str:
@@ -87,7 +89,7 @@ def test_malformed_and_half_written_lines_are_skipped(tmp_path):
     path.write_bytes(
         b"not json at all\n"
         + assistant("msg_1", text("first half")).encode()
-        + b"\n{\"type\": \"assistant\", broken\n"
+        + b'\n{"type": "assistant", broken\n'
         + b"[1, 2, 3]\n"
         + b"\xff\xfe garbage \x00\n"
         + assistant("msg_1", text("second half"), stop_reason="end_turn").encode()

@@ -1,0 +1,189 @@
+"""The command line's grammar: argparse, one subparser per command.
+
+Kept apart from ``ctl.__main__`` so that ``completionctl hook``, the hottest path, never imports
+argparse; the other commands build only their own subparser (see ``build_parser``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+
+class UsageError(Exception):
+    """argparse refused the command line; the message says why."""
+
+
+def _terminal_width() -> int:
+    """What shutil.get_terminal_size() answers, without importing shutil (and with it bz2 and
+    lzma): argparse asks for the width on every add_argument, help or not."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0 and sys.__stdout__ is not None:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    def __init__(self, prog: str, indent_increment=2, max_help_position=24, width=None) -> None:
+        if width is None:
+            width = _terminal_width() - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _add_add(sub, parents) -> None:
+    add = sub.add_parser("add", parents=parents, help="create a todo (opens the database directly)")
+    add.add_argument("title")
+    add.add_argument("--description", default="")
+    add.add_argument("--dir", dest="working_directory", default="")
+
+
+def _add_start(sub, parents) -> None:
+    start = sub.add_parser(
+        "start", parents=parents, help="mark a todo in_progress and arm its deadlines"
+    )
+    start.add_argument("todo_id", type=int)
+    start.add_argument("--session", dest="session_id")
+    start.add_argument(
+        "--timeout",
+        dest="completion_timeout",
+        type=float,
+        metavar="S",
+        help="this todo's completion timeout (default behavior.completion_timeout)",
+    )
+    start.add_argument("--transcript", dest="transcript_path")
+
+
+def _add_heartbeat(sub, parents) -> None:
+    heartbeat = sub.add_parser(
+        "heartbeat", parents=parents, help="the session is alive: push the deadline back"
+    )
+    heartbeat.add_argument("todo_id", type=int)
+    heartbeat.add_argument("--session", dest="session_id")
+
+
+def _add_complete(sub, parents) -> None:
+    complete = sub.add_parser("complete", parents=parents, help="report a todo as done")
+    complete.add_argument("todo_id", type=int)
+    source = complete.add_mutually_exclusive_group()
+    source.add_argument("--output", help="the session's result text")
+    source.add_argument(
+        "--output-file", metavar="PATH", help="read the result from PATH (- = stdin)"
+    )
+    complete.add_argument("--session", dest="session_id")
+    complete.add_argument("--transcript", dest="transcript_path")
+    complete.add_argument("--tmux-target", dest="tmux_target")
+
+
+def _add_emergency(sub, parents) -> None:
+    emergency = sub.add_parser(
+        "emergency", parents=parents, help="force an emergency completion now"
+    )
+    emergency.add_argument("todo_id", type=int)
+    emergency.add_argument("--reason")
+
+
+def _add_health(sub, parents) -> None:
+    sub.add_parser(
+        "health",
+        parents=parents,
+        help="health checks (exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN)",
+    )
+
+
+def _add_status(sub, parents) -> None:
+    status = sub.add_parser(
+        "status", parents=parents, help="the agent's state, or one todo's journal entries"
+    )
+    status.add_argument("todo_id", type=int, nargs="?")
+
+
+def _add_retry(sub, parents) -> None:
+    retry = sub.add_parser("retry", parents=parents, help="queue dead completions again")
+    retry.add_argument("completion_id", nargs="?")
+    retry.add_argument("--dead", action="store_true", help="all dead completions")
+
+
+def _add_check(sub, parents) -> None:
+    sub.add_parser(
+        "check", parents=parents, help="preflight: config, state dir, socket, database, tmux"
+    )
+
+
+def _add_db(sub, parents) -> None:
+    db = sub.add_parser("db", parents=parents, help="database administration")
+    db_sub = db.add_subparsers(dest="db_command", metavar="DB_COMMAND", parser_class=Parser)
+    db_sub.add_parser(
+        "init", parents=parents, help="create completion_log (and the todo table where missing)"
+    )
+
+
+def _add_hook(sub, parents) -> None:
+    sub.add_parser(
+        "hook", parents=parents, help="read a Claude Code hook's JSON on stdin (always exits 0)"
+    )
+
+
+# Each command's arguments, in the order `completionctl --help` lists them.
+SUBPARSERS: dict[str, Callable[[Any, list[argparse.ArgumentParser]], None]] = {
+    "add": _add_add,
+    "start": _add_start,
+    "heartbeat": _add_heartbeat,
+    "complete": _add_complete,
+    "emergency": _add_emergency,
+    "health": _add_health,
+    "status": _add_status,
+    "retry": _add_retry,
+    "check": _add_check,
+    "db": _add_db,
+    "hook": _add_hook,
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI; given a known ``command``, only that command's subparser.
+
+    Building every subparser costs more than the rest of a hot-path call (``complete``,
+    ``start``, ...), and parsing one command never needs the others.
+    """
+    parser = Parser(
+        prog="completionctl",
+        description="Talk to completiond: report todo starts, heartbeats and completions.",
+    )
+    parser.add_argument("--config", metavar="PATH", help="config file (.toml or .json)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument(
+        "--timeout",
+        dest="wait",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds to wait for the agent's reply (default 2)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    # --json is accepted after the command too; SUPPRESS keeps the global value when absent.
+    json_flag = Parser(add_help=False)
+    json_flag.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON"
+    )
+    names = [command] if command in SUBPARSERS else list(SUBPARSERS)
+    for name in names:
+        SUBPARSERS[name](sub, [json_flag])
+    return parser

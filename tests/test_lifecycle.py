@@ -1,0 +1,134 @@
+"""Graceful stop and parent death: SIGTERM mid-burst loses nothing; no child outlives SIGKILL."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import threading
+import time
+
+import psutil
+
+from ctl import Client, CommandRefused
+from tests.harness import Agent, wait_for
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+    return out
+
+
+def add_todos(agent: Agent, count: int) -> list[int]:
+    """Insert todos straight into the embedded database (faster than `completionctl add`)."""
+    first = agent.add("the first")  # also makes sure the table is there
+    with contextlib.closing(sqlite3.connect(agent.sqlite_path)) as db, db:
+        db.executemany(
+            "INSERT INTO stage_project_todos (id, title) VALUES (?, ?)",
+            [(first + n, f"burst {n}") for n in range(1, count)],
+        )
+    return list(range(first, first + count))
+
+
+def completed(agent: Agent) -> dict[int, int]:
+    """todo id -> number of completion_log rows, for completed todos."""
+    with contextlib.closing(sqlite3.connect(agent.sqlite_path)) as db:
+        rows = db.execute(
+            "SELECT t.id, COUNT(l.id) FROM stage_project_todos t"
+            " JOIN completion_log l ON l.todo_id = t.id"
+            " WHERE t.status = 'completed' GROUP BY t.id"
+        ).fetchall()
+    return dict(rows)
+
+
+def test_sigkill_of_the_parent_leaves_no_child(agent: Agent) -> None:
+    family = agent.family()
+    children = family[1:]
+    assert len(children) == 3
+    os.kill(agent.proc.pid, signal.SIGKILL)
+    agent.proc.wait(10)
+    wait_for(lambda: not alive(children), 5, what="every child gone after the parent's SIGKILL")
+
+
+def test_sigkill_then_restart_finishes_accepted_work(make_agent) -> None:
+    agent = make_agent()
+    agent.start()
+    [todo] = add_todos(agent, 1)
+    # The collector is stopped, so the completion stays waiting in the journal.
+    collector = psutil.Process(agent.children()["collector"])
+    collector.suspend()
+    try:
+        assert agent.ctl("complete", str(todo), "--output", "before the crash").returncode == 0
+        children = agent.family()[1:]
+        os.kill(agent.proc.pid, signal.SIGKILL)
+        agent.proc.wait(10)
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            collector.resume()
+    wait_for(lambda: not alive(children), 5, what="children gone")
+    # A stale socket file and pid file are left; the next agent takes over.
+    assert (agent.state / "completiond.sock").exists()
+    agent._log.close()
+    agent.start()
+    agent.wait_states(todo, "cleaned")
+    assert completed(agent) == {todo: 1}
+
+
+def test_sigterm_during_a_burst_loses_nothing_acknowledged(make_agent) -> None:
+    agent = make_agent()
+    agent.start()
+    todos = add_todos(agent, 80)
+    results: dict[int, str] = {}
+    errors: list[str] = []
+    lock = threading.Lock()
+    half = threading.Event()
+
+    def worker(mine: list[int]) -> None:
+        client = Client(str(agent.config_path), timeout=2.0)
+        for todo in mine:
+            try:
+                ack = client.complete(todo, output=f"burst output {todo}")
+            except CommandRefused as exc:  # a refusal here would be a lost completion
+                with lock:
+                    errors.append(f"{todo}: {exc}")
+                continue
+            with lock:
+                results[todo] = ack.state
+                if len(results) >= len(todos) // 3:
+                    half.set()
+
+    threads = [threading.Thread(target=worker, args=(todos[i::8],)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    assert half.wait(30), "the burst did not get going"
+    # Freeze the parent so that requests pile up in its socket, then stop it: what already
+    # arrived must be journaled and acknowledged (or left unanswered, so the client queues it),
+    # never refused.
+    agent.proc.send_signal(signal.SIGSTOP)
+    time.sleep(0.3)  # the eight clients' next requests arrive meanwhile (they wait up to 2 s)
+    started = time.monotonic()
+    agent.proc.send_signal(signal.SIGTERM)
+    agent.proc.send_signal(signal.SIGCONT)
+    code = agent.proc.wait(15)
+    took = time.monotonic() - started
+    for thread in threads:
+        thread.join(30)
+    assert code == 0
+    assert took < 10, took
+    assert errors == []
+    assert set(results) == set(todos)
+    assert set(results.values()) <= {"accepted", "queued"}
+    assert not (agent.state / "completiond.sock").exists()
+
+    agent._log.close()
+    agent.start()
+    wait_for(lambda: len(completed(agent)) == len(todos), 60, what="every todo completed")
+    # Delivered-and-queued requests share their id: each todo was written exactly once.
+    assert set(completed(agent).values()) == {1}
+    wait_for(lambda: not list((agent.state / "outbox").glob("*.req")), what="outbox drained")
+    assert agent.stop() == 0
