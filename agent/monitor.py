@@ -323,7 +323,8 @@ class Monitor(ChildBase):
             if self.config.collect.cleanup and session.is_dir():
                 if entry.kind != "normal":
                     log.info("kept session dir {} after a forced completion", session)
-                elif entry.archive_path and Path(entry.archive_path).is_dir():
+                elif entry.archive_path and (Path(entry.archive_path) / "session").is_dir():
+                    # Only a dir whose copy is in the archive may go.
                     shutil.rmtree(session, ignore_errors=True)
                     deleted += 1
                     log.info("deleted session dir {} (archived in {})", session, entry.archive_path)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from loguru import logger
 
 RESTART_BACKOFF_MAX = 30.0
-STABLE_AFTER = 60.0  # a child that ran this long starts its backoff from scratch
+STABLE_AFTER = 10.0  # a child that ran this long starts its backoff from scratch
 
 
 @dataclass

@@ -57,7 +57,7 @@ class Outcome:
 # ------------------------------------------------------------------ the command line
 
 
-def arguments(description: str, **sizes: Any) -> argparse.Namespace:
+def arguments(description: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--size",
@@ -139,10 +139,10 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
 
 
-def verdict(ratio: float, *, at_most: float | None = None, at_least: float | None = None) -> bool:
-    if at_most is not None and ratio > at_most:
+def verdict(value: float, *, at_most: float | None = None, at_least: float | None = None) -> bool:
+    if at_most is not None and value > at_most:
         return False
-    return not (at_least is not None and ratio < at_least)
+    return not (at_least is not None and value < at_least)
 
 
 # ------------------------------------------------------------------ processes and directories
@@ -228,3 +228,40 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+class CpuMeter:
+    """CPU seconds used by named processes between start() and stop() (those that may be read:
+    another user's database server may not be)."""
+
+    def __init__(self, processes: dict[str, Any]) -> None:
+        import psutil
+
+        self._processes = {}
+        for name, proc in processes.items():
+            try:
+                proc.cpu_times()
+            except (psutil.AccessDenied, psutil.NoSuchProcess):
+                continue
+            self._processes[name] = proc
+        self._before: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        return {name: sum(p.cpu_times()[:2]) for name, p in self._processes.items()}
+
+    def start(self) -> None:
+        self._before = self._now()
+
+    def stop(self) -> dict[str, float]:
+        now = self._now()
+        return {name: now[name] - self._before[name] for name in now}
+
+
+def database_server_process() -> Any | None:
+    """The local MariaDB/MySQL server process, if there is one."""
+    import psutil
+
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] in ("mariadbd", "mysqld"):
+            return proc
+    return None

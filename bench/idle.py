@@ -120,6 +120,16 @@ def run(size: str) -> Outcome:
             ),
             Row(
                 "4",
+                f"resident memory of all agent processes together after {total} completions"
+                f" (PSS {pss_after / MIB:.0f} MiB)",
+                f"{rss_after / MIB:.0f} MiB",
+                "",
+                None,
+                f"≤ {RSS_LIMIT // MIB} MiB",
+                verdict(rss_after, at_most=RSS_LIMIT),
+            ),
+            Row(
+                "4",
                 f"RSS growth from {warm} to {total} completions (PSS"
                 f" {pss_warm / MIB:.0f} → {pss_after / MIB:.0f} MiB)",
                 f"{growth / MIB:+.1f} MiB",

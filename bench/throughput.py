@@ -10,6 +10,7 @@ each figure is the median over the rounds.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import sys
 import threading
@@ -17,9 +18,11 @@ import time
 from pathlib import Path
 
 from bench.common import (
+    CpuMeter,
     Outcome,
     Row,
     arguments,
+    database_server_process,
     finish,
     median,
     private_dir,
@@ -104,17 +107,59 @@ def send_all(config_path: Path, outputs: dict[int, str], clients: int) -> None:
         raise errors[0]
 
 
-def through_agent(agent, db: Database, count: int, clients: int) -> float:
-    """Seconds from the first send to the last completion verified."""
+def through_agent(
+    agent, db: Database, count: int, clients: int, cpu: dict[str, list[float]] | None = None
+) -> float:
+    """Seconds from the first send to the last completion verified; with ``cpu``, the CPU time
+    of each process per completion is appended there."""
     ids = add_todos(db, count)
     outputs = {todo: output_text(todo) for todo in ids}
+    meter = CpuMeter(processes(agent)) if cpu is not None else None
+    if meter is not None:
+        meter.start()
     started = time.perf_counter()
     send_all(agent.config_path, outputs, clients)
     wait_verified(agent.state / "journal.db", ids)
     elapsed = time.perf_counter() - started
+    if meter is not None and cpu is not None:
+        for name, seconds in meter.stop().items():
+            cpu.setdefault(name, []).append(seconds / count)
     if count_completed(db, ids) != count:
         raise SystemExit(f"throughput bench: not all {count} completions reached the database")
     return elapsed
+
+
+def processes(agent) -> dict[str, object]:
+    """The agent's processes by role, the database server, and this process (the clients)."""
+    import psutil
+
+    named: dict[str, object] = {}
+    for proc in agent.family():
+        command = proc.cmdline()
+        role = command[-2] if "agent.child" in command else "parent"
+        named[f"agent {role}"] = proc
+    server = database_server_process()
+    if server is not None:
+        named["MariaDB server"] = server
+    named["clients (this process)"] = psutil.Process()
+    return named
+
+
+def cpu_section(cpu: dict[str, list[float]], direct: float) -> str:
+    total = sum(median(values) for values in cpu.values())
+    cores = os.cpu_count() or 1
+    lines = [
+        "| process | CPU per completion |",
+        "|---|---|",
+        *(f"| {name} | {median(values) * 1000:.2f} ms |" for name, values in cpu.items()),
+        f"| **all** | **{total * 1000:.2f} ms** |",
+        "",
+        f"The direct writer's rate implies {1000 / direct:.2f} ms per autocommit UPDATE (mostly"
+        f" the commit's flush). At {total * 1000:.1f} ms of CPU per completion on {cores} cores,"
+        f" the agent can reach {TARGET:g}x the direct writer only where a commit takes longer than"
+        f" about {TARGET * total * 1000 / cores:.1f} ms.",
+    ]
+    return "\n".join(lines)
 
 
 def through_raw(db: Database, count: int, batch: int) -> float:
@@ -137,6 +182,7 @@ def run(size: str) -> Outcome:
     levels = (1, 4, HEADLINE_CLIENTS)
     times: dict[str, list[float]] = {"direct": [], "batched": []}
     times |= {f"agent-{n}": [] for n in levels}
+    cpu: dict[str, list[float]] = {}
     with private_dir("bt-") as root, fresh_database() as db:
         agent = Agent(root, agent_config(db))
         try:
@@ -145,7 +191,13 @@ def run(size: str) -> Outcome:
             for index in range(rounds):
                 runs = [("direct", lambda: through_raw(db, count, 1))]
                 runs += [
-                    (f"agent-{n}", lambda n=n: through_agent(agent, db, count, n)) for n in levels
+                    (
+                        f"agent-{n}",
+                        lambda n=n: through_agent(
+                            agent, db, count, n, cpu if n == HEADLINE_CLIENTS else None
+                        ),
+                    )
+                    for n in levels
                 ]
                 runs.append(("batched", lambda: through_raw(db, count, RAW_BATCH)))
                 if index % 2:
@@ -195,7 +247,8 @@ def run(size: str) -> Outcome:
                 rate[f"agent-{n}"] / batched,
             )
         )
-    return Outcome(rows)
+    section = f"#### Where a completion's CPU goes ({HEADLINE_CLIENTS} clients, medians)"
+    return Outcome(rows, {section: cpu_section(cpu, direct)})
 
 
 def main() -> int:

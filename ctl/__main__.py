@@ -184,8 +184,8 @@ def _health(client: Client, args: argparse.Namespace) -> int:
 def _status(client: Client, args: argparse.Namespace) -> int:
     report = client.status(args.todo_id)
     if args.json:
-        data = p.to_builtins(report.todo if report.todo is not None else report.agent)
-        print(json.dumps(data))
+        shown = report.todo if report.todo is not None else report.agent
+        print(json.dumps(p.to_builtins(shown) if shown is not None else None))
         return EXIT_OK
     if report.agent is not None:
         a = report.agent

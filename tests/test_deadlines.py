@@ -371,7 +371,7 @@ def test_verified_normal_completion_deletes_the_archived_session_dir(rig: Rig) -
     session.mkdir()
     (session / "output.md").write_text("done")
     archive = rig.root / "state" / "archive" / "todo_1_x"
-    archive.mkdir(parents=True)
+    (archive / "session").mkdir(parents=True)  # the archive holds the session's copy
     with rig.journal.transaction() as db:
         rig.journal.add_entry(db, NewEntry("n-1", 1, "normal", state="verified"), T0)
     rig.journal.update_entry("n-1", T0, archive_path=str(archive))
@@ -393,3 +393,16 @@ def test_session_dir_is_kept_when_not_archived_or_after_a_forced_completion(rig:
     rig.run(T0 + 1)
     assert session.is_dir()
     assert [rig.journal.entry(c).state for c in ("n-1", "e-1")] == ["cleaned", "cleaned"]
+
+
+def test_session_dir_is_kept_when_its_archive_lacks_the_session_copy(rig: Rig) -> None:
+    session = Path(rig.config.session_dir_for(1))
+    session.mkdir()
+    archive = rig.root / "state" / "archive" / "todo_1_x"
+    archive.mkdir(parents=True)  # e.g. the dir appeared after collection: nothing of it archived
+    with rig.journal.transaction() as db:
+        rig.journal.add_entry(db, NewEntry("n-1", 1, "normal", state="verified"), T0)
+    rig.journal.update_entry("n-1", T0, archive_path=str(archive))
+    rig.run(T0 + 1)
+    assert session.is_dir()
+    assert rig.journal.entry("n-1").state == "cleaned"

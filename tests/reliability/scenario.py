@@ -66,7 +66,7 @@ def run_scenario(
     rng = random.Random(os.environ.get("RELIABILITY_SEED"))
     with Observer(mysql_url) as observer:
         with Stream(ledger, str(agent.config_path), ids, rate=rate) as stream:
-            wait_for(lambda: len(ledger.acked()) >= 20, 30, what="the stream to get going")
+            wait_for(lambda: len(ledger.acked()) >= 10, 30, what="the stream to get going")
             inject(agent, ledger, observer, rng)
             stream.stop()
         wait_for(

@@ -109,11 +109,6 @@ def test_state_dir_and_journal_are_private(agent: Agent) -> None:
     assert result.returncode == 7, result
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="completionctl add/db init create todos.db under the user's umask (0644): "
-    "reported, agent/store/sqlite.py or ctl/admin.py should create it 0600",
-)
 def test_todo_db_made_by_completionctl_before_the_agent_is_private(make_agent) -> None:
     agent: Agent = make_agent()
     agent.add("made before completiond ever ran")

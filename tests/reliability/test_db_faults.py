@@ -28,7 +28,7 @@ def _outage(mode: str, seconds: float, rounds: int, **proxy_settings: float):
     def inject(agent: Agent, ledger: Ledger, observer: Observer, rng: random.Random) -> None:
         proxy = agent.proxy  # type: ignore[attr-defined]
         for _ in range(rounds):
-            time.sleep(rng.uniform(0.2, 1.0))
+            time.sleep(rng.uniform(0.1, 0.5))
             fault = ledger.fault(f"{mode} {seconds:.0f} s")
             for key, value in proxy_settings.items():
                 setattr(proxy, key, value)
@@ -87,7 +87,7 @@ def _tapped(moment: str, count: int, *, lose_reply: bool = False, cut_insert: bo
     def inject(agent: Agent, ledger: Ledger, observer: Observer, rng: random.Random) -> None:
         proxy = agent.proxy  # type: ignore[attr-defined]
         for _ in range(count):
-            time.sleep(rng.uniform(0.1, 0.8))
+            time.sleep(rng.uniform(0.1, 0.4))
             fault = ledger.fault(moment)
             if cut_insert:
                 fired = proxy.cut_on_client_data(b"INSERT INTO `completion_log`")
@@ -133,7 +133,7 @@ def test_lock_held_by_another_session(mysql_agent, mysql_url) -> None:
 
     def inject(agent: Agent, ledger: Ledger, observer: Observer, rng: random.Random) -> None:
         for _ in range(scaled(1)):
-            time.sleep(rng.uniform(0.2, 1.0))
+            time.sleep(rng.uniform(0.1, 0.5))
             # The todos the stream is about to complete: the next few dozen fresh ones.
             done = max((s.todo_id for s in ledger.sent.values()), default=0)
             fault = ledger.fault(f"row locks held {hold:.0f} s")
@@ -217,7 +217,7 @@ def test_dropped_table_dead_fixed_retried(mysql_agent, mysql_url) -> None:
 
     def inject(agent: Agent, ledger: Ledger, observer: Observer, rng: random.Random) -> None:
         client = client_for(agent)
-        time.sleep(rng.uniform(0.2, 1.0))
+        time.sleep(rng.uniform(0.1, 0.5))
         fault = ledger.fault("todo table dropped")
         conn = mysql_connect(mysql_url)
         try:
