@@ -334,6 +334,27 @@ class Journal:
         ).fetchall()
         return [Entry(*row) for row in rows]
 
+    def heads_in(self, states: Iterable[str], limit: int = 1000) -> list[tuple]:
+        """(completion_id, todo_id, state, next_attempt_at) of entries in ``states``, in order,
+        without their payload (request, report): enough to choose which to load."""
+        states = tuple(states)
+        marks = ", ".join("?" * len(states))
+        return self._db.execute(
+            "SELECT completion_id, todo_id, state, next_attempt_at FROM entries"
+            f" WHERE state IN ({marks}) ORDER BY seq LIMIT ?",
+            (*states, limit),
+        ).fetchall()
+
+    def entries_by_id(self, completion_ids: list[str]) -> list[Entry]:
+        if not completion_ids:
+            return []
+        marks = ", ".join("?" * len(completion_ids))
+        rows = self._db.execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE completion_id IN ({marks}) ORDER BY seq",
+            completion_ids,
+        ).fetchall()
+        return [Entry(*row) for row in rows]
+
     def entry(self, completion_id: str) -> Entry | None:
         row = self._db.execute(
             f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE completion_id = ?", (completion_id,)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from loguru import logger
 
-RESTART_BACKOFF_MAX = 30.0
+RESTART_BACKOFF_MAX = 10.0
 STABLE_AFTER = 10.0  # a child that ran this long starts its backoff from scratch
 
 

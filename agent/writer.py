@@ -145,24 +145,32 @@ class Writer(ChildBase):
     def _pick(self, now: float) -> tuple[list[Entry], list[Entry], bool]:
         """Entries ready to write and to verify, in order; a todo with an earlier unfinished
         entry waits.  `more`: the batch is full and others are ready behind it."""
-        batch: list[Entry] = []
-        verify: list[Entry] = []
+        chosen: list[str] = []
+        written: list[str] = []
         blocked: set[int] = set()
+        more = False
+        for cid, todo_id, state, next_at in self.journal.heads_in(
+            ("accepted", "collected", "written"), limit=5000
+        ):
+            if todo_id in blocked:
+                continue
+            if state == "accepted" or next_at > now:
+                blocked.add(todo_id)
+                continue
+            if state == "written":
+                written.append(cid)
+                continue
+            if len(chosen) >= BATCH:
+                more = True
+                break
+            chosen.append(cid)
+        batch = self.journal.entries_by_id(chosen)
         size = 0
-        for entry in self.journal.entries_in(("accepted", "collected", "written"), limit=5000):
-            if entry.todo_id in blocked:
-                continue
-            if entry.state == "accepted" or entry.next_attempt_at > now:
-                blocked.add(entry.todo_id)
-                continue
-            if entry.state == "written":
-                verify.append(entry)
-                continue
-            if len(batch) >= BATCH or (batch and size + _size(entry) > BATCH_BYTES):
-                return batch, verify, True
-            batch.append(entry)
+        for index, entry in enumerate(batch):
+            if index and size + _size(entry) > BATCH_BYTES:
+                return batch[:index], self.journal.entries_by_id(written), True
             size += _size(entry)
-        return batch, verify, False
+        return batch, self.journal.entries_by_id(written), more
 
     def _next_wake(self, now: float) -> float:
         rows = self.journal._db.execute(
@@ -249,7 +257,12 @@ class Writer(ChildBase):
         updates = []
         verified_any = False
         unreadable: StoreError | None = None
-        for entry, write, outcome in zip(entries, writes, outcomes, strict=True):
+        checked: list[bool] | StoreError
+        try:  # one read-back for the whole batch
+            checked = self._store().verify_many(writes, outcomes)
+        except StoreError as exc:
+            checked = exc
+        for index, (entry, outcome) in enumerate(zip(entries, outcomes, strict=True)):
             log = logger.bind(todo_id=entry.todo_id, completion_id=entry.completion_id)
             values: dict[str, object] = {"outcome": outcome.outcome, "attempts": entry.attempts + 1}
             if outcome.outcome == "refused":
@@ -268,13 +281,12 @@ class Writer(ChildBase):
             else:
                 log.info("{} {}{}", entry.kind, outcome.outcome, _because(outcome.reason))
             ok, problem = False, None
-            if unreadable is None:
-                try:
-                    ok = self._store().verify(write, outcome)
-                except TransientError as exc:
-                    unreadable = exc
-                except PermanentError as exc:
-                    problem = f"verification failed: {exc}"
+            if isinstance(checked, TransientError):
+                unreadable = checked
+            elif isinstance(checked, PermanentError):
+                problem = f"verification failed: {checked}"
+            else:
+                ok = checked[index]
             if unreadable is not None:
                 problem = f"committed, but not read back yet: {unreadable}"
             elif not ok and problem is None:

@@ -471,27 +471,62 @@ class SqlStore:
         return [(str(a), str(b)) for a, b in rows]
 
     def apply(self, writes: Sequence[TodoWrite]) -> list[WriteOutcome]:
-        """Apply the whole batch in ONE transaction; outcomes in the order of `writes`."""
+        """Apply the whole batch in ONE transaction; outcomes in the order of `writes`.
+
+        The reads are one statement each for the whole batch: every todo row of the batch is
+        locked at once, in id order (two writers never deadlock on each other), then the
+        completion ids are looked up; the log rows go in with one multi-row INSERT at the end.
+        """
         if not writes:
             return []
         with self._lock, self._transaction(write=True) as cur:
-            return [self._apply_one(cur, w) for w in writes]
+            ids = sorted({w.todo_id for w in writes})
+            status = {
+                int(r[0]): str(r[1])
+                for r in self._run(
+                    cur,
+                    f"SELECT id, status FROM {self._t} WHERE id IN ({_marks(ids)})"
+                    f" ORDER BY id{self.lock_clause}",
+                    ids,
+                ).fetchall()
+            }
+            cids = sorted({w.completion_id for w in writes})
+            logged = {
+                str(r[0]): str(r[1])
+                for r in self._run(
+                    cur,
+                    f"SELECT completion_id, kind FROM {self._log}"
+                    f" WHERE completion_id IN ({_marks(cids)})",
+                    cids,
+                ).fetchall()
+            }
+            pending: list[tuple[Any, ...]] = []
+            outcomes = [self._apply_one(cur, w, status, logged, pending) for w in writes]
+            if pending:
+                cur.executemany(
+                    self._sql(
+                        f"INSERT INTO {self._log} (completion_id, todo_id, kind, sources,"
+                        " attempts, created_at, logged_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                    ),
+                    pending,
+                )
+            return outcomes
 
-    def _apply_one(self, cur: Any, w: TodoWrite) -> WriteOutcome:
-        # Lock the todo row first (MySQL), then look for the completion id: every writer of this
-        # todo is serialised on the row lock, so the log read cannot miss a concurrent writer.
-        row = self._run(
-            cur, f"SELECT status FROM {self._t} WHERE id = ?{self.lock_clause}", (w.todo_id,)
-        ).fetchone()
-        logged = self._logged_kind(cur, w.completion_id)
-
+    def _apply_one(
+        self,
+        cur: Any,
+        w: TodoWrite,
+        status: dict[int, str],
+        logged: dict[str, str],
+        pending: list[tuple[Any, ...]],
+    ) -> WriteOutcome:
         def prior_kinds() -> list[str]:
             rows = self._run(
                 cur, f"SELECT kind FROM {self._log} WHERE todo_id = ?", (w.todo_id,)
             ).fetchall()
-            return [str(r[0]) for r in rows]
+            return [str(r[0]) for r in rows] + [row[2] for row in pending if row[1] == w.todo_id]
 
-        d = decide(w, None if row is None else str(row[0]), logged, prior_kinds)
+        d = decide(w, status.get(w.todo_id), logged.get(w.completion_id), prior_kinds)
         at = db_time(w.at)
         if d.status is not None:
             sets = ["status = ?", "updated_at = ?"]
@@ -512,11 +547,9 @@ class SqlStore:
                     params.append(value)
             params.append(w.todo_id)
             self._run(cur, f"UPDATE {self._t} SET {', '.join(sets)} WHERE id = ?", params)
+            status[w.todo_id] = d.status
         if d.log_kind is not None and d.outcome != "already":
-            self._run(
-                cur,
-                f"INSERT INTO {self._log} (completion_id, todo_id, kind, sources, attempts, "
-                "created_at, logged_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            pending.append(
                 (
                     w.completion_id,
                     w.todo_id,
@@ -525,28 +558,64 @@ class SqlStore:
                     int(w.attempts),
                     at,
                     db_time(utcnow()),
-                ),
+                )
             )
+            logged[w.completion_id] = d.log_kind
         return WriteOutcome(w.completion_id, d.outcome, d.reason, d.log_kind)
+
+    def verify_many(
+        self, writes: Sequence[TodoWrite], outcomes: Sequence[WriteOutcome]
+    ) -> list[bool]:
+        """`verify` for a whole batch: one transaction of two statements."""
+        if not writes:
+            return []
+        with self._lock, self._transaction(write=False) as cur:
+            cids = sorted({w.completion_id for w in writes})
+            logged = {
+                str(r[0])
+                for r in self._run(
+                    cur,
+                    f"SELECT completion_id FROM {self._log}"
+                    f" WHERE completion_id IN ({_marks(cids)})",
+                    cids,
+                ).fetchall()
+            }
+            ids = sorted({w.todo_id for w in writes})
+            rows = {
+                int(r[0]): (r[1], r[2])
+                for r in self._run(
+                    cur,
+                    f"SELECT id, status, completed_at FROM {self._t} WHERE id IN ({_marks(ids)})",
+                    ids,
+                ).fetchall()
+            }
+        return [
+            _holds(w, o, w.completion_id in logged, rows.get(w.todo_id))
+            for w, o in zip(writes, outcomes, strict=True)
+        ]
 
     def verify(self, write: TodoWrite, outcome: WriteOutcome) -> bool:
         """Read back, in a fresh transaction, whether `outcome` is what the database now holds."""
-        if outcome.outcome == "refused":
-            return True
-        with self._lock, self._transaction(write=False) as cur:
-            logged = self._logged_kind(cur, write.completion_id) is not None
-            row = self._run(
-                cur, f"SELECT status, completed_at FROM {self._t} WHERE id = ?", (write.todo_id,)
-            ).fetchone()
-        if outcome.outcome == "already":
-            return logged
-        if outcome.outcome == "duplicate":
-            return logged if outcome.log_kind else True
-        status = None if row is None else str(row[0])
-        if write.kind == "start":
-            return status in ("in_progress", "completed")
-        if write.kind == "reset":
-            return status == "offen" and logged
-        return (
-            status == "completed" and row is not None and parse_db_time(row[1]) is not None
-        ) and logged
+        return self.verify_many([write], [outcome])[0]
+
+
+def _holds(write: TodoWrite, outcome: WriteOutcome, logged: bool, row: Any) -> bool:
+    """Whether the database holds what `outcome` says was done (see `SqlStore.verify`)."""
+    if outcome.outcome == "refused":
+        return True
+    if outcome.outcome == "already":
+        return logged
+    if outcome.outcome == "duplicate":
+        return logged if outcome.log_kind else True
+    status = None if row is None else str(row[0])
+    if write.kind == "start":
+        return status in ("in_progress", "completed")
+    if write.kind == "reset":
+        return status == "offen" and logged
+    return (
+        status == "completed" and row is not None and parse_db_time(row[1]) is not None
+    ) and logged
+
+
+def _marks(values: Sequence[Any]) -> str:
+    return ", ".join("?" for _ in values)

@@ -44,7 +44,7 @@ todo (a new request id: recorded as `duplicate`, changes nothing), a resend of a
 **Time to recover** runs from the end of a fault (the kill, SIGCONT, the proxy passing again, the
 space freed, the table restored and `retry --dead`) until every completion acked before it is in
 the database and all children run; it includes the supervisor's restart backoff (0.5 s, doubling
-while a child keeps dying within 10 s of its start, at most 30 s).
+while a child keeps dying within 10 s of its start, at most 10 s).
 
 Run: {when}, scale {scale} (`RELIABILITY_SCALE`), {seconds:.0f} s, {machine}.
 

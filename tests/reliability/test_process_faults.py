@@ -24,7 +24,7 @@ WRITER_MOMENTS = ("random", "before-commit", "after-commit", "before-journal")
 
 def _todos_for(kills: int, rate: float = 40.0) -> int:
     """Enough fresh todos that the stream outlasts the kills: the supervisor's restart backoff
-    (0.5 s doubling to 30 s while a child keeps dying young) grows with every kill."""
+    (0.5 s doubling to 10 s while a child keeps dying young) grows with every kill."""
     backoff = sum(min(0.5 * 2**k, 30.0) for k in range(kills))
     return scaled(2000) + int(rate * (backoff + 4.0 * kills))
 
