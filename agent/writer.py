@@ -255,6 +255,7 @@ class Writer(ChildBase):
         now: float,
     ) -> None:
         updates = []
+        refused_starts: list[tuple[Entry, str]] = []
         verified_any = False
         unreadable: StoreError | None = None
         checked: list[bool] | StoreError
@@ -269,6 +270,8 @@ class Writer(ChildBase):
                 log.warning("database refused the {}: {}", entry.kind, outcome.reason)
                 values.update(state="failed", last_error=outcome.reason)
                 updates.append((entry.completion_id, values))
+                if entry.kind == "start":
+                    refused_starts.append((entry, outcome.reason))
                 continue
             if outcome.outcome == "duplicate":
                 log.info("recorded as a duplicate: {}", outcome.reason)
@@ -301,10 +304,29 @@ class Writer(ChildBase):
             )
             updates.append((entry.completion_id, values))
         self.journal.update_entries(updates, now)
+        if refused_starts:
+            self._disarm(refused_starts)
         if verified_any:
             self.ring("monitor")
         if unreadable is not None:
             self._went_down(now, unreadable)
+
+    def _disarm(self, starts: list[tuple[Entry, str]]) -> None:
+        """A start the database refused (no such todo, blocked, already completed) must not
+        leave deadlines behind that later force a completion nobody can write."""
+        with self.journal.transaction() as db:
+            for entry, reason in starts:
+                # Only the timers this start armed: a later start re-armed them at its own time.
+                db.execute(
+                    "UPDATE todos SET done = 1, completion_due = NULL, emergency_due = NULL,"
+                    " note = ? WHERE todo_id = ? AND started_at = ?",
+                    (
+                        f"start refused: {reason}",
+                        entry.todo_id,
+                        entry.created_at,
+                    ),
+                )
+        self.ring("monitor")
 
     def _verify_written(self, entries: list[Entry], now: float) -> None:
         updates = []

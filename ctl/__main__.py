@@ -102,11 +102,12 @@ def _print_ack(args: argparse.Namespace, ack: p.Ack) -> int:
     if args.json:
         print(json.dumps(p.to_builtins(ack)))
     elif ack.state == "queued":
-        print(ack.message, file=sys.stderr)
+        print(f"completionctl: {ack.message}", file=sys.stderr)
     else:
-        what = f"completion {ack.completion_id}" if ack.completion_id else "request"
         todo = f" for todo {ack.todo_id}" if ack.todo_id is not None else ""
-        print(f"{what}{todo}: {ack.state}" + (f" ({ack.message})" if ack.message else ""))
+        ident = f", id {ack.completion_id}" if ack.completion_id else ""
+        note = f" ({ack.message})" if ack.message else ""
+        print(f"{args.command}{todo}: {ack.state}{ident}{note}")
     return EXIT_UNREACHABLE if ack.state == "queued" else EXIT_OK
 
 
@@ -208,6 +209,8 @@ def _status(client: Client, args: argparse.Namespace) -> int:
             print(f"  waiting for a person: {t.waiting}")
         if t.note:
             print(f"  note: {t.note}")
+        if t.last_heard_at:
+            print(f"  last heard {_when(t.last_heard_at)}")
         for d in t.deadlines:
             print(f"  deadline {d.name}: {_when(d.due_at)}{' (fired)' if d.fired else ''}")
         for e in t.entries:

@@ -17,6 +17,17 @@ class UsageError(Exception):
     """argparse refused the command line; the message says why."""
 
 
+def todo_id(text: str) -> int:
+    """A todo id as the database knows them: a whole number from 1 up."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a todo id (a whole number from 1 up)")
+    return value
+
+
 def _terminal_width() -> int:
     """What shutil.get_terminal_size() answers, without importing shutil (and with it bz2 and
     lzma): argparse asks for the width on every add_argument, help or not."""
@@ -59,7 +70,7 @@ def _add_start(sub, parents) -> None:
     start = sub.add_parser(
         "start", parents=parents, help="mark a todo in_progress and arm its deadlines"
     )
-    start.add_argument("todo_id", type=int)
+    start.add_argument("todo_id", type=todo_id)
     start.add_argument("--session", dest="session_id")
     start.add_argument(
         "--timeout",
@@ -75,13 +86,13 @@ def _add_heartbeat(sub, parents) -> None:
     heartbeat = sub.add_parser(
         "heartbeat", parents=parents, help="the session is alive: push the deadline back"
     )
-    heartbeat.add_argument("todo_id", type=int)
+    heartbeat.add_argument("todo_id", type=todo_id)
     heartbeat.add_argument("--session", dest="session_id")
 
 
 def _add_complete(sub, parents) -> None:
     complete = sub.add_parser("complete", parents=parents, help="report a todo as done")
-    complete.add_argument("todo_id", type=int)
+    complete.add_argument("todo_id", type=todo_id)
     source = complete.add_mutually_exclusive_group()
     source.add_argument("--output", help="the session's result text")
     source.add_argument(
@@ -96,7 +107,7 @@ def _add_emergency(sub, parents) -> None:
     emergency = sub.add_parser(
         "emergency", parents=parents, help="force an emergency completion now"
     )
-    emergency.add_argument("todo_id", type=int)
+    emergency.add_argument("todo_id", type=todo_id)
     emergency.add_argument("--reason")
 
 
@@ -112,7 +123,7 @@ def _add_status(sub, parents) -> None:
     status = sub.add_parser(
         "status", parents=parents, help="the agent's state, or one todo's journal entries"
     )
-    status.add_argument("todo_id", type=int, nargs="?")
+    status.add_argument("todo_id", type=todo_id, nargs="?")
 
 
 def _add_retry(sub, parents) -> None:

@@ -167,6 +167,8 @@ def parse(data: bytes, path: Path) -> Config:
             raise ConfigError(f"{path}: unknown config format {suffix!r}; use .toml or .json")
     except msgspec.DecodeError as exc:
         raise ConfigError(_explain(exc, path)) from None
+    if config.source:
+        raise ConfigError(f"{path}: unknown field `source` (it is set by the agent, not the file)")
     return config
 
 

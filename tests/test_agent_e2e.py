@@ -181,6 +181,15 @@ def test_garbage_frames_leave_the_agent_serving(agent: Agent) -> None:
     agent.wait_states(todo, "cleaned")
 
 
+@pytest.mark.parametrize("todo_id", ["0", "-3", "x", str(2**63)])
+def test_a_bad_todo_id_is_a_usage_error_and_queues_nothing(make_agent, todo_id: str) -> None:
+    agent = make_agent()
+    result = agent.ctl("complete", "--output", "x", "--", todo_id)
+    assert result.returncode == 2
+    assert b"not a todo id" in result.stderr
+    assert not list((agent.state / "outbox").glob("*.req"))
+
+
 @pytest.mark.parametrize("command", [["status", "999"], ["retry", "nope"]])
 def test_refusals_exit_1_with_a_sentence(agent: Agent, command: list[str]) -> None:
     result = agent.ctl(*command)
@@ -199,6 +208,20 @@ def test_missing_todo_is_acked_then_refused_and_reported(agent: Agent) -> None:
     health = agent.ctl("--json", "health")
     assert health.returncode == 1
     assert b"refused" in health.stdout
+
+
+def test_refused_start_leaves_no_deadline_behind(agent: Agent) -> None:
+    assert agent.ctl("start", "998", "--timeout", "600").returncode == 0
+    status = wait_for(
+        lambda: (s := agent.todo_status(998)) and s["entries"][0]["state"] == "failed" and s,
+        what="the start to be refused",
+    )
+    status = wait_for(
+        lambda: (s := agent.todo_status(998)) and not s["deadlines"] and s,
+        what="the refused start's deadlines to be disarmed",
+    )
+    assert "start refused" in status["note"]
+    assert "does not exist" in status["note"]
 
 
 def test_health_reports_children_and_journal(agent: Agent) -> None:

@@ -384,12 +384,6 @@ class SqlStore:
         cur.execute(self._sql(text), tuple(params))
         return cur
 
-    def _logged_kind(self, cur: Any, completion_id: str) -> str | None:
-        row = self._run(
-            cur, f"SELECT kind FROM {self._log} WHERE completion_id = ?", (completion_id,)
-        ).fetchone()
-        return None if row is None else str(row[0])
-
     # ---- Store
     def check_schema(self) -> list[str]:
         """Sentences naming each problem with the todo table and completion_log; [] = fine."""
