@@ -110,6 +110,15 @@ class Entry:
 
 
 @dataclass(frozen=True, slots=True)
+class FinishedHead:
+    seq: int
+    completion_id: str
+    todo_id: int
+    kind: str
+    archive_path: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class TodoTimers:
     todo_id: int
     session_id: str | None
@@ -344,6 +353,15 @@ class Journal:
             f" WHERE state IN ({marks}) ORDER BY seq LIMIT ?",
             (*states, limit),
         ).fetchall()
+
+    def finished_heads(self, limit: int = 500) -> list[FinishedHead]:
+        """Verified entries without their payload: what cleanup needs to know, and no more."""
+        rows = self._db.execute(
+            "SELECT seq, completion_id, todo_id, kind, archive_path FROM entries"
+            " WHERE state = 'verified' ORDER BY seq LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [FinishedHead(*row) for row in rows]
 
     def entries_by_id(self, completion_ids: list[str]) -> list[Entry]:
         if not completion_ids:

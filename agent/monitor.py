@@ -312,7 +312,7 @@ class Monitor(ChildBase):
         is still running, and its later real result may need the session's files; the orphan
         sweep archives and removes the dir once its todo is no longer live.
         """
-        entries = self.journal.entries_in(("verified",), limit=500)
+        entries = self.journal.finished_heads(limit=500)
         if not entries:
             return
         updates = []
