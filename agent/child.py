@@ -49,8 +49,8 @@ def build(name: str, config: Config, parent_pid: int):
 
 
 def main() -> int:
-    # Until Signals.install: a logrotate's SIGHUP relayed now must not kill a starting child.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # The parent started us with SIGHUP blocked: one relayed from logrotate while we import
+    # stays pending instead of killing us, and is handled once Signals is installed.
     name, parent_pid = sys.argv[1], int(sys.argv[2])
     _die_with_parent(parent_pid)
     config = msgspec.json.decode(sys.stdin.buffer.read(), type=Config)
@@ -59,6 +59,7 @@ def main() -> int:
     sinks.open()
     signals = Signals()
     signals.install()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     process = build(name, config, parent_pid)
     try:
         serve(process, signals, on_reopen=sinks.reopen)

@@ -48,12 +48,18 @@ class Supervisor:
 
     def start(self, child: Child, now: float) -> None:
         env = dict(os.environ)
-        process = subprocess.Popen(
-            [sys.executable, "-m", "agent.child", child.name, str(os.getpid())],
-            stdin=subprocess.PIPE,
-            close_fds=True,
-            env=env,
-        )
+        # The child inherits a blocked SIGHUP until its handlers are installed (agent.child):
+        # a log rotation during its start-up must not kill it.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "agent.child", child.name, str(os.getpid())],
+                stdin=subprocess.PIPE,
+                close_fds=True,
+                env=env,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         assert process.stdin is not None
         try:
             process.stdin.write(self._config_json)

@@ -132,3 +132,29 @@ def test_sigterm_during_a_burst_loses_nothing_acknowledged(make_agent) -> None:
     assert set(completed(agent).values()) == {1}
     wait_for(lambda: not list((agent.state / "outbox").glob("*.req")), what="outbox drained")
     assert agent.stop() == 0
+
+
+def test_sighup_while_children_start_kills_none_of_them(make_agent) -> None:
+    # logrotate may send SIGHUP at any moment, also while the children import and set up.
+    agent = make_agent()
+    agent.start(wait=False)
+    wait_for(lambda: (agent.state / "completiond.pid").exists(), what="the pid file")
+    stop = threading.Event()
+
+    def hup_storm() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(agent.proc.pid, signal.SIGHUP)
+            time.sleep(0.01)
+
+    storm = threading.Thread(target=hup_storm)
+    storm.start()
+    try:
+        agent.wait_ready()
+        time.sleep(0.5)  # keep the storm going over the children's first loops too
+    finally:
+        stop.set()
+        storm.join()
+    status = agent.status_json()
+    assert status["restarts"] == {"collector": 0, "writer": 0, "monitor": 0}
+    assert "exited with signal SIGHUP" not in agent.output()
