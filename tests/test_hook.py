@@ -213,9 +213,10 @@ def test_agent_down_queues_at_once_and_delivers_after_start(make_agent) -> None:
     time.sleep(0.02)  # outbox files are ingested in mtime order
     hook(agent, payload(agent, "stop", session_id="s-down"))
     assert len(outbox(agent)) == 2
-    agent.start()
+    # The todo exists before the agent ingests the queue (add needs no agent), as in real use.
     todo = agent.add("Queued while down")
     assert todo == 1
+    agent.start()
     agent.wait_states(todo, "cleaned", "cleaned", timeout=30)
     assert LAST_MESSAGE in agent.todo_row(todo)["claude_text_output"]
     assert outbox(agent) == []
