@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -226,22 +227,9 @@ def test_refused_start_leaves_no_deadline_behind(agent: Agent) -> None:
 
 def test_health_reports_children_and_journal(agent: Agent) -> None:
     result = agent.ctl("--json", "health")
-    import json
-
     report = json.loads(result.stdout)
-    names = [c["name"] for c in report["checks"]]
-    assert names == [
-        "children",
-        "journal",
-        "database",
-        "hanging_todos",
-        "waiting_for_person",
-        "orphaned_sessions",
-        "stale_markers",
-        "db_consistency",
-        "log_sizes",
-        "refused",
-    ]
+    # The full list of check names is pinned by test_monitor's health test.
+    assert [c["name"] for c in report["checks"]][:2] == ["children", "journal"]
     assert report["checks"][0]["status"] == "OK"
     assert result.returncode == {"OK": 0, "WARNING": 1, "CRITICAL": 2}[report["status"]]
 
