@@ -132,11 +132,13 @@ def test_heartbeats_keep_a_todo_alive_and_silence_lets_the_deadline_fire(make_ag
     wait_for(lambda: entries(agent, todo, "emergency"), 10, what="the emergency completion")
     [emergency] = entries(agent, todo, "emergency")
     assert emergency["created_at"] - last_heard >= 2.0
-    assert emergency["created_at"] - last_heard < 2.0 + 1.5
+    assert emergency["created_at"] - last_heard < 2.0 + 3.0  # generous: a loaded machine
 
 
 def test_a_normal_completion_cancels_both_deadlines(make_agent) -> None:
-    agent = make_agent({"behavior": {"completion_timeout": 1.5, "emergency_timeout": 2.5}}).start()
+    # Generous windows: on a loaded machine the start-complete round trip of `done` must never
+    # outlast its own completion deadline.
+    agent = make_agent({"behavior": {"completion_timeout": 5, "emergency_timeout": 8}}).start()
     done, control = agent.add("Completed in time"), agent.add("Control")
     start(agent, done)
     start(agent, control)
@@ -212,7 +214,8 @@ def _hook(agent: Agent, payload: dict[str, Any]) -> None:
 
 
 def test_a_todo_waiting_for_a_person_is_reported_not_completed(make_agent) -> None:
-    agent = make_agent({"behavior": {"completion_timeout": 1.5, "emergency_timeout": 60}}).start()
+    # 3 s: the Notification must arrive before the deadline even on a loaded machine.
+    agent = make_agent({"behavior": {"completion_timeout": 3, "emergency_timeout": 60}}).start()
     waiting, control = agent.add("Asks for permission"), agent.add("Control")
     start(agent, waiting, "--session", "s-wait")
     _hook(
