@@ -174,6 +174,22 @@ def proxied_url(url: str, proxy: TcpProxy) -> str:
     return f"{parts.scheme}://{auth}@{proxy.host}:{proxy.port}{parts.path}"
 
 
+def mysql_connect(url: str) -> pymysql.Connection:
+    """A PyMySQL connection (autocommit) to a mysql:// `url`, behind the store's back."""
+    target = parse_url(url)
+    assert isinstance(target, MysqlTarget)
+    return pymysql.connect(
+        host=target.host,
+        port=target.port,
+        user=target.user,
+        password=target.password,
+        database=target.database,
+        charset="utf8mb4",
+        autocommit=True,
+        connect_timeout=5,
+    )
+
+
 @contextlib.contextmanager
 def raw_connection(url: str) -> Iterator[Any]:
     """A DB-API connection to `url` outside the store (autocommit)."""
@@ -181,17 +197,7 @@ def raw_connection(url: str) -> Iterator[Any]:
     if isinstance(target, SqliteTarget):
         conn: Any = sqlite3.connect(target.path, isolation_level=None, timeout=10)
     else:
-        assert isinstance(target, MysqlTarget)
-        conn = pymysql.connect(
-            host=target.host,
-            port=target.port,
-            user=target.user,
-            password=target.password,
-            database=target.database,
-            charset="utf8mb4",
-            autocommit=True,
-            connect_timeout=5,
-        )
+        conn = mysql_connect(url)
     try:
         yield conn
     finally:

@@ -31,6 +31,7 @@ import pymysql
 
 import protocol as p
 from ctl import AgentUnavailable, Client, CommandRefused
+from tests.dbfixtures import mysql_connect
 
 SCALE = float(os.environ.get("RELIABILITY_SCALE", "1") or 1)
 RESULTS = os.environ.get("RELIABILITY_RESULTS", "")
@@ -130,22 +131,6 @@ class Ledger:
 
 
 # --------------------------------------------------------------------------- the database side
-
-
-def mysql_connect(url: str) -> pymysql.Connection:
-    from agent.store.url import parse_url
-
-    t = parse_url(url)
-    return pymysql.connect(
-        host=t.host,
-        port=t.port,
-        user=t.user,
-        password=t.password,
-        database=t.database,
-        charset="utf8mb4",
-        autocommit=True,
-        connect_timeout=5,
-    )
 
 
 class Observer:
