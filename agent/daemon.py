@@ -31,6 +31,7 @@ from .sdnotify import Notifier
 from .supervisor import Supervisor
 
 BATCH = 512  # requests journaled in one transaction (group commit)
+INTAKE_LOCK_WAIT = 0.5  # seconds a request waits for a child's journal transaction
 STOP_ORDER = ("monitor", "collector", "writer")
 STOP_BUDGET = 8.0  # seconds for all children; the whole stop stays under 10 s
 
@@ -122,6 +123,10 @@ class Parent:
         self.poller.register(self._router, zmq.POLLIN)
         self._bells = Bells(self._ctx, config.state_path, CHILDREN)
         self._ingest_outbox(self.clock())
+        # From here on a child may hold the journal's write lock. One that is stopped or starved
+        # mid-transaction must not stall intake: past this wait a request is answered UNAVAILABLE
+        # at once, and the client queues it in the outbox, which is ingested on the next sweep.
+        self.journal.set_busy_timeout(INTAKE_LOCK_WAIT)
         self.supervisor.start_all(self.clock())
         for child in self.supervisor.children.values():
             self.poller.register(child.pidfd, zmq.POLLIN)
@@ -269,7 +274,8 @@ class Parent:
             try:
                 outcome = self.intake.apply(request, now)
             except sqlite3.Error as exc:
-                # The journal cannot be written (disk full?): the file stays for the next sweep.
+                # The journal cannot be written (disk full, or a child holds its lock): the file
+                # stays for the next sweep.
                 logger.error("outbox: the journal could not record {}: {}", path.name, exc)
                 break
             if isinstance(outcome.reply, p.Error):

@@ -530,10 +530,14 @@ def _with_id(request: p.Request, request_id: str) -> p.Request:
 
 
 def _unavailable(exc: Exception, state_dir: str) -> p.Error:
+    if "locked" in str(exc):  # SQLITE_BUSY: a child stopped or starved inside a transaction
+        remedy = "try again shortly; if it persists, see agent.log for a stuck child process"
+    else:
+        remedy = f"free space in {state_dir}"
     return p.Error(
         code=p.ErrorCode.UNAVAILABLE,
         message=f"completiond could not record the request in its journal ({exc}); it was NOT "
-        f"taken: free space in {state_dir} (the client queues it in the outbox if it can)",
+        f"taken: {remedy} (the client queues it in the outbox if it can)",
     )
 
 

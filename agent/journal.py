@@ -169,6 +169,10 @@ class Journal:
         path.chmod(0o600)
         return journal
 
+    def set_busy_timeout(self, seconds: float) -> None:
+        """How long a write waits for another process's transaction before it fails."""
+        self._db.execute(f"PRAGMA busy_timeout={int(seconds * 1000)}")
+
     def close(self) -> None:
         self._db.close()
 

@@ -148,7 +148,7 @@ class Client:
             state="queued",
             todo_id=getattr(message, "todo_id", None),
             message=f"{reason}; the request was queued in {path.parent} and will be delivered "
-            "when the agent starts",
+            "when the agent takes it (on its next outbox sweep, or when it starts)",
         )
 
     def _read(self, message: p.Request, expected: type):

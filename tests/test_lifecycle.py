@@ -158,3 +158,28 @@ def test_sighup_while_children_start_kills_none_of_them(make_agent) -> None:
     status = agent.status_json()
     assert status["restarts"] == {"collector": 0, "writer": 0, "monitor": 0}
     assert "exited with signal SIGHUP" not in agent.output()
+
+
+def test_a_child_stuck_inside_a_journal_transaction_does_not_stall_intake(agent: Agent) -> None:
+    """A child stopped while it holds the journal's write lock (SIGSTOP, a starved process):
+    requests are answered at once, not after the lock is free, and the outbox carries them."""
+    todo = agent.add("stuck lock")
+    holder = sqlite3.connect(agent.state / "journal.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # what a child does for each of its transactions
+        with Client(str(agent.config_path), timeout=10.0) as client:
+            started = time.monotonic()
+            ack = client.complete(todo, output="written while the journal was locked")
+            took = time.monotonic() - started
+            # Read-only requests never need the lock.
+            assert client.ping() is not None
+        assert ack.state == "queued", ack
+        assert "journal" in ack.message and "locked" in ack.message, ack.message
+        assert took < 5, f"intake waited {took:.1f} s for the lock (the client's wait is 10 s)"
+        assert len(list((agent.state / "outbox").glob("*.req"))) == 1
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    wait_for(lambda: (agent.todo_row(todo) or {}).get("status") == "completed", 30)
+    assert "written while the journal was locked" in agent.todo_row(todo)["claude_text_output"]
+    wait_for(lambda: not list((agent.state / "outbox").glob("*.req")), what="outbox drained")

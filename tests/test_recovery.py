@@ -62,6 +62,13 @@ def test_emergency_deadline_resets_a_todo_whose_writes_keep_failing(
     lost, late = add_todo(mysql_url, "Never finishes"), add_todo(mysql_url, "Finishes late")
     start(agent, mysql_url, lost)
     start(agent, mysql_url, late)
+    # The outage begins once both starts are settled: a start cut off before its read-back
+    # would make the writer see the outage first and only probe, never attempting the write.
+    for todo in (lost, late):
+        wait_for(
+            lambda t=todo: [e["state"] for e in entries(agent, t, "start")] == ["cleaned"],
+            what=f"the start of {todo} verified",
+        )
     tcp_proxy.mode = "refuse"
     tcp_proxy.cut()
 
