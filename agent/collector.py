@@ -37,6 +37,7 @@ from .system_status import describe_system
 WORKERS = 4
 DB_READ_TIMEOUT = 3.0
 DB_QUIET_AFTER_FAILURE = 30.0  # after a failed read, don't make every report wait for the database
+FACTS_BATCH = 200  # todos read with one query
 CRASH_RETRY_MAX = 60.0  # a collection that crashed is tried again after a backoff up to this
 
 
@@ -47,38 +48,68 @@ class Result:
 
 
 class TodoFactsReader:
-    """Reads a todo's title and description with a short timeout, and stops asking for a while
-    after a failure, so an outage costs one timeout, not one per completion."""
+    """Reads todos' titles and descriptions for the reports, with a short timeout.
+
+    One connection serves the pool's threads, and the todos of every entry the collector has
+    taken up (``want``) are read together: a burst costs one query per round, not one per
+    completion.  After a failure it stops asking for a while, so an outage costs one timeout,
+    not one per completion.
+    """
 
     def __init__(self, url: str, table: str, timeout: float, clock=time.monotonic) -> None:
         self.url, self.table, self.timeout, self.clock = url, table, timeout, clock
+        self.queries = 0
         self._quiet_until = 0.0
-        self._local = threading.local()
         self._lock = threading.Lock()
+        self._store = None
+        self._wanted: set[int] = set()
+        self._read: dict[int, TodoFacts | None] = {}  # the last query's answers, each used once
+
+    def want(self, todo_ids: list[int]) -> None:
+        """These todos' facts will be asked for soon: read them with the next query."""
+        with self._lock:
+            self._wanted.update(todo_ids)
+
+    def close(self) -> None:
+        # A thread stuck in a query keeps the lock: the process is going anyway, so no wait.
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._store is not None:
+                    self._store.close()
+                    self._store = None
+            finally:
+                self._lock.release()
 
     def __call__(self, todo_id: int) -> TodoFacts | None:
-        if self.clock() < self._quiet_until:
-            raise StoreError("the database did not answer recently; not asked again yet")
-        store = getattr(self._local, "store", None)
-        try:
-            if store is None:
-                store = open_store(self.url, table=self.table, timeout=self.timeout)
-                self._local.store = store
-            todo = store.get_todo(todo_id)
-        except (StoreError, ValueError) as exc:
-            with self._lock:
+        with self._lock:
+            if todo_id in self._read:
+                return self._read.pop(todo_id)
+            if self.clock() < self._quiet_until:
+                raise StoreError("the database did not answer recently; not asked again yet")
+            batch = [*sorted(self._wanted - {todo_id})[: FACTS_BATCH - 1], todo_id]
+            try:
+                if self._store is None:
+                    self._store = open_store(self.url, table=self.table, timeout=self.timeout)
+                self.queries += 1
+                todos = self._store.get_todos(batch)
+            except (StoreError, ValueError) as exc:
                 self._quiet_until = self.clock() + DB_QUIET_AFTER_FAILURE
-            if store is not None:
-                store.close()
-            self._local.store = None
-            if isinstance(exc, ValueError):  # an unusable URL or table: say so, as a store error
-                raise StoreError(f"database settings unusable: {exc}") from None
-            raise
-        if todo is None:
-            return None
-        return TodoFacts(
-            title=todo.title, description=todo.description, working_directory=todo.working_directory
-        )
+                if self._store is not None:
+                    self._store.close()
+                self._store = None
+                if isinstance(exc, ValueError):  # an unusable URL or table: a store error
+                    raise StoreError(f"database settings unusable: {exc}") from None
+                raise
+            self._wanted.difference_update(batch)
+            # Answers from an earlier query that nobody took are dropped: asked again, they are
+            # read fresh.
+            self._read = {
+                i: None
+                if (todo := todos.get(i)) is None
+                else TodoFacts(todo.title, todo.description, todo.working_directory)
+                for i in batch
+            }
+            return self._read.pop(todo_id)
 
 
 class WorkerPool:
@@ -142,6 +173,7 @@ class Collector(ChildBase):
         for future in self.inflight.values():
             future.cancel()  # only those not started yet
         self.pool.shutdown()
+        self.facts.close()
         with self._wake_lock:  # a job finishing now must not write into a reused descriptor
             self._closed = True
             os.close(self._wake_r)
@@ -162,7 +194,9 @@ class Collector(ChildBase):
         room = WORKERS * 4 - len(self.inflight)
         if room > 0:
             limit = room + len(self.inflight) + len(self.crashes)
-            for entry in self.journal.entries_in(("accepted",), limit=limit):
+            waiting = self.journal.entries_in(("accepted",), limit=limit)
+            self.facts.want([e.todo_id for e in waiting if e.completion_id not in self.inflight])
+            for entry in waiting:
                 if entry.completion_id in self.inflight:
                     continue
                 crashed = self.crashes.get(entry.completion_id)

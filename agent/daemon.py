@@ -27,11 +27,11 @@ from protocol.config import Config, mask_url
 from .doorbell import CHILDREN, Bells
 from .intake import ChildInfo, Intake
 from .journal import Journal
+from .memory import Trimmer
 from .sdnotify import Notifier
 from .supervisor import Supervisor
 
 BATCH = 512  # requests journaled in one transaction (group commit)
-INTAKE_LOCK_WAIT = 0.5  # seconds a request waits for a child's journal transaction
 STOP_ORDER = ("monitor", "collector", "writer")
 STOP_BUDGET = 8.0  # seconds for all children; the whole stop stays under 10 s
 
@@ -111,6 +111,7 @@ class Parent:
         self._socket_path: Path | None = None
         self._next_sweep = 0.0
         self.notifier = Notifier.from_env()  # systemd Type=notify; a no-op elsewhere
+        self.trimmer = Trimmer()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -123,10 +124,7 @@ class Parent:
         self.poller.register(self._router, zmq.POLLIN)
         self._bells = Bells(self._ctx, config.state_path, CHILDREN)
         self._ingest_outbox(self.clock())
-        # From here on a child may hold the journal's write lock. One that is stopped or starved
-        # mid-transaction must not stall intake: past this wait a request is answered UNAVAILABLE
-        # at once, and the client queues it in the outbox, which is ingested on the next sweep.
-        self.journal.set_busy_timeout(INTAKE_LOCK_WAIT)
+        self.intake.wait_for_lock()  # the children may hold the journal's lock from now on
         self.supervisor.start_all(self.clock())
         for child in self.supervisor.children.values():
             self.poller.register(child.pidfd, zmq.POLLIN)
@@ -165,7 +163,8 @@ class Parent:
         return router
 
     def run_once(self, now: float) -> float:
-        self._serve_requests(now)
+        if self._serve_requests(now):
+            self.trimmer.worked(now)
         self._supervise(now)
         if now >= self._next_sweep:
             self._ingest_outbox(now)
@@ -177,7 +176,9 @@ class Parent:
         watchdog = self.notifier.watchdog(now)
         if watchdog is not None:
             wake = min(wake, watchdog)
-        return wake
+        self.trimmer.run(now)
+        trim = self.trimmer.due()
+        return wake if trim is None else min(wake, trim)
 
     def shutdown(self) -> None:
         logger.info("stopping: no new requests; stopping children")
@@ -209,8 +210,10 @@ class Parent:
 
     # ------------------------------------------------------------ work
 
-    def _serve_requests(self, now: float) -> None:
+    def _serve_requests(self, now: float) -> int:
+        """Answer every request waiting on the socket; how many there were."""
         assert self._router is not None and self.intake is not None
+        served = 0
         while True:
             envelopes: list[list[bytes]] = []
             while len(envelopes) < BATCH:
@@ -219,7 +222,8 @@ class Parent:
                 except zmq.Again:
                     break
             if not envelopes:
-                return
+                return served
+            served += len(envelopes)
             routes: list[list[bytes]] = []
             frames: list[bytes] = []
             for parts in envelopes:

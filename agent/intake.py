@@ -52,6 +52,10 @@ class ChildInfo:
     restarts: int
 
 
+LOCK_WAIT = 0.5  # seconds a batch of requests waits for a child's journal transaction
+LOCK_WAIT_STUCK = 0.05  # the same, while the lock has been found stuck
+
+
 class Intake:
     def __init__(
         self,
@@ -65,6 +69,7 @@ class Intake:
         self.children = children
         self.started_at = started_at
         self.stopping = False
+        self._lock_stuck = False
         self._handlers: dict[type, Callable[[sqlite3.Connection, p.Request, float], Outcome]] = {
             p.Start: self._start,
             p.Heartbeat: self._heartbeat,
@@ -129,7 +134,31 @@ class Intake:
         [(_, outcome)] = self._journal_batch([(0, request)], now)
         return outcome
 
+    def wait_for_lock(self) -> None:
+        """From now on a child may hold the journal's write lock; one that is stopped or
+        starved mid-transaction must not stall intake.  A batch waits ``LOCK_WAIT`` for it and
+        is then answered UNAVAILABLE (the client queues it in the outbox, ingested on the next
+        sweep); while the lock stays stuck, each further batch waits only ``LOCK_WAIT_STUCK``,
+        so requests queued behind one another do not add up their waits."""
+        self._lock_stuck = False
+        self.journal.set_busy_timeout(LOCK_WAIT)
+
     def _journal_batch(
+        self, writes: list[tuple[int, p.Request]], now: float
+    ) -> list[tuple[int, Outcome]]:
+        try:
+            results = self._journal_batch_once(writes, now)
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) and not self._lock_stuck:
+                self._lock_stuck = True
+                self.journal.set_busy_timeout(LOCK_WAIT_STUCK)
+            raise
+        if self._lock_stuck:
+            self._lock_stuck = False
+            self.journal.set_busy_timeout(LOCK_WAIT)
+        return results
+
+    def _journal_batch_once(
         self, writes: list[tuple[int, p.Request]], now: float
     ) -> list[tuple[int, Outcome]]:
         results: list[tuple[int, Outcome]] = []

@@ -15,6 +15,8 @@ from typing import Protocol
 
 import zmq
 
+from .memory import Trimmer
+
 
 class Process(Protocol):
     name: str
@@ -114,6 +116,7 @@ class ChildBase:
         self.bells = None
         self.journal = None
         self.sweep = config.behavior.sweep_interval
+        self.trimmer = Trimmer()
 
     def initialize(self) -> None:
         from pathlib import Path
@@ -135,9 +138,12 @@ class ChildBase:
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
             raise SystemExit(0)  # orphaned: the parent died without stopping us
         assert self.bell is not None
-        doorbell.drain(self.bell)
-        wake = self.work(now)
-        return min(wake, now + self.sweep)
+        if doorbell.drain(self.bell):
+            self.trimmer.worked(now)  # a ring means news: work, then a trim once it is quiet
+        wake = min(self.work(now), now + self.sweep)
+        self.trimmer.run(now)
+        due = self.trimmer.due()
+        return wake if due is None else min(wake, due)
 
     def ring(self, name: str) -> None:
         if self.bells is not None:

@@ -26,7 +26,7 @@ import pytest
 
 from tests.harness import Agent, wait_for
 
-FIXTURE_TRANSCRIPT = Path("/work/shared/fixtures/claude-code/transcript.jsonl")
+FIXTURE_TRANSCRIPT = Path(__file__).parent / "fixtures" / "claude-code" / "transcript.jsonl"
 FINAL_ANSWER = (
     "Das Login-Formular validiert jetzt E-Mail und Passwort.\n\nAlle 12 Tests laufen grün."
 )
@@ -599,3 +599,53 @@ def test_a_renderer_failure_still_yields_a_safe_report(collector, monkeypatch) -
     entry = collector.journal.entry("n-1")
     assert entry.state == "collected"
     assert_safe_page(entry.html.encode())
+
+
+# ---------------------------------------------------------------- the todo facts, read in batches
+
+
+def test_todo_facts_of_a_round_are_read_with_one_query(tmpdir_short: Path) -> None:
+    from agent.collector import TodoFactsReader
+    from agent.store import open_store
+
+    url = f"sqlite:///{tmpdir_short / 'todos.db'}"
+    store = open_store(url)
+    store.ensure_schema(create_todo_table=True)
+    ids = [store.add_todo(f"todo {n}", f"description {n}", f"/srv/{n}") for n in range(5)]
+    store.close()
+    missing = max(ids) + 100
+    reader = TodoFactsReader(url, "stage_project_todos", timeout=3)
+    try:
+        reader.want([*ids, missing])
+        facts = {todo: reader(todo) for todo in [*reversed(ids), missing]}
+        assert reader.queries == 1
+        assert facts[missing] is None
+        for n, todo in enumerate(ids):
+            assert facts[todo] is not None
+            assert (facts[todo].title, facts[todo].working_directory) == (f"todo {n}", f"/srv/{n}")
+        # An answer is used once: asked again, the todo is read fresh.
+        assert reader(ids[0]).title == "todo 0"  # type: ignore[union-attr]
+        assert reader.queries == 2
+    finally:
+        reader.close()
+
+
+def test_todo_facts_stop_asking_for_a_while_after_a_failure(tmpdir_short: Path) -> None:
+    from agent.collector import DB_QUIET_AFTER_FAILURE, TodoFactsReader
+    from agent.store import StoreError
+
+    now = [100.0]
+    url = f"sqlite:///{tmpdir_short / 'no-such-dir' / 'todos.db'}"
+    reader = TodoFactsReader(url, "stage_project_todos", timeout=3, clock=lambda: now[0])
+    with pytest.raises(StoreError):
+        reader(1)
+    asked = reader.queries
+    now[0] += DB_QUIET_AFTER_FAILURE - 1
+    with pytest.raises(StoreError, match="not asked again yet"):
+        reader(2)
+    assert reader.queries == asked
+    now[0] += 2
+    with pytest.raises(StoreError) as again:
+        reader(3)  # asked again (and failing again) once the quiet time is over
+    assert "not asked again yet" not in str(again.value)
+    reader.close()

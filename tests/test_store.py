@@ -292,6 +292,18 @@ def test_todos_with_status_and_aware_times(store: Store) -> None:
     assert store.get_todo(999_999) is None
 
 
+def test_get_todos_reads_those_that_exist(store: Store) -> None:
+    a, b = store.add_todo("first", "one"), store.add_todo("second", "two", "/srv")
+    found = store.get_todos([b, 999_999, a, a])
+    assert sorted(found) == [a, b]
+    assert (found[b].title, found[b].description, found[b].working_directory) == (
+        "second",
+        "two",
+        "/srv",
+    )
+    assert store.get_todos([]) == {}
+
+
 def test_ping_and_protocol(store: Store) -> None:
     assert isinstance(store, Store)
     store.ping()
