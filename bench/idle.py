@@ -17,6 +17,7 @@ from bench.common import (
     Outcome,
     Row,
     arguments,
+    compiled_env,
     finish,
     private_dir,
     verdict,
@@ -70,6 +71,7 @@ def run(size: str) -> Outcome:
     window, settle, warm, total = (1.0, 0.5, 20, 50) if size == "tiny" else (30.0, 5.0, 1000, 10000)
     with private_dir("bi-") as root, fresh_database() as db:
         agent = Agent(root, agent_config(db))
+        agent.env = compiled_env(root, agent.env)  # as deployed: memory without the compiler's
         try:
             agent.start()
             time.sleep(settle)  # the first health round runs at start

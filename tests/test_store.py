@@ -29,7 +29,7 @@ from agent.store import (
     redact_url,
 )
 from agent.store.base import TRUNCATION_NOTE, fit_text
-from agent.store.mysql import _Limits, classify
+from agent.store.mysql import _Limits, _wire_size, _wire_size_bound, classify
 from tests.dbfixtures import (
     backend_of,
     fetch_row,
@@ -452,6 +452,14 @@ def test_outputs_are_cut_to_fit_one_packet() -> None:
     assert wire <= (1 << 20) - 64 * 1024
     assert html.endswith("bytes omitted to fit the column]") and text.startswith("tttt")
     assert summary == "s"
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.one_of(st.none(), st.text(max_size=300)))
+def test_the_cheap_wire_size_bound_is_never_below_the_measured_size(value: str | None) -> None:
+    # _fit_outputs skips measuring when the bounds fit; a bound below the size would let an
+    # oversize statement through.
+    assert _wire_size_bound(value) >= _wire_size(value)
 
 
 @settings(max_examples=300, deadline=None)
