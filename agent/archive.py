@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 DEFAULT_MAX_FILE_BYTES = 50 * 1024 * 1024
+STAGING_MAX_AGE = 3600.0  # a half-built archive untouched this long was left by a killed builder
 NOTES_FILE = "ARCHIVE_NOTES.txt"
 _MAX_DEPTH = 64  # deeper than any real session directory; bounds a hostile one
 _COPY_CHUNK = 1024 * 1024
@@ -89,6 +90,35 @@ def archive_orphan(
         report_html=None,
         note_missing=False,  # an orphan has neither transcript nor report by nature
     )
+
+
+def remove_stale_staging(archive_root: Path, older_than: float) -> list[str]:
+    """Remove half-built archives (the hidden ``.todo_*.tmp`` / ``.orphaned_*.tmp`` staging
+    directories) last changed before ``older_than`` (a wall-clock time); their names.
+
+    A builder killed mid-way leaves one behind.  Nothing is lost with it: the session files are
+    deleted only after an archive is in place, so the next collection or orphan sweep takes the
+    archive again.
+    """
+    removed: list[str] = []
+    try:
+        with os.scandir(archive_root) as entries:
+            for entry in entries:
+                name = entry.name
+                if not (name.startswith((".todo_", ".orphaned_")) and name.endswith(".tmp")):
+                    continue
+                try:
+                    if not entry.is_dir(follow_symlinks=False):
+                        continue
+                    if entry.stat(follow_symlinks=False).st_mtime >= older_than:
+                        continue
+                except OSError:
+                    continue
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(name)
+    except FileNotFoundError:
+        pass
+    return removed
 
 
 class _ArchiveBuilder:

@@ -145,11 +145,7 @@ class HealthChecker:
         """Todos this agent is working on: started and not finished, or with a completion that
         has not reached the database yet (a dead one waits for a person)."""
         live = {todo_id for todo_id, t in timers.items() if not t.done}
-        rows = journal._db.execute(
-            "SELECT DISTINCT todo_id FROM entries"
-            " WHERE state IN ('accepted','collected','written','dead')"
-        ).fetchall()
-        return live | {row[0] for row in rows}
+        return live | set(journal.todos_in(("accepted", "collected", "written", "dead")))
 
     def _in_scope(self, todo_id: int, timers: dict[int, TodoTimers]) -> bool:
         """Auto-recovery acts on todos this agent started, unless auto_recovery_scope = "all"."""

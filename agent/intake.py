@@ -431,12 +431,7 @@ class Intake:
     def _journal_check(self, now: float) -> p.Check:
         counts = self.journal.count_by_state()
         waiting = sum(counts.get(state, 0) for state in ("accepted", "collected", "written"))
-        dead_rows = self.journal._db.execute(
-            "SELECT DISTINCT todo_id FROM entries WHERE state = 'dead'"
-        ).fetchall()
-        oldest = self.journal._db.execute(
-            "SELECT MIN(created_at) FROM entries WHERE state IN ('accepted','collected','written')"
-        ).fetchone()[0]
+        oldest = self.journal.oldest_unfinished_at()
         dead = counts.get("dead", 0)
         if dead:
             return p.Check(
@@ -444,7 +439,7 @@ class Intake:
                 status="CRITICAL",
                 message=f"{dead} completion(s) dead after a permanent error; fix the cause, then "
                 "`completionctl retry --dead`; backlog {waiting}",
-                todo_ids=[row[0] for row in dead_rows],
+                todo_ids=self.journal.todos_in(("dead",)),
             )
         if oldest is not None and now - oldest > STUCK_AFTER:
             return p.Check(
@@ -455,10 +450,7 @@ class Intake:
         return p.Check(name="journal", status="OK", message=f"backlog {waiting}, none dead")
 
     def _refused_check(self) -> p.Check:
-        rows = self.journal._db.execute(
-            "SELECT todo_id, last_error FROM entries WHERE state = 'failed' AND outcome = 'refused'"
-            " ORDER BY seq DESC LIMIT 50"
-        ).fetchall()
+        rows = self.journal.refused(limit=50)
         if not rows:
             return p.Check(name="refused", status="OK", message="no request was refused")
         ids = sorted({row[0] for row in rows})
@@ -470,9 +462,7 @@ class Intake:
         )
 
     def _waiting_check(self) -> p.Check:
-        rows = self.journal._db.execute(
-            "SELECT todo_id, waiting FROM todos WHERE waiting IS NOT NULL AND done = 0"
-        ).fetchall()
+        rows = self.journal.waiting_for_person()
         if not rows:
             return p.Check(
                 name="waiting_for_person", status="OK", message="no session waits for a person"

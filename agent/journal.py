@@ -415,6 +415,41 @@ class Journal:
         rows = self._db.execute("SELECT state, COUNT(*) FROM entries GROUP BY state").fetchall()
         return {state: count for state, count in rows}
 
+    def todos_in(self, states: tuple[str, ...]) -> list[int]:
+        """The todos with an entry in one of ``states``, in id order."""
+        marks = ", ".join("?" * len(states))
+        rows = self._db.execute(
+            f"SELECT DISTINCT todo_id FROM entries WHERE state IN ({marks}) ORDER BY todo_id",
+            states,
+        ).fetchall()
+        return [row[0] for row in rows]
+
+    def oldest_unfinished_at(self) -> float | None:
+        """When the oldest entry still on its way to the database was made."""
+        return self._db.execute(
+            "SELECT MIN(created_at) FROM entries WHERE state IN ('accepted','collected','written')"
+        ).fetchone()[0]
+
+    def next_attempt_at(self) -> float | None:
+        """The earliest time an entry waiting for the writer may be tried (or verified) again."""
+        return self._db.execute(
+            "SELECT MIN(next_attempt_at) FROM entries WHERE state IN ('collected', 'written')"
+        ).fetchone()[0]
+
+    def refused(self, limit: int = 50) -> list[tuple[int, str | None]]:
+        """(todo id, reason) of the latest requests the database refused, newest first."""
+        return self._db.execute(
+            "SELECT todo_id, last_error FROM entries WHERE state = 'failed' AND outcome = 'refused'"
+            " ORDER BY seq DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+
+    def waiting_for_person(self) -> list[tuple[int, str]]:
+        """(todo id, what it waits for) of the live todos whose session waits for a person."""
+        return self._db.execute(
+            "SELECT todo_id, waiting FROM todos WHERE waiting IS NOT NULL AND done = 0"
+        ).fetchall()
+
     # ------------------------------------------------------------ timers (monitor)
 
     def timers(self, todo_id: int | None = None) -> list[TodoTimers]:

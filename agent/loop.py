@@ -124,7 +124,7 @@ class ChildBase:
         from . import doorbell
         from .journal import Journal
 
-        state = Path(self.config.state_dir)
+        state = self.state_path = Path(self.config.state_dir)
         self.ctx = zmq.Context()
         self.bell = doorbell.listen(self.ctx, state, self.name)
         self.poller.register(self.bell, zmq.POLLIN)
@@ -150,6 +150,8 @@ class ChildBase:
             self.bells.ring(name)
 
     def shutdown(self) -> None:
+        from . import doorbell
+
         try:
             self.close()
         finally:
@@ -157,6 +159,8 @@ class ChildBase:
                 self.bells.close()
             if self.bell is not None:
                 self.bell.close(0)
+                # Only this process binds its bell, and a successor binds it anew.
+                doorbell.bell_path(self.state_path, self.name).unlink(missing_ok=True)
             if self.ctx is not None:
                 self.ctx.term()
             if self.journal is not None:

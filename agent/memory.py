@@ -10,7 +10,6 @@ macOS) this is a no-op.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from collections.abc import Callable
 
 QUIET = 2.0  # seconds without work before a trim
@@ -18,8 +17,8 @@ QUIET = 2.0  # seconds without work before a trim
 
 def _load_malloc_trim() -> Callable[[int], int] | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-        trim = libc.malloc_trim
+        # The process's own symbols, libc's among them (find_library would run ldconfig).
+        trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
     trim.argtypes = [ctypes.c_size_t]

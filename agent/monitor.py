@@ -16,7 +16,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from .archive import archive_session
+from .archive import STAGING_MAX_AGE, archive_session, remove_stale_staging
 from .health import HealthChecker, completions_since_start
 from .journal import NewEntry, TodoTimers
 from .loop import ChildBase
@@ -146,6 +146,12 @@ class Monitor(ChildBase):
             pruned = self.journal.prune(now - retention)
             if pruned:
                 logger.info("pruned {} finished journal entries", pruned)
+            for name in remove_stale_staging(self.config.archive_dir, now - STAGING_MAX_AGE):
+                logger.warning(
+                    "removed the half-built archive {} (its builder was stopped mid-way; the "
+                    "session files were kept, and the archive is taken again)",
+                    name,
+                )
             self.next_prune = now + PRUNE_EVERY
         return wake
 

@@ -1,11 +1,17 @@
-"""A short picture of the machine and the agent, for emergency reports and emergency.log."""
+"""A short picture of the machine and the agent, for emergency reports and emergency.log.
+
+psutil is imported on first use: only an emergency needs it, and the processes that may have one
+(collector, monitor) need not carry it (~3 MiB each) until then.
+"""
 
 from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
-import psutil
+if TYPE_CHECKING:
+    import psutil
 
 CPU_SAMPLE = 0.1  # seconds; a first cpu_percent(None) in a fresh process always says 0
 
@@ -15,6 +21,8 @@ def describe_system(disk_path: str | None = None) -> str:
 
     Never raises: a psutil failure becomes a line that says so.
     """
+    import psutil
+
     lines: list[str] = []
     try:
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -39,6 +47,8 @@ def describe_system(disk_path: str | None = None) -> str:
 
 def _agent_processes() -> list[str]:
     """completiond (the parent) and its children, or this process alone outside an agent."""
+    import psutil
+
     try:
         me = psutil.Process()
         parent = me.parent()
@@ -67,6 +77,8 @@ def _agent_processes() -> list[str]:
 
 
 def _role(process: psutil.Process) -> str:
+    import psutil
+
     try:
         cmdline = process.cmdline()
     except psutil.Error:

@@ -173,12 +173,10 @@ class Writer(ChildBase):
         return batch, self.journal.entries_by_id(written), more
 
     def _next_wake(self, now: float) -> float:
-        rows = self.journal._db.execute(
-            "SELECT MIN(next_attempt_at) FROM entries WHERE state IN ('collected', 'written')"
-        ).fetchone()
+        next_at = self.journal.next_attempt_at()
         wake = now + self.sweep
-        if rows and rows[0] is not None:
-            wake = min(wake, max(rows[0], now))
+        if next_at is not None:
+            wake = min(wake, max(next_at, now))
         if self.down_since is not None:
             wake = min(wake, self.next_probe)
         if self.schema != "ready":

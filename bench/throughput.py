@@ -159,6 +159,14 @@ def cpu_section(cpu: dict[str, list[float]], direct: float) -> str:
         f" the agent can reach {TARGET:g}x the direct writer only where a commit takes longer than"
         f" about {TARGET * total * 1000 / cores:.1f} ms.",
     ]
+    floor = sum(median(values) for name, values in cpu.items() if not name.startswith("agent "))
+    if floor > 0:
+        lines += [
+            "",
+            f"The clients and MariaDB alone use {floor * 1000:.2f} ms per completion: with no"
+            f" CPU left for the agent's own processes that allows at most {cores / floor:.0f}/s on"
+            f" {cores} cores, {cores / floor / direct:.2f}x the direct writer.",
+        ]
     return "\n".join(lines)
 
 

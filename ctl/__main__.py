@@ -26,6 +26,22 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 HEALTH_EXIT = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
 
 
+def _say_queued(client: Client) -> None:
+    """What waits in the outbox for an agent that does not answer."""
+    from protocol import outbox
+
+    queued = len(outbox.pending(client.config.outbox_dir, limit=1_000_000))
+    where = client.config.outbox_dir
+    if queued:
+        print(
+            f"completionctl: {queued} queued request(s) in {where} wait for the agent; "
+            "they are delivered when it runs",
+            file=sys.stderr,
+        )
+    else:
+        print(f"completionctl: nothing is queued in {where}", file=sys.stderr)
+
+
 def _command_of(argv: list[str]) -> str | None:
     """The command word, found without argparse (the hook path stays minimal)."""
     skip = False
@@ -84,6 +100,8 @@ def run(argv: list[str]) -> int:
         if args.command == "health" and args.json:
             print(json.dumps({"status": "UNKNOWN", "checks": [], "message": str(exc)}))
         print(f"completionctl: {exc}", file=sys.stderr)
+        if args.command == "status":
+            _say_queued(client)
         return EXIT_UNREACHABLE
     except CommandRefused as exc:
         print(f"completionctl: refused: {exc}", file=sys.stderr)

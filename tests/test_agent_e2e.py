@@ -77,6 +77,7 @@ def test_sigterm_stops_everything_within_ten_seconds(agent: Agent) -> None:
     )
     assert not (agent.state / "completiond.sock").exists()
     assert not (agent.state / "completiond.pid").exists()
+    assert not list(agent.state.glob("bell-*.sock"))  # every child removed its doorbell
 
 
 def test_killed_child_is_restarted_and_its_waiting_work_is_done(agent: Agent) -> None:
@@ -101,6 +102,9 @@ def test_request_while_agent_is_down_is_queued_and_delivered_after_start(make_ag
     assert result.returncode == 3
     assert b"queued" in result.stderr
     assert len(list((agent.state / "outbox").glob("*.req"))) == 1
+    status = agent.ctl("status")  # says what waits, though nobody answers
+    assert status.returncode == 3
+    assert b"1 queued request(s) in" in status.stderr, status.stderr
     agent.start()
     agent.wait_states(todo, "cleaned")
     assert "made while down" in agent.todo_row(todo)["claude_text_output"]

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.archive import NOTES_FILE, archive_orphan, archive_session
+from agent.archive import (
+    NOTES_FILE,
+    STAGING_MAX_AGE,
+    archive_orphan,
+    archive_session,
+    remove_stale_staging,
+)
 
 NOW = 1_796_000_000.7
 
@@ -173,3 +179,20 @@ def test_archive_that_cannot_be_written_leaves_no_temporary_directory(
     with pytest.raises(OSError, match="No space left"):
         archive_session(root, 42, NOW, session_dir=session, transcript=None, report_html="r")
     assert os.listdir(root) == []
+
+
+def test_half_built_archives_left_by_a_killed_builder_are_removed_once_stale(tmp_path):
+    root = tmp_path / "archive"
+    root.mkdir()
+    stale = [root / ".todo_7_1700000000.ab12cd.tmp", root / ".orphaned_s_1700000000.x.tmp"]
+    fresh = root / ".todo_8_1700000000.ef34gh.tmp"
+    kept = [root / "todo_7_1700000000", root / ".unrelated.tmp", fresh]
+    for path in [*stale, *kept]:
+        (path / "session").mkdir(parents=True)
+    for path in stale:
+        os.utime(path, (NOW - 7200, NOW - 7200))
+    os.utime(root / ".unrelated.tmp", (NOW - 7200, NOW - 7200))  # not ours: left alone
+    removed = remove_stale_staging(root, older_than=NOW - STAGING_MAX_AGE)
+    assert sorted(removed) == sorted(p.name for p in stale)
+    assert sorted(os.listdir(root)) == sorted(p.name for p in kept)
+    assert remove_stale_staging(tmp_path / "missing", older_than=NOW) == []

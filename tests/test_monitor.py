@@ -331,3 +331,26 @@ def test_health_json_names_every_check_and_exits_0_when_all_is_well(agent: Agent
 
 def test_health_exits_3_on_a_usage_error(agent: Agent) -> None:
     assert agent.ctl("health", "--bogus").returncode == 3
+
+
+def test_the_monitor_removes_a_half_built_archive_left_by_a_killed_collector(make_agent) -> None:
+    agent = make_agent()
+    archive = agent.state / "archive"
+    archive.mkdir(parents=True)
+    stale = archive / ".todo_3_1700000000.k1ll3d.tmp"
+    (stale / "session").mkdir(parents=True)
+    (stale / "session" / "notes.md").write_text("half copied")
+    an_hour_ago = time.time() - 3700
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    building = archive / ".todo_4_1700000000.now.tmp"  # recent: a builder may still be at it
+    building.mkdir()
+    agent.start()
+    wait_for(lambda: not stale.exists(), what="the stale staging dir removed")
+    assert building.is_dir()
+    wait_for(
+        lambda: (
+            f"removed the half-built archive {stale.name}"
+            in (agent.state / "logs" / "monitor.log").read_text()
+        ),
+        what="the removal logged",
+    )
