@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -16,6 +17,9 @@ from typing import Protocol
 import zmq
 
 from .memory import Trimmer
+
+JOURNAL_RETRY_FIRST = 0.5  # seconds before work is tried again after the journal failed
+JOURNAL_RETRY_MAX = 10.0
 
 
 class Process(Protocol):
@@ -117,6 +121,7 @@ class ChildBase:
         self.journal = None
         self.sweep = config.behavior.sweep_interval
         self.trimmer = Trimmer()
+        self.journal_failures = 0  # in a row; see _journal_failed
 
     def initialize(self) -> None:
         from pathlib import Path
@@ -140,10 +145,39 @@ class ChildBase:
         assert self.bell is not None
         if doorbell.drain(self.bell):
             self.trimmer.worked(now)  # a ring means news: work, then a trim once it is quiet
-        wake = min(self.work(now), now + self.sweep)
+        try:
+            wake = min(self.work(now), now + self.sweep)
+        except sqlite3.OperationalError as exc:
+            return self._journal_failed(exc, now)
+        if self.journal_failures:
+            from loguru import logger
+
+            logger.info("the journal is writable again; carrying on")
+            self.journal_failures = 0
         self.trimmer.run(now)
         due = self.trimmer.due()
         return wake if due is None else min(wake, due)
+
+    def _journal_failed(self, exc: sqlite3.OperationalError, now: float) -> float:
+        """The journal cannot be written now (a full disk, an I/O error, a lock held too long).
+
+        Nothing is lost by stopping here: the journal still holds what waits, and every step
+        is idempotent, so work that was under way is simply done again once it can be recorded.
+        Backing off beats crashing into the supervisor's restart loop.
+        """
+        from loguru import logger
+
+        self.journal_failures += 1
+        delay = min(JOURNAL_RETRY_MAX, JOURNAL_RETRY_FIRST * 2 ** (self.journal_failures - 1))
+        if self.journal_failures == 1 or delay == JOURNAL_RETRY_MAX:
+            logger.error(
+                "the journal could not be written ({}); nothing is lost, the work is taken up "
+                "again in {:.1f} s (check free space in {})",
+                exc,
+                delay,
+                self.config.state_dir,
+            )
+        return now + delay
 
     def ring(self, name: str) -> None:
         if self.bells is not None:

@@ -165,7 +165,10 @@ def cpu_section(cpu: dict[str, list[float]], direct: float) -> str:
             "",
             f"The clients and MariaDB alone use {floor * 1000:.2f} ms per completion: with no"
             f" CPU left for the agent's own processes that allows at most {cores / floor:.0f}/s on"
-            f" {cores} cores, {cores / floor / direct:.2f}x the direct writer.",
+            f" {cores} cores, {cores / floor / direct:.2f}x the direct writer. To reach"
+            f" {TARGET:g}x, the agent's processes would have to do with"
+            f" {max(0.0, cores / (TARGET * direct) - floor) * 1000:.2f} ms per completion; they use"
+            f" {(total - floor) * 1000:.2f} ms.",
         ]
     return "\n".join(lines)
 

@@ -131,10 +131,18 @@ def test_sighup_reopens_a_log_removed_under_every_process(agent: Agent) -> None:
         (logs / name).unlink()
     os.kill(agent.proc.pid, signal.SIGHUP)
     for name in ("agent.log", "completion.log", "monitor.log"):
-        wait_for(
-            lambda n=name: any("log files reopened" in x for x in lines(logs / n)),
-            what=f"{name} recreated",
-        )
+        try:
+            wait_for(
+                lambda n=name: any("log files reopened" in x for x in lines(logs / n)),
+                what=f"{name} recreated",
+            )
+        except AssertionError as exc:
+            # What each process was doing, for a failure seen once on a loaded machine.
+            seen = {n: lines(logs / n)[-5:] for n in os.listdir(logs)}
+            family = {p.pid: (p.cmdline()[-2:], p.status()) for p in agent.family()}
+            raise AssertionError(
+                f"{exc}\nlogs: {seen}\nprocesses: {family}\nstderr: {agent.output()[-3000:]}"
+            ) from None
     assert len(agent.family()) == 4
     complete(agent, "still served")
 

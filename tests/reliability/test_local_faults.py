@@ -79,6 +79,9 @@ def test_journal_disk_full(mysql_agent, mysql_url, tmpdir_short: Path) -> None:
                 filler.unlink()
                 fault.ended = time.monotonic()
                 wait_recovered(ledger, observer, fault, ready=all_up(agent))
+                # The children waited for space instead of crashing into restarts.
+                restarts = (agent.status_json() or {}).get("restarts")
+                assert restarts and not any(restarts.values()), restarts
 
         run_scenario(
             "journal disk full -> space returns",
