@@ -159,7 +159,9 @@ def dispatch(client: Client, payload: dict) -> str:
     if event in HEARTBEAT_EVENTS:
         client.heartbeat(todo_id, event=event, **common)
         return "heartbeat"
-    return f"ignored (event {event!r})"
+    if not event:
+        return "ignored (the payload has no hook_event_name)"
+    return f"ignored (event {event!r} is not one the hook acts on)"
 
 
 def _str(value: object) -> str | None:

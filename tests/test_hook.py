@@ -256,7 +256,9 @@ def test_unknown_session_without_any_todo_id_is_refused_but_exits_0(agent: Agent
 def test_config_errors_and_unknown_events_never_fail_the_session(make_agent) -> None:
     agent = make_agent()
     err, _ = hook(agent, {"hook_event_name": "SomethingNew", "session_id": "x"})
-    assert "ignored" in err
+    assert "ignored (event 'SomethingNew' is not one the hook acts on)" in err
+    err, _ = hook(agent, {})
+    assert "ignored (the payload has no hook_event_name)" in err
     agent.config_path.write_text("[behavior]\nno_such_key = 1\n")
     err, _ = hook(agent, payload(agent, "stop"), todo_id=1)
     assert "configuration error" in err and "no_such_key" in err
