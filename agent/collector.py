@@ -157,6 +157,8 @@ class Collector(ChildBase):
         self.pool = WorkerPool(WORKERS, "collect")
         self.inflight: dict[str, Future[Result]] = {}
         self.crashes: dict[str, tuple[int, float]] = {}  # completion id -> (count, retry at)
+        # Collected results not yet in the journal (its write failed): written on the next try.
+        self.unrecorded: dict[str, dict[str, object]] = {}
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._wake_lock = threading.Lock()
@@ -197,7 +199,7 @@ class Collector(ChildBase):
             waiting = self.journal.entries_in(("accepted",), limit=limit)
             self.facts.want([e.todo_id for e in waiting if e.completion_id not in self.inflight])
             for entry in waiting:
-                if entry.completion_id in self.inflight:
+                if entry.completion_id in self.inflight or entry.completion_id in self.unrecorded:
                     continue
                 crashed = self.crashes.get(entry.completion_id)
                 if crashed is not None and now < crashed[1]:
@@ -215,9 +217,11 @@ class Collector(ChildBase):
 
     def _harvest(self, now: float) -> None:
         done = [cid for cid, future in self.inflight.items() if future.done()]
-        if not done:
+        if not done and not self.unrecorded:
             return
-        updates = []
+        # Results whose journal write failed last time come first: collecting them again would
+        # archive the session again.
+        updates = list(self.unrecorded.items())
         for cid in done:
             future = self.inflight.pop(cid)
             try:
@@ -232,6 +236,7 @@ class Collector(ChildBase):
                 continue
             self.crashes.pop(cid, None)
             updates.append((cid, result.values))
+            self.unrecorded[cid] = result.values
         if not updates:
             return
         stamp = self.clock()
@@ -246,6 +251,7 @@ class Collector(ChildBase):
                     " WHERE completion_id = ? AND state = 'accepted'",
                     (*values.values(), stamp, cid),
                 ).rowcount
+        self.unrecorded.clear()
         if landed < len(updates):
             logger.info("{} collected entr(ies) had moved on meanwhile", len(updates) - landed)
         if landed:

@@ -8,6 +8,7 @@ is lost (child restarting, queue full) costs at most one sweep interval.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import zmq
@@ -29,6 +30,22 @@ def listen(ctx: zmq.Context, state_dir: Path, name: str) -> zmq.Socket:
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(f"ipc://{path}")
     return sock
+
+
+def identify(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the socket file at ``path``, or None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def remove_if_same(path: Path, identity: tuple[int, int] | None) -> None:
+    """Remove the socket file at ``path`` if it is still the one ``identify`` saw."""
+    if identity is not None and identify(path) == identity:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def drain(sock: zmq.Socket) -> int:

@@ -69,7 +69,7 @@ class Intake:
         self.children = children
         self.started_at = started_at
         self.stopping = False
-        self._lock_stuck = False
+        self._stuck_at_version: int | None = None  # see wait_for_lock
         self._handlers: dict[type, Callable[[sqlite3.Connection, p.Request, float], Outcome]] = {
             p.Start: self._start,
             p.Heartbeat: self._heartbeat,
@@ -138,23 +138,28 @@ class Intake:
         """From now on a child may hold the journal's write lock; one that is stopped or
         starved mid-transaction must not stall intake.  A batch waits ``LOCK_WAIT`` for it and
         is then answered UNAVAILABLE (the client queues it in the outbox, ingested on the next
-        sweep); while the lock stays stuck, each further batch waits only ``LOCK_WAIT_STUCK``,
-        so requests queued behind one another do not add up their waits."""
-        self._lock_stuck = False
+        sweep).  While the lock stays stuck (nobody has committed since), each further batch
+        waits only ``LOCK_WAIT_STUCK``, so requests queued behind one another do not add up
+        their waits; a holder that is merely slow commits meanwhile and gets the full wait."""
+        self._stuck_at_version: int | None = None
         self.journal.set_busy_timeout(LOCK_WAIT)
 
     def _journal_batch(
         self, writes: list[tuple[int, p.Request]], now: float
     ) -> list[tuple[int, Outcome]]:
+        if self._stuck_at_version is not None:
+            if self.journal.data_version() != self._stuck_at_version:
+                self._stuck_at_version = None  # someone committed: the lock moves again
+            wait = LOCK_WAIT if self._stuck_at_version is None else LOCK_WAIT_STUCK
+            self.journal.set_busy_timeout(wait)
         try:
             results = self._journal_batch_once(writes, now)
         except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) and not self._lock_stuck:
-                self._lock_stuck = True
-                self.journal.set_busy_timeout(LOCK_WAIT_STUCK)
+            if "locked" in str(exc) and self._stuck_at_version is None:
+                self._stuck_at_version = self.journal.data_version()
             raise
-        if self._lock_stuck:
-            self._lock_stuck = False
+        if self._stuck_at_version is not None:
+            self._stuck_at_version = None
             self.journal.set_busy_timeout(LOCK_WAIT)
         return results
 

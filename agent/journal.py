@@ -169,6 +169,10 @@ class Journal:
         path.chmod(0o600)
         return journal
 
+    def data_version(self) -> int:
+        """Changes whenever another connection commits to the journal (PRAGMA data_version)."""
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
     def set_busy_timeout(self, seconds: float) -> None:
         """How long a write waits for another process's transaction before it fails."""
         self._db.execute(f"PRAGMA busy_timeout={int(seconds * 1000)}")

@@ -132,6 +132,7 @@ class ChildBase:
         state = self.state_path = Path(self.config.state_dir)
         self.ctx = zmq.Context()
         self.bell = doorbell.listen(self.ctx, state, self.name)
+        self._bell_file = doorbell.identify(doorbell.bell_path(state, self.name))
         self.poller.register(self.bell, zmq.POLLIN)
         self.bells = doorbell.Bells(self.ctx, state, self.rings)
         self.journal = Journal(self.config.journal_path)
@@ -170,12 +171,16 @@ class ChildBase:
         self.journal_failures += 1
         delay = min(JOURNAL_RETRY_MAX, JOURNAL_RETRY_FIRST * 2 ** (self.journal_failures - 1))
         if self.journal_failures == 1 or delay == JOURNAL_RETRY_MAX:
+            if "locked" in str(exc):
+                hint = "another agent process holds the journal's lock; is one stopped?"
+            else:
+                hint = f"check free space and permissions in {self.config.state_dir}"
             logger.error(
                 "the journal could not be written ({}); nothing is lost, the work is taken up "
-                "again in {:.1f} s (check free space in {})",
+                "again in {:.1f} s ({})",
                 exc,
                 delay,
-                self.config.state_dir,
+                hint,
             )
         return now + delay
 
@@ -193,8 +198,11 @@ class ChildBase:
                 self.bells.close()
             if self.bell is not None:
                 self.bell.close(0)
-                # Only this process binds its bell, and a successor binds it anew.
-                doorbell.bell_path(self.state_path, self.name).unlink(missing_ok=True)
+                # Only the file this process bound: a successor (a restart while an orphaned
+                # predecessor was still stopping) may have bound its own at the same path.
+                doorbell.remove_if_same(
+                    doorbell.bell_path(self.state_path, self.name), self._bell_file
+                )
             if self.ctx is not None:
                 self.ctx.term()
             if self.journal is not None:

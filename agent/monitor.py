@@ -146,7 +146,12 @@ class Monitor(ChildBase):
             pruned = self.journal.prune(now - retention)
             if pruned:
                 logger.info("pruned {} finished journal entries", pruned)
-            for name in remove_stale_staging(self.config.archive_dir, now - STAGING_MAX_AGE):
+            try:
+                stale = remove_stale_staging(self.config.archive_dir, now - STAGING_MAX_AGE)
+            except OSError as exc:
+                logger.warning("could not look for half-built archives: {}", exc)
+                stale = []
+            for name in stale:
                 logger.warning(
                     "removed the half-built archive {} (its builder was stopped mid-way; the "
                     "session files were kept, and the archive is taken again)",

@@ -1,7 +1,7 @@
 """A short picture of the machine and the agent, for emergency reports and emergency.log.
 
 psutil is imported on first use: only an emergency needs it, and the processes that may have one
-(collector, monitor) need not carry it (~3 MiB each) until then.
+(collector, monitor) need not carry it (~1 MiB of RSS each) until then.
 """
 
 from __future__ import annotations

@@ -30,8 +30,12 @@ def _say_queued(client: Client) -> None:
     """What waits in the outbox for an agent that does not answer."""
     from protocol import outbox
 
-    queued = len(outbox.pending(client.config.outbox_dir, limit=1_000_000))
     where = client.config.outbox_dir
+    try:
+        queued = len(outbox.pending(where, limit=1_000_000))
+    except OSError as exc:
+        print(f"completionctl: cannot read the outbox {where}: {exc}", file=sys.stderr)
+        return
     if queued:
         print(
             f"completionctl: {queued} queued request(s) in {where} wait for the agent; "

@@ -587,6 +587,32 @@ def test_a_result_never_revives_an_entry_that_moved_on(collector) -> None:
     assert (entry.state, entry.outcome, entry.html) == ("failed", "superseded", None)
 
 
+def test_a_result_whose_journal_write_failed_is_written_later_not_collected_again(
+    collector, monkeypatch
+) -> None:
+    collected: list[str] = []
+    real = collector._collect
+    monkeypatch.setattr(
+        collector,
+        "_collect",
+        lambda entry, *a: collected.append(entry.completion_id) or real(entry, *a),
+    )
+    _add_and_collect(collector, "n-2")
+    journal_transaction = collector.journal.transaction
+
+    def disk_full():
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(collector.journal, "transaction", disk_full)
+    with pytest.raises(sqlite3.OperationalError):
+        collector.work(time.time())  # the child's loop backs off on this (tests/test_loop.py)
+    assert list(collector.unrecorded) == ["n-2"]
+    monkeypatch.setattr(collector.journal, "transaction", journal_transaction)
+    collector.work(time.time())
+    assert collector.journal.entry("n-2").state == "collected"
+    assert collected == ["n-2"] and collector.unrecorded == {} and collector.inflight == {}
+
+
 def test_a_renderer_failure_still_yields_a_safe_report(collector, monkeypatch) -> None:
     import agent.collector as module
 

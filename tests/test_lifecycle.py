@@ -192,3 +192,24 @@ def test_a_child_stuck_inside_a_journal_transaction_does_not_stall_intake(agent:
     wait_for(lambda: (agent.todo_row(todo) or {}).get("status") == "completed", 30)
     assert "written while the journal was locked" in agent.todo_row(todo)["claude_text_output"]
     wait_for(lambda: not list((agent.state / "outbox").glob("*.req")), what="outbox drained")
+
+
+def test_a_slow_journal_transaction_that_commits_gets_the_full_lock_wait(agent: Agent) -> None:
+    """The short wait is for a lock that stays stuck; a holder that commits in between is slow,
+    not stuck, and the next request waits the full time for it again."""
+    todo = agent.add("slow lock")
+    holder = sqlite3.connect(agent.state / "journal.db", isolation_level=None)
+    try:
+        with Client(str(agent.config_path), timeout=10.0) as client:
+            holder.execute("BEGIN IMMEDIATE")
+            assert client.heartbeat(todo).state == "queued"  # the lock is found stuck
+            holder.execute("CREATE TABLE IF NOT EXISTS test_touch (x)")  # a commit of its own
+            holder.execute("COMMIT")
+            holder.execute("BEGIN IMMEDIATE")
+            started = time.monotonic()
+            assert client.heartbeat(todo).state == "queued"
+            waited = time.monotonic() - started
+        assert waited >= 0.4, f"waited only {waited:.2f} s for a lock that moved meanwhile"
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

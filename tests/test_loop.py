@@ -64,3 +64,22 @@ def test_other_errors_are_not_swallowed(child: Flaky) -> None:
     child.failures = [sqlite3.DatabaseError("database disk image is malformed")]
     with pytest.raises(sqlite3.DatabaseError, match="malformed"):
         child.run_once(1000.0)
+
+
+def test_a_child_removes_only_the_doorbell_it_bound(tmpdir_short: Path) -> None:
+    from agent import doorbell
+
+    path = tmpdir_short / "bell-w.sock"
+    path.write_text("mine")
+    mine = doorbell.identify(path)
+    # A successor binds anew at the same path while this one still holds its socket (as a
+    # bound socket holds its file, the successor's is a different one).
+    with path.open():
+        successor = tmpdir_short / "successor"
+        successor.write_text("a successor's")
+        successor.replace(path)
+        doorbell.remove_if_same(path, mine)
+    assert path.read_text() == "a successor's"
+    doorbell.remove_if_same(path, doorbell.identify(path))
+    assert not path.exists()
+    doorbell.remove_if_same(path, None)  # nothing there, nothing known: no error
