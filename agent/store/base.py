@@ -452,10 +452,9 @@ class SqlStore:
         ids = sorted({int(i) for i in todo_ids})
         if not ids:
             return {}
-        marks = ", ".join("?" * len(ids))
         with self._lock, self._transaction(write=False) as cur:
             rows = self._run(
-                cur, f"SELECT {_TODO_SELECT} FROM {self._t} WHERE id IN ({marks})", ids
+                cur, f"SELECT {_TODO_SELECT} FROM {self._t} WHERE id IN ({_marks(ids)})", ids
             ).fetchall()
         todos = [_todo(r) for r in rows]
         return {t.id: t for t in todos}
