@@ -19,12 +19,12 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
 from tests.harness import Agent, wait_for
+from tests.markup import ALLOWED_ATTRS, ALLOWED_TAGS, BIDI, Markup
 
 FIXTURE_TRANSCRIPT = Path(__file__).parent / "fixtures" / "claude-code" / "transcript.jsonl"
 FINAL_ANSWER = (
@@ -172,35 +172,10 @@ def output_source(page: str) -> str:
     return html.unescape(found.group(1))
 
 
-# What the page may contain: its own markup plus markdown-it's commonmark, tables, strikethrough.
-ALLOWED_TAGS = {
-    "html", "head", "meta", "title", "style", "body", "header", "section", "h1", "h2", "h3",
-    "h4", "h5", "h6", "p", "span", "div", "dl", "dt", "dd", "ul", "ol", "li", "pre", "code",
-    "em", "strong", "a", "blockquote", "hr", "br", "table", "thead", "tbody", "tr", "th", "td",
-    "s",
-}  # fmt: skip
-ALLOWED_ATTRS = {"lang", "charset", "http-equiv", "content", "name", "class", "href", "rel"}
-ALLOWED_ATTRS |= {"title", "style"}
-BIDI = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c"
-
-
-class Tags(HTMLParser):
-    def __init__(self, page: str) -> None:
-        super().__init__(convert_charrefs=True)
-        self.tags: list[tuple[str, list[tuple[str, str | None]]]] = []
-        self.feed(page)
-        self.close()
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, attrs))
-
-    handle_startendtag = handle_starttag
-
-
 def assert_safe_page(raw: bytes) -> str:
     page = raw.decode("utf-8")  # strict: invalid UTF-8 raises
     assert len(raw) <= 2 * MiB
-    tags = Tags(page).tags
+    tags = Markup(page).tags
     assert {tag for tag, _ in tags} <= ALLOWED_TAGS, {tag for tag, _ in tags} - ALLOWED_TAGS
     metas = []
     for tag, attrs in tags:

@@ -13,16 +13,7 @@ import time
 import psutil
 
 from ctl import Client, CommandRefused
-from tests.harness import Agent, wait_for
-
-
-def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    out = []
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(proc)
-    return out
+from tests.harness import Agent, alive, wait_for
 
 
 def add_todos(agent: Agent, count: int) -> list[int]:

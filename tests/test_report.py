@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 import tracemalloc
 from datetime import UTC, datetime, timedelta, timezone
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -22,37 +21,12 @@ from agent.report import (
     sanitize,
 )
 from agent.sources import Collected, TodoFacts
+from tests.markup import ALLOWED_TAGS, BIDI, Markup
 
 HOSTILE = sorted((Path(__file__).parent / "hostile").iterdir())
 TODO = TodoFacts("Login-Formular validieren", "E-Mail & Passwort <prüfen>", "/srv/sites/plugin")
 STARTED = datetime(2026, 11, 28, 9, 0, 0, tzinfo=UTC)
 COMPLETED = datetime(2026, 11, 28, 9, 1, 32, tzinfo=UTC)
-
-# Our own markup plus what markdown-it-py emits for commonmark, tables and strikethrough.
-ALLOWED_TAGS = {
-    "html", "head", "meta", "title", "style", "body", "header", "section", "h1", "h2", "h3",
-    "h4", "h5", "h6", "p", "span", "div", "dl", "dt", "dd", "ul", "ol", "li", "pre", "code",
-    "em", "strong", "a", "blockquote", "hr", "br", "table", "thead", "tbody", "tr", "th", "td",
-    "s",
-}  # fmt: skip
-BIDI = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c"
-
-
-class Markup(HTMLParser):
-    def __init__(self, page: str):
-        super().__init__(convert_charrefs=True)
-        self.tags: list[tuple[str, list[tuple[str, str | None]]]] = []
-        self.feed(page)
-        self.close()
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, attrs))
-
-    def handle_startendtag(self, tag, attrs):
-        self.tags.append((tag, attrs))
-
-    def attrs(self, tag: str, name: str) -> list[str | None]:
-        return [v for t, attrs in self.tags if t == tag for k, v in attrs if k == name]
 
 
 def report(text, *, source="transcript", is_markdown=True, problems=(), **kwargs):

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import REPO, Agent, wait_for
+from tests.harness import REPO, Agent, alive, wait_for
 
 PROGRAM = REPO / "contrib" / "completiond.supervisord.conf"
 BIN = Path(sys.executable).parent
@@ -124,15 +124,6 @@ def agent_family(agent: Agent) -> list[psutil.Process]:
     status = agent.status_json()
     parent = psutil.Process(status["pid"])
     return [parent, *parent.children(recursive=True)]
-
-
-def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    out = []
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(proc)
-    return out
 
 
 def wait_running(agent: Agent, supervisor: Supervisord) -> None:

@@ -26,6 +26,9 @@ from agent.sources import Collected, TodoFacts
 from agent.store import open_store
 from ctl import Client
 from tests.harness import Agent, wait_for
+from tests.markup import ALLOWED_ATTRS as MARKUP_ATTRS
+from tests.markup import ALLOWED_TAGS
+from tests.markup import BIDI as BIDI_CHARS
 from tests.reliability.ledger import budget
 
 pytestmark = [pytest.mark.reliability]
@@ -46,18 +49,10 @@ CHROMIUM_FLAGS = [
     "--dump-dom",
     "--virtual-time-budget=2000",
 ]
-# Our own markup plus what markdown-it-py emits for commonmark, tables and strikethrough.
-ALLOWED_TAGS = {
-    "html", "head", "meta", "title", "style", "body", "header", "section", "h1", "h2", "h3",
-    "h4", "h5", "h6", "p", "span", "div", "dl", "dt", "dd", "ul", "ol", "li", "pre", "code",
-    "em", "strong", "a", "blockquote", "hr", "br", "table", "thead", "tbody", "tr", "th", "td",
-    "s",
-}  # fmt: skip
-ALLOWED_ATTRS = {"class", "lang", "charset", "http-equiv", "content", "name", "href", "rel"}
-ALLOWED_ATTRS |= {"title", "style", "align"}  # style: only on td/th from markdown tables
+ALLOWED_ATTRS = MARKUP_ATTRS | {"align"}
 SAFE_HREF = re.compile(r"^(https?:|mailto:|#)", re.IGNORECASE)
 CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-BIDI = re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
+BIDI = re.compile(f"[{BIDI_CHARS}]")
 DETECTOR = (
     "<script>(function(){{var n={name!r};function hit(w){{try{{parent.document.body"
     ".setAttribute('data-xss-'+n,w)}}catch(e){{}};(new Image()).src='/hit/'+n+'/'+w}}"
