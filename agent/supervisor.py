@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from loguru import logger
 
+RESTART_BACKOFF_FIRST = 0.5  # the delay before the second restart in a row
 RESTART_BACKOFF_MAX = 10.0
 STABLE_AFTER = 10.0  # a child that ran this long starts its backoff from scratch
 
@@ -76,7 +77,13 @@ class Supervisor:
             self.start(child, now)
 
     def reap(self, child: Child, now: float) -> None:
-        """The child exited: note it and schedule a restart with backoff."""
+        """The child exited: note it and schedule its restart.
+
+        A first crash is restarted at once, as supervisord does: every moment the child is away
+        is a moment of lost service. Only a child that keeps dying within ``STABLE_AFTER`` of its
+        start waits, 0.5 s doubling up to ``RESTART_BACKOFF_MAX``, so that a crash loop does not
+        burn the CPU.
+        """
         assert child.process is not None
         code = child.process.wait()
         if child.pidfd is not None:
@@ -86,7 +93,7 @@ class Supervisor:
         child.exits.append(code)
         if now - child.started_at >= STABLE_AFTER:
             child.failures_in_a_row = 0
-        delay = min(2.0**child.failures_in_a_row * 0.5, RESTART_BACKOFF_MAX)
+        delay = restart_delay(child.failures_in_a_row)
         child.failures_in_a_row += 1
         child.restarts += 1
         child.start_at = now + delay
@@ -137,6 +144,13 @@ class Supervisor:
             if child.process is not None:
                 with contextlib.suppress(ProcessLookupError):
                     child.process.send_signal(signum)
+
+
+def restart_delay(failures_in_a_row: int) -> float:
+    """Seconds before restarting a child that died after ``failures_in_a_row`` quick deaths."""
+    if failures_in_a_row == 0:
+        return 0.0
+    return min(RESTART_BACKOFF_FIRST * 2.0 ** (failures_in_a_row - 1), RESTART_BACKOFF_MAX)
 
 
 def _describe(code: int) -> str:

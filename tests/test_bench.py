@@ -23,6 +23,7 @@ BENCHES = {  # name: needs MariaDB
     "drain": True,
     "idle": True,
     "health": True,
+    "recovery": True,
 }
 TABLE_HEAD = "| # | measure | result | baseline (same run) | ratio | target | met |"
 
