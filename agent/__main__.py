@@ -26,6 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"completiond: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if config.database.ssh or config.database.tls != "off":
+        from .dbroute import preflight
+
+        problems = preflight(config)
+        if problems:
+            for problem in problems:
+                print(f"completiond: configuration error: {problem}", file=sys.stderr)
+            return EXIT_CONFIG
 
     # Journal, logs, archive and outbox hold session output: nobody else may read them.
     os.umask(0o077)

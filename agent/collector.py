@@ -27,6 +27,7 @@ from loguru import logger
 import protocol as p
 
 from .archive import archive_session
+from .dbroute import DbRoute
 from .journal import Entry, TodoTimers
 from .loop import ChildBase
 from .report import Report, render_report, sanitize_capped
@@ -56,8 +57,11 @@ class TodoFactsReader:
     not one per completion.
     """
 
-    def __init__(self, url: str, table: str, timeout: float, clock=time.monotonic) -> None:
+    def __init__(
+        self, url: str, table: str, timeout: float, clock=time.monotonic, route=None
+    ) -> None:
         self.url, self.table, self.timeout, self.clock = url, table, timeout, clock
+        self.route = route  # a DbRoute (ssh tunnel, TLS), or None for a direct connection
         self.queries = 0
         self._quiet_until = 0.0
         self._lock = threading.Lock()
@@ -77,6 +81,8 @@ class TodoFactsReader:
                 if self._store is not None:
                     self._store.close()
                     self._store = None
+                if self.route is not None:
+                    self.route.close()
             finally:
                 self._lock.release()
 
@@ -88,7 +94,9 @@ class TodoFactsReader:
                 raise StoreError("the database did not answer recently; not asked again yet")
             batch = [*sorted(self._wanted - {todo_id})[: FACTS_BATCH - 1], todo_id]
             try:
-                if self._store is None:
+                if self._store is None and self.route is not None:
+                    self._store = self.route.open(timeout=self.timeout)
+                elif self._store is None:
                     self._store = open_store(self.url, table=self.table, timeout=self.timeout)
                 self.queries += 1
                 todos = self._store.get_todos(batch)
@@ -168,6 +176,7 @@ class Collector(ChildBase):
             self.config.database_url,
             self.config.database.table,
             min(DB_READ_TIMEOUT, self.config.behavior.database_timeout),
+            route=DbRoute(self.config, "collector"),
         )
 
     def close(self) -> None:

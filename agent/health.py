@@ -26,9 +26,10 @@ from loguru import logger
 from protocol.config import Config
 
 from .archive import archive_orphan
+from .dbroute import DbRoute
 from .journal import Entry, Journal, NewEntry, TodoTimers
 from .logs import LOG_FILES
-from .store import StoreError, Todo, open_store
+from .store import StoreError, Todo, TunnelError
 
 
 @dataclass
@@ -62,6 +63,7 @@ class HealthChecker:
         self.clock = clock
         self._thread: threading.Thread | None = None
         self._store = None
+        self._route: DbRoute | None = None  # the health checks' own tunnel (see dbroute)
         self._journal: Journal | None = None
         self._stop = threading.Event()
 
@@ -77,6 +79,8 @@ class HealthChecker:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._route is not None:
+            self._route.close()
 
     def _round_safely(self, now: float) -> None:
         try:
@@ -117,11 +121,9 @@ class HealthChecker:
         started = time.monotonic()
         try:
             if self._store is None:
-                self._store = open_store(
-                    self.config.database_url,
-                    table=self.config.database.table,
-                    timeout=self.config.behavior.database_timeout,
-                )
+                if self._route is None:
+                    self._route = DbRoute(self.config, "health")
+                self._store = self._route.open()
                 if self.config.database_url.startswith("sqlite:"):
                     # Don't report a missing table that the writer is about to create.
                     self._store.ensure_schema(create_todo_table=True)
@@ -133,13 +135,20 @@ class HealthChecker:
                 self._store = None
             backlog = self._journal.count_by_state() if self._journal else {}
             waiting = sum(backlog.get(s, 0) for s in ("collected", "written"))
+            # Through a tunnel the message already says which hop failed ("ssh to ...: ..."
+            # or "MySQL through the tunnel: ...").
+            what = str(exc) if isinstance(exc, TunnelError) else f"unreachable: {exc}"
             return None, CheckResult(
                 "database",
                 "CRITICAL",
-                f"unreachable: {exc}; {waiting} write(s) wait in the journal",
+                f"{what}; {waiting} write(s) wait in the journal",
             )
+        finally:
+            if self._route is not None:
+                self._route.log_events(logger)
         ms = (time.monotonic() - started) * 1000
-        return todos, CheckResult("database", "OK", f"reachable ({ms:.0f} ms)")
+        via = f" {self._route.describe()}" if self._route and self._route.tunnel else ""
+        return todos, CheckResult("database", "OK", f"reachable{via} ({ms:.0f} ms)")
 
     def _live_todos(self, journal: Journal, timers: dict[int, TodoTimers]) -> set[int]:
         """Todos this agent is working on: started and not finished, or with a completion that

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from loguru import logger
 
+from .dbroute import DbRoute
 from .journal import Entry
 from .loop import ChildBase
 from .store import (
@@ -24,7 +25,6 @@ from .store import (
     TodoWrite,
     TransientError,
     WriteOutcome,
-    open_store,
 )
 
 BATCH = 200
@@ -48,6 +48,7 @@ class Writer(ChildBase):
 
     def open(self) -> None:
         self.store = None
+        self.route: DbRoute | None = None  # the writer's own way to the database (its tunnel)
         self.sqlite = self.config.database_url.startswith("sqlite:")
         self.config_error: str | None = None
         self.schema = "pending"  # "ready" | "pending" | "broken" (see _prepare)
@@ -61,15 +62,15 @@ class Writer(ChildBase):
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
+        if self.route is not None:
+            self.route.close()
 
     def _store(self):
         if self.store is None:
             try:
-                self.store = open_store(
-                    self.config.database_url,
-                    table=self.config.database.table,
-                    timeout=self.config.behavior.database_timeout,
-                )
+                if self.route is None:
+                    self.route = DbRoute(self.config, "writer")
+                self.store = self.route.open()
             except ValueError as exc:
                 self.config_error = str(exc)
                 logger.error(
@@ -89,6 +90,9 @@ class Writer(ChildBase):
             return self._work(now)
         except _Unconfigured:
             return now + self.sweep
+        finally:
+            if self.route is not None:
+                self.route.log_events(logger)
 
     def _work(self, now: float) -> float:
         if self.down_since is not None:

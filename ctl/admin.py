@@ -18,17 +18,30 @@ from . import AgentUnavailable, Client
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def _open(config: Config):
-    from agent.store import open_store
+_routes: list = []  # the command's ways to the database (an ssh tunnel), closed by run()
 
-    return open_store(
-        config.database_url,
-        table=config.database.table,
-        timeout=config.behavior.database_timeout,
-    )
+
+def _route(config: Config):
+    from agent.dbroute import DbRoute
+
+    if not _routes:
+        _routes.append(DbRoute(config, f"ctl-{os.getpid()}"))
+    return _routes[0]
+
+
+def _open(config: Config):
+    return _route(config).open()
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
+    try:
+        return _run(args, config)
+    finally:
+        while _routes:
+            _routes.pop().close()
+
+
+def _run(args: argparse.Namespace, config: Config) -> int:
     from agent.store import StoreError
 
     # The embedded database this may create holds session output: private, like the agent's files.
@@ -92,6 +105,42 @@ def _db_init(args: argparse.Namespace, config: Config) -> int:
     return EXIT_FAILED if problems else EXIT_OK
 
 
+def _transport_steps(config: Config, results: list[tuple[str, bool, str]]) -> bool:
+    """The ssh and TLS steps before the database, each its own line; False if one failed."""
+    from agent.dbroute import preflight
+    from agent.store import TunnelError
+
+    db = config.database
+    if not db.ssh and db.tls == "off":
+        return True
+    problems = preflight(config)
+    if db.tls != "off":
+        bad = [p for p in problems if p.startswith("database.tls")]
+        detail = f"{db.tls}" + (f", CA {db.tls_ca}" if db.tls_ca else "")
+        results.append(("tls", not bad, "; ".join(bad) or detail))
+    if not db.ssh:
+        return not problems
+    results.append(
+        (
+            "ssh config",
+            not problems,
+            "; ".join(problems)
+            or f"{db.ssh}: identity {db.ssh_identity or '(ssh default)'}, host key known",
+        )
+    )
+    if problems:
+        return False
+    try:
+        route = _route(config)
+        assert route.tunnel is not None
+        route.tunnel.ensure()
+    except TunnelError as exc:
+        results.append(("ssh tunnel", False, str(exc)))
+        return False
+    results.append(("ssh tunnel", True, f"{route.tunnel.describe()}: forward up"))
+    return True
+
+
 def _missing_table(problems: list[str], table: str) -> bool:
     return any(problem.startswith(f"table `{table}` does not exist") for problem in problems)
 
@@ -126,21 +175,27 @@ def _check(args: argparse.Namespace, config: Config) -> int:
         results.append(("socket", False, str(exc)))
 
     problems: list[str] = []
-    try:
-        store = _open(config)
+    if _transport_steps(config, results):
         try:
-            store.ping()
-            problems = store.check_schema()
-        finally:
-            store.close()
-        if problems:
-            results.append(("database", False, "\n".join(problems)))
-        else:
-            results.append(("database", True, f"{mask_url(config.database_url)} schema ok"))
-    except StoreError as exc:
-        results.append(("database", False, str(exc)))
-    except ValueError as exc:  # a database.url or table the store cannot use
-        results.append(("database", False, str(exc)))
+            store = _open(config)
+            try:
+                store.ping()
+                problems = store.check_schema()
+            finally:
+                store.close()
+            if problems:
+                results.append(("database", False, "\n".join(problems)))
+            else:
+                via = f" ({_route(config).describe()})" if config.database.ssh else ""
+                results.append(
+                    ("database", True, f"{mask_url(config.database_url)}{via} schema ok")
+                )
+        except StoreError as exc:
+            results.append(("database", False, str(exc)))
+        except ValueError as exc:  # a database.url or table the store cannot use
+            results.append(("database", False, str(exc)))
+    else:
+        results.append(("database", False, "not tried: the way to it failed (see above)"))
 
     tmux = shutil.which("tmux")
     if tmux is None:

@@ -31,6 +31,15 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 class Database(_Section, frozen=True, kw_only=True):
     url: str = ""  # "" = sqlite:///<state_dir>/todos.db
     table: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_]{1,64}$")] = "stage_project_todos"
+    # Reach MySQL through an OpenSSH tunnel: "user@host" or "user@host:port" (see agent/dbroute).
+    ssh: str = ""
+    ssh_identity: str = ""  # private key file; "" = ssh's own defaults
+    ssh_known_hosts: str = ""  # known_hosts file; "" = ssh's own (~/.ssh/known_hosts)
+    # TLS to a server reached directly: "require" encrypts, "verify" also checks CA and host name.
+    tls: Literal["off", "require", "verify"] = "off"
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 class Behavior(_Section, frozen=True, kw_only=True):
@@ -48,8 +57,9 @@ class Behavior(_Section, frozen=True, kw_only=True):
     log_max_bytes: Annotated[int, msgspec.Meta(gt=0)] = 10 * 1024 * 1024
     # How often the agent sweeps the journal and the outbox for work a lost doorbell left behind.
     sweep_interval: Positive = 2.0
-    # Accepted from the seed's config for compatibility; the agent has no use for them.
+    # The seed's timeout for its ssh calls: bounds the tunnel's connect and keep-alives.
     ssh_timeout: Positive = 30.0
+    # Accepted from the seed's config for compatibility; the agent has no use for them.
     auto_archive: bool = True
     cleanup_orphaned: bool = True
 
@@ -210,6 +220,7 @@ def _complete(config: Config, path: Path | None) -> Config:
                 f"database.url: {mask_url(url)!r} needs a user, a host and a database: "
                 "mysql://USER:PASS@HOST:PORT/DB"
             )
+    _check_ssh_tls(config.database, url)
     if config.database.table == "completion_log":
         raise ConfigError(
             "database.table: completion_log is the agent's own audit table; name the todo table"
@@ -224,6 +235,40 @@ def _complete(config: Config, path: Path | None) -> Config:
         endpoint=endpoint,
         source=str(path) if path else "",
     )
+
+
+SSH_DESTINATION = re.compile(
+    r"^([A-Za-z0-9._][A-Za-z0-9._-]*)@([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}))?$"
+)
+
+
+def parse_ssh(value: str) -> tuple[str, str, int]:
+    """`user@host[:port]` (an IPv6 host in brackets) as (user, host, port); ConfigError if bad."""
+    m = SSH_DESTINATION.match(value)
+    port = int(m.group(3)) if m and m.group(3) else 22
+    if not m or not 0 < port < 65536 or m.group(2).startswith("-"):
+        raise ConfigError(
+            f"database.ssh: {value!r} is not a destination: use user@host or user@host:port"
+        )
+    return m.group(1), m.group(2).strip("[]"), port
+
+
+def _check_ssh_tls(db: Database, url: str) -> None:
+    if (db.ssh or db.tls != "off") and not url.startswith("mysql://"):
+        key = "database.ssh" if db.ssh else "database.tls"
+        raise ConfigError(f"{key} needs a MySQL database: set database.url to mysql://...")
+    if db.ssh:
+        parse_ssh(db.ssh)
+    elif db.ssh_identity or db.ssh_known_hosts:
+        raise ConfigError("database.ssh_identity and ssh_known_hosts need database.ssh")
+    for key in ("ssh_identity", "ssh_known_hosts", "tls_ca", "tls_cert", "tls_key"):
+        value = getattr(db, key)
+        if value and not Path(value).is_absolute():
+            raise ConfigError(f"database.{key}: {value!r} must be an absolute path")
+    if bool(db.tls_cert) != bool(db.tls_key):
+        raise ConfigError("database.tls_cert and database.tls_key go together: set both or none")
+    if db.tls == "off" and (db.tls_ca or db.tls_cert):
+        raise ConfigError("database.tls_ca/tls_cert/tls_key need database.tls = require or verify")
 
 
 def validate_endpoint(endpoint: str) -> None:

@@ -7,6 +7,8 @@ no logging library: callers log what it raises. Datetimes in and out are naive U
 
 from __future__ import annotations
 
+import ssl
+
 from .base import (
     STATUSES,
     PermanentError,
@@ -18,6 +20,7 @@ from .base import (
     WriteOutcome,
     check_table_name,
 )
+from .tunnel import SshSettings, SshTunnel, TunnelError
 from .url import MysqlTarget, SqliteTarget, parse_url, redact_url
 
 __all__ = [
@@ -25,11 +28,14 @@ __all__ = [
     "MysqlTarget",
     "PermanentError",
     "SqliteTarget",
+    "SshSettings",
+    "SshTunnel",
     "Store",
     "StoreError",
     "Todo",
     "TodoWrite",
     "TransientError",
+    "TunnelError",
     "WriteOutcome",
     "open_store",
     "parse_url",
@@ -37,9 +43,18 @@ __all__ = [
 ]
 
 
-def open_store(url: str, *, table: str = "stage_project_todos", timeout: float = 30.0) -> Store:
+def open_store(
+    url: str,
+    *,
+    table: str = "stage_project_todos",
+    timeout: float = 30.0,
+    tunnel: SshTunnel | None = None,
+    tls: ssl.SSLContext | None = None,
+) -> Store:
     """A store for `url` (sqlite:///ABS/PATH.db or mysql://USER[:PASS]@HOST[:PORT]/DB).
 
+    `tunnel` (MySQL only) leads to the server through ssh; `tls` makes TLS required with that
+    context.  Both belong to the caller, who closes the tunnel.
     Nothing connects yet: the first call does, and every error after that comes as a
     TransientError or PermanentError. A bad URL, table name or timeout raises ValueError here.
     """
@@ -54,4 +69,4 @@ def open_store(url: str, *, table: str = "stage_project_todos", timeout: float =
     # PyMySQL is imported only when a MySQL URL is used.
     from .mysql import MysqlStore
 
-    return MysqlStore(target, table=table, timeout=timeout)
+    return MysqlStore(target, table=table, timeout=timeout, tunnel=tunnel, tls=tls)

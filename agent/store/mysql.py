@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 import socket
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from .base import (
     TransientError,
     fit_text,
 )
+from .tunnel import SshTunnel, TunnelError
 from .url import MysqlTarget
 
 OUTPUT_COLUMNS = ("claude_html_output", "claude_text_output", "claude_summary")
@@ -147,8 +149,18 @@ class MysqlStore(SqlStore):
     placeholder = "%s"
     lock_clause = " FOR UPDATE"
 
-    def __init__(self, target: MysqlTarget, *, table: str, timeout: float) -> None:
+    def __init__(
+        self,
+        target: MysqlTarget,
+        *,
+        table: str,
+        timeout: float,
+        tunnel: SshTunnel | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.target = target
+        self.tunnel = tunnel  # owned by the caller: it outlives this store's connections
+        self.tls = tls  # a context = TLS required (PyMySQL refuses a server without it)
         self._conn: pymysql.connections.Connection | None = None
         self._limits: _Limits | None = None
         super().__init__(table, timeout)
@@ -168,13 +180,18 @@ class MysqlStore(SqlStore):
         if self._conn is None:
             t = self.target
             self._limits = None
+            host, port, unix_socket = t.host, t.port, t.unix_socket
+            if self.tunnel is not None:
+                host, port, unix_socket = "localhost", 3306, self.tunnel.ensure()
             self._conn = pymysql.connect(
-                host=t.host,
-                port=t.port,
+                host=host,
+                port=port,
                 user=t.user,
                 password=t.password,
                 database=t.database,
-                unix_socket=t.unix_socket,
+                unix_socket=unix_socket,
+                ssl=self.tls,
+                ssl_disabled=self.tls is None,
                 charset="utf8mb4",
                 autocommit=False,
                 connect_timeout=self.timeout,
@@ -198,6 +215,31 @@ class MysqlStore(SqlStore):
 
     def _classify(self, exc: BaseException) -> StoreError:
         err = classify(exc)
+        tls_error = getattr(exc, "original_exception", exc)
+        if isinstance(tls_error, ssl.SSLCertVerificationError):
+            # A refused certificate is a setup problem, not an outage.
+            err = PermanentError(
+                f"TLS to {self.target.host}:{self.target.port}: the server's certificate was "
+                f"refused: {tls_error.verify_message or tls_error} (check database.tls_ca, and "
+                "that the certificate names this host; not retried)"
+            )
+        elif self.tls is not None and "SSL is required but the server" in str(exc):
+            err = PermanentError(
+                f"TLS to {self.target.host}:{self.target.port}: the server does not offer TLS "
+                "but database.tls asks for it (configure ssl_cert/ssl_key on the server; "
+                "not retried)",
+                errno=2026,
+            )
+        elif isinstance(tls_error, ssl.SSLError):
+            where = f"{self.target.host}:{self.target.port}"
+            err = TransientError(f"TLS to {where} failed: {tls_error} (will retry)")
+        elif self.tunnel is not None and not isinstance(err, TunnelError):
+            # The tunnel may have died under the connection: then that is the cause to report.
+            failure = self.tunnel.failure()
+            if failure is not None:
+                err = failure
+            else:
+                err = type(err)(f"MySQL through the tunnel: {err}", errno=err.errno)
         if err.errno == 1062 and "uq_completion_id" in str(exc):
             # Another writer recorded the same completion id at the same moment; a retry will
             # find it in completion_log and answer "already".
