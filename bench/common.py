@@ -277,3 +277,85 @@ def database_server_process() -> Any | None:
         if proc.info["name"] in ("mariadbd", "mysqld"):
             return proc
     return None
+
+
+# ------------------------------------------------------------------ the deployed layout
+
+DIST = "completion-agent"
+
+
+def runtime_closure(name: str) -> list[Any]:
+    """The installed distributions ``name`` needs at run time (no extras), itself excluded."""
+    from importlib import metadata
+
+    from pip._vendor.packaging.requirements import Requirement  # pip is in every venv here
+
+    seen: dict[str, Any] = {}
+    todo = [name]
+    while todo:
+        current = todo.pop()
+        for text in metadata.requires(current) or []:
+            requirement = Requirement(text)
+            if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+                continue
+            key = requirement.name.lower().replace("_", "-")
+            if key not in seen:
+                seen[key] = metadata.distribution(requirement.name)
+                todo.append(requirement.name)
+    return list(seen.values())
+
+
+def deployed_python(root: Path) -> Path:
+    """A virtualenv laid out as ``pip install .`` makes it for production: the project installed
+    from its wheel (no editable finder on every start), its runtime dependencies only (no test
+    extra: nothing of mypy's, such as typing_extensions, for msgspec to find), bytecode compiled.
+
+    Built offline from this venv: the dependencies' installed files are copied (their recorded
+    ``.pyc`` with them), the project's wheel is built from a copy of the sources and installed by
+    pip. Returns the venv's python; ``completionctl`` is beside it.
+    """
+    venv = root / "deployed"
+    subprocess.run([PYTHON, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    for dist in runtime_closure(DIST):
+        for file in dist.files or ():
+            if file.parts[0] == "..":
+                continue  # scripts
+            source = Path(str(dist.locate_file(file)))
+            if source.is_file():
+                target = Path(purelib) / file
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target)
+    source = root / "source"
+    for part in ("agent", "ctl", "protocol"):
+        shutil.copytree(REPO / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for part in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / part, source / part)
+    wheels = root / "wheels"
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.pop("PYTHONPYCACHEPREFIX", None)
+    build = ["wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)]
+    _pip(build, env)
+    _pip(["--python", str(python), "install", "--no-deps", *map(str, wheels.glob("*.whl"))], env)
+    return python
+
+
+def _pip(argv: list[str], env: dict[str, str]) -> None:
+    result = subprocess.run([PYTHON, "-m", "pip", *argv], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"building the deployed layout failed: {result.stderr[-2000:]}")
+
+
+def deployed_env(base: dict[str, str]) -> dict[str, str]:
+    """The environment a deployed hook runs in: bytecode from the install, nothing else cached."""
+    env = dict(base)
+    for name in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX", "PYTHONPATH"):
+        env.pop(name, None)
+    return env

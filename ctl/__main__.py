@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import protocol as p
-from protocol.config import ConfigError, load
+from protocol.config import ConfigError, load, load_for_client
 
 from . import AgentUnavailable, Client, CommandRefused, read_text_file
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 HEALTH_EXIT = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
+ADMIN = ("add", "db", "check")
 
 
 def _say_queued(client: Client) -> None:
@@ -88,11 +89,13 @@ def run(argv: list[str]) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        config = load(args.config)
+        # The admin commands talk to the database themselves; the others only to the agent,
+        # so they read the config through the cached copy that spares them the TOML parser.
+        config = (load if args.command in ADMIN else load_for_client)(args.config)
     except ConfigError as exc:
         print(f"completionctl: configuration error: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE if args.command == "health" else EXIT_USAGE
-    if args.command in ("add", "db", "check"):
+    if args.command in ADMIN:
         from . import admin
 
         return admin.run(args, config)

@@ -14,7 +14,7 @@ from typing import TypedDict
 import msgspec
 
 import protocol as p
-from protocol.config import Config, ConfigError, load
+from protocol.config import Config, ConfigError, load_for_client
 
 from . import AgentUnavailable, Client, CommandRefused
 
@@ -175,7 +175,7 @@ def _text(value: object) -> str | None:
 
 def run_hook(argv: list[str]) -> int:
     try:
-        config = load(_config_path(argv))
+        config = load_for_client(_config_path(argv))
     except ConfigError as exc:
         print(f"completionctl hook: configuration error: {exc}", file=sys.stderr)
         return 0

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from protocol.config import ConfigError, load, mask_url
+import protocol.config
+from protocol.config import ConfigError, load, load_for_client, mask_url
 
 SEED_BEHAVIOR = {
     "completion_timeout": 300,
@@ -27,6 +28,7 @@ def _hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("COMPLETION_CONFIG", raising=False)
 
 
@@ -107,3 +109,51 @@ def test_unknown_extension_and_missing_file(tmp_path: Path) -> None:
 def test_mask_url_hides_the_password() -> None:
     assert mask_url("mysql://wp:s3cret@db:3306/site") == "mysql://wp:***@db:3306/site"
     assert mask_url("mysql://wp@db/site") == "mysql://wp@db/site"
+
+
+def test_client_config_is_parsed_once_then_read_from_a_private_cache_without_the_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        'state_dir = "relative-state"\n[database]\nurl = "mysql://app:s3cret@db.example:3306/wp"\n'
+        "[hook]\ntimeout = 0.25\n"
+    )
+    first = load_for_client(str(path))
+    assert first.hook.timeout == 0.25
+    assert first.state_dir == str(tmp_path / "relative-state")
+    assert first.database.url == "mysql://app:***@db.example:3306/wp"
+    (cache,) = (tmp_path / "cache" / "completion").iterdir()
+    assert cache.stat().st_mode & 0o777 == 0o600
+    assert cache.parent.stat().st_mode & 0o777 == 0o700
+    assert b"s3cret" not in cache.read_bytes()
+
+    def no_parsing(data: bytes, where: Path) -> None:
+        raise AssertionError("the unchanged file was parsed again")
+
+    monkeypatch.setattr(protocol.config, "parse", no_parsing)
+    assert load_for_client(str(path)) == first
+    # Any change of the file is read afresh.
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path.write_text("[hook]\ntimeout = 0.75\n")
+    assert load_for_client(str(path)).hook.timeout == 0.75
+    # The full loader still gives the agent the real URL.
+    path.write_text('[database]\nurl = "mysql://app:s3cret@db.example:3306/wp"\n')
+    assert load(str(path)).database.url == "mysql://app:s3cret@db.example:3306/wp"
+
+
+def test_client_config_cache_that_is_broken_or_unwritable_falls_back_to_parsing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("[hook]\ntimeout = 0.25\n")
+    load_for_client(str(path))
+    (cache,) = (tmp_path / "cache" / "completion").iterdir()
+    cache.write_bytes(b"{not json")
+    assert load_for_client(str(path)).hook.timeout == 0.25
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "config.toml" / "under-a-file"))
+    assert load_for_client(str(path)).hook.timeout == 0.25
+    path.write_text("[hook]\ntimeout = -1\n")
+    with pytest.raises(ConfigError, match=r"hook\.timeout"):
+        load_for_client(str(path))
