@@ -4,10 +4,11 @@ Agent output is untrusted. Every piece of it goes through the same pipeline, in 
 cap (head and tail kept, "N bytes omitted" note) before any other work, so a 100 MB output costs
 no more than a 1 MB one; decode invalid UTF-8 and lone surrogates to U+FFFD; strip terminal
 escape sequences and C0/C1 control characters (tab and newline stay, CRLF becomes LF); make
-bidi controls visible as "⟦U+202E⟧"; then escape. Markdown is rendered only by markdown-it-py
-with raw HTML off, images shown as text, and links limited to http, https, mailto and in-page
-anchors; above ``MARKDOWN_MAX_BYTES`` (where rendering time would grow past about a second) or
-when the rendering does not fit the page, the output is shown escaped in ``<pre>``.
+bidi controls visible as "⟦U+202E⟧"; then escape. Markdown is rendered by markdown-it-pyrs (the
+markdown-it rules, compiled) with raw HTML off and images shown as text, and its HTML is then
+cleaned by nh3 to the tags those rules emit, with links limited to http, https, mailto and
+in-page anchors; above ``MARKDOWN_MAX_BYTES`` or when the rendering does not fit the page, the
+output is shown escaped in ``<pre>``.
 
 The page does not rely on its Content-Security-Policy for safety: it may be shown embedded in a
 page whose own policy applies, so the markup itself carries no scripts, handlers or outside
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from html import escape
 
-from markdown_it import MarkdownIt
+import nh3
+from markdown_it_pyrs import MarkdownIt as FastMarkdown
 
 from agent.sources import (
     NOTE_RESERVE,
@@ -38,7 +40,7 @@ from agent.sources import (
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 )
-MARKDOWN_MAX_BYTES = 128 * 1024  # markdown-it-py renders ~100 KB/s on hostile input
+MARKDOWN_MAX_BYTES = 128 * 1024  # a bound on hostile input (set for markdown-it-py's ~100 KB/s)
 SUMMARY_MAX_CHARS = 500
 MIN_REPORT_BYTES = 64 * 1024  # room for the page's fixed parts and every capped field
 
@@ -210,36 +212,57 @@ def _is_safe_link(url: str) -> bool:
     return lowered.startswith(_SAFE_LINK_SCHEMES) or lowered.startswith("#")
 
 
-def _image_as_text(self, tokens, idx, options, env) -> str:
-    # An image would load from outside (a tracking pixel where no CSP applies); show its alt text.
-    alt = self.renderInlineAsText(tokens[idx].children or [], options, env)
-    return escape(f"[image: {alt}]" if alt else "[image]")
+# markdown-it-pyrs (markdown-it's rules, compiled): CommonMark without raw HTML (html_block and
+# html_inline are left out, so "<script>" in the output is shown as text), plus tables and
+# strikethrough. Its own link check already refuses javascript:, vbscript: and file:.
+_MARKDOWN_RULES = (
+    *("blockquote", "code", "fence", "heading", "hr", "lheading", "list", "paragraph"),
+    *("reference", "autolink", "backticks", "emphasis", "entity", "escape", "image", "link"),
+    *("newline", "table", "strikethrough"),
+)
+_MARKDOWN = FastMarkdown("zero").enable_many(list(_MARKDOWN_RULES))
+# An image would load from outside (a tracking pixel where no CSP applies): its alt text is shown
+# instead. The renderer escapes attribute values, so a quote cannot end one early.
+_IMAGE_RE = re.compile(r'<img src="[^"]*" alt="([^"]*)"[^>]*>')
+# Then nh3 (ammonia) keeps only what the renderer may emit for those rules, and links only to
+# http, https, mailto and in-page anchors: the line between output text and markup does not
+# rest on the renderer alone.
+_CLEAN_TAGS = {
+    *("p", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "li", "pre", "code", "em", "strong"),
+    *("a", "blockquote", "hr", "br", "table", "thead", "tbody", "tr", "th", "td", "s"),
+}
+_CLEAN_ATTRIBUTES = {
+    "a": {"href", "title"},
+    "code": {"class"},
+    "ol": {"start"},
+    "th": {"style"},
+    "td": {"style"},
+}
+_LINK_REL = "nofollow noopener noreferrer"
 
 
-def _link_open(self, tokens, idx, options, env) -> str:
-    tokens[idx].attrSet("rel", "nofollow noopener noreferrer")
-    return self.renderToken(tokens, idx, options, env)
-
-
-class _ReportMarkdown(MarkdownIt):
-    def validateLink(self, url: str) -> bool:
-        # Stricter than markdown-it's default, which lets data:image/... links through.
-        return _is_safe_link(url)
-
-
-def _markdown_renderer() -> MarkdownIt:
-    md = _ReportMarkdown("commonmark", {"html": False, "linkify": False, "typographer": False})
-    md.enable(["table", "strikethrough"])
-    md.add_render_rule("image", _image_as_text)
-    md.add_render_rule("link_open", _link_open)
-    return md
-
-
-_MARKDOWN = _markdown_renderer()
+def _keep_attribute(tag: str, name: str, value: str) -> str | None:
+    if name == "href" and not _is_safe_link(value):
+        return None  # relative links too: the page is shown from an archive or a database row
+    return value
 
 
 def _markdown(text: str) -> str:
-    return f'<div class="output markdown">{_MARKDOWN.render(text)}</div>'
+    rendered = _IMAGE_RE.sub(
+        lambda m: f"[image: {m.group(1)}]" if m.group(1) else "[image]",
+        _MARKDOWN.render(text),
+    )
+    clean = nh3.clean(
+        rendered,
+        tags=_CLEAN_TAGS,
+        attributes=_CLEAN_ATTRIBUTES,
+        attribute_filter=_keep_attribute,
+        url_schemes={"http", "https", "mailto"},
+        link_rel=_LINK_REL,
+        filter_style_properties={"text-align"},
+        strip_comments=True,
+    )
+    return f'<div class="output markdown">{clean}</div>'
 
 
 def _pre(text: str) -> str:

@@ -190,3 +190,52 @@ def raw_update(
                 conn.commit()
         if batch > 1:
             conn.commit()
+
+
+def markdown_answer(seed: int, size: int = OUTPUT_BYTES) -> str:
+    """A realistic final answer of a coding session, ``size`` bytes of Markdown: headings, a
+    bulleted and a numbered list, code fences, a table, links and inline markup."""
+    rnd = random.Random(seed)
+
+    def words(low: int, high: int) -> str:
+        return " ".join(
+            "".join(rnd.choice(string.ascii_lowercase) for _ in range(rnd.randint(2, 9)))
+            for _ in range(rnd.randint(low, high))
+        )
+
+    parts = [
+        f"## Result of todo {seed}",
+        "",
+        f"I changed **{words(2, 4)}** and `{words(1, 1)}()` so that {words(8, 14)}.",
+        "",
+        "### What changed",
+        "",
+        *(
+            f"- `{words(1, 1)}.py`: {words(5, 10)} ([docs](https://example.com/{seed}/{i}))"
+            for i in range(5)
+        ),
+        "",
+        "### How to check",
+        "",
+        *(f"{i}. {words(4, 9)}" for i in range(1, 5)),
+        "",
+        "```python",
+        *(
+            f"def {words(1, 1)}(x: int) -> int:\n    return x * {i}  # {words(2, 5)}"
+            for i in range(4)
+        ),
+        "```",
+        "",
+        "| file | tests | result |",
+        "|:-----|------:|:------:|",
+        *(f"| `{words(1, 1)}.py` | {rnd.randint(1, 40)} | *passed* |" for _ in range(6)),
+        "",
+        "```sh",
+        f"pytest -q tests/test_{words(1, 1)}.py  # {words(3, 6)}",
+        "```",
+        "",
+    ]
+    text = "\n".join(parts)
+    while len(text) < size:
+        text += f"\n{words(10, 16)} — see <https://example.org/{rnd.randint(1, 999)}>.\n"
+    return text[:size].rsplit("\n", 1)[0] + "\n"

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from html.parser import HTMLParser
 
-# The page's own markup plus what markdown-it-py emits for commonmark, tables and strikethrough.
+# The page's own markup plus what the markdown renderer emits for commonmark, tables and
+# strikethrough (after nh3 cleaned it).
 ALLOWED_TAGS = {
     "html", "head", "meta", "title", "style", "body", "header", "section", "h1", "h2", "h3",
     "h4", "h5", "h6", "p", "span", "div", "dl", "dt", "dd", "ul", "ol", "li", "pre", "code",
@@ -14,6 +15,7 @@ ALLOWED_TAGS = {
 }  # fmt: skip
 ALLOWED_ATTRS = {"lang", "charset", "http-equiv", "content", "name", "class", "href", "rel"}
 ALLOWED_ATTRS |= {"title", "style"}  # style: only on td/th, from markdown tables
+ALLOWED_ATTRS |= {"start"}  # an ordered list that starts at another number
 # Bidi embeddings, overrides, isolates and marks: a report shows them as "⟦U+202E⟧" instead.
 BIDI = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c"
 

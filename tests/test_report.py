@@ -56,7 +56,9 @@ def assert_safe(page: str) -> Markup:
                 "rel",
                 "title",
                 "style",
+                "start",
             }, (tag, name)
+            assert name != "start" or tag == "ol", (tag, name)
     for href in markup.attrs("a", "href"):
         assert href is not None
         assert href.startswith(("https://", "http://", "mailto:", "#")), href
@@ -285,3 +287,15 @@ def test_unexpected_kind_is_reported_as_normal():
     page = report("out", kind='"><script>alert(1)</script>').html
     assert_safe(page)
     assert '<header class="normal">' in page
+
+
+def test_markdown_keeps_list_numbers_table_alignment_and_anchors_but_no_relative_links():
+    page = report(
+        "3. third\n4. fourth\n\n| a | b |\n|:--|--:|\n| 1 | 2 |\n\n"
+        "[up](#top) [rel](../../etc/passwd) [data](data:image/png;base64,AAAA) ~~gone~~"
+    ).html
+    markup = assert_safe(page)
+    assert markup.attrs("ol", "start") == ["3"]
+    assert set(markup.attrs("td", "style")) == {"text-align:left", "text-align:right"}
+    assert markup.attrs("a", "href") == ["#top"]
+    assert "rel" in page and "<s>gone</s>" in page
