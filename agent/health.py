@@ -129,6 +129,11 @@ class HealthChecker:
                     self._store.ensure_schema(create_todo_table=True)
             self._store.ping()
             todos = self._store.todos_with_status("in_progress")
+            if self.config.predict.enabled and self._journal is not None and todos:
+                # Predictive recovery learns per project: remember which todo is whose.
+                projects = self._store.project_ids([t.id for t in todos])
+                if projects:
+                    self._journal.set_projects(projects)
         except StoreError as exc:
             if self._store is not None:
                 self._store.close()

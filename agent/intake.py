@@ -7,6 +7,7 @@ or session files; the children do that work from the journal.
 
 from __future__ import annotations
 
+import math
 import os
 import sqlite3
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from loguru import logger
 import protocol as p
 from protocol.config import Config, mask_url
 
-from .journal import Journal, NewEntry
+from .journal import Journal, NewEntry, ScheduledCompletion
 
 WORST = {"OK": 0, "UNKNOWN": 0, "WARNING": 1, "CRITICAL": 2}
 # Checks the monitor computes; the parent adds its own (children, journal, refused, waiting).
@@ -30,6 +31,8 @@ MONITOR_CHECKS = (
     "db_consistency",
     "log_sizes",
 )
+# Checks the monitor's own loop computes, between health rounds (agent/predict.py).
+LOOP_CHECKS = ("predicted_hangs",)
 STUCK_AFTER = 300.0  # a waiting journal entry older than this is worth a WARNING
 
 
@@ -77,11 +80,15 @@ class Intake:
             p.Complete: self._complete,
             p.Emergency: self._emergency,
             p.Retry: self._retry,
+            p.BatchComplete: self._batch_complete,
+            p.Schedule: self._schedule,
+            p.Cancel: self._cancel,
         }
         self._readers: dict[type, Callable[[p.Request, float], p.Reply]] = {
             p.Ping: lambda request, now: p.Pong(version=p.VERSION, pid=_pid()),
             p.Health: lambda request, now: self.health(now),
             p.Status: lambda request, now: self.status(request, now),  # type: ignore[arg-type]
+            p.Outcomes: lambda request, now: self.outcomes(request),  # type: ignore[arg-type]
         }
 
     # ------------------------------------------------------------ batches
@@ -316,7 +323,9 @@ class Intake:
         self.journal.add_entry(
             db, NewEntry(completion_id, todo_id, "normal", request=p.encode(request)), now
         )
-        self.journal.disarm(db, todo_id)
+        self.journal.disarm(db, todo_id, now)
+        if self.journal.cancel_schedules(db, todo_id, "a completion came first", now):
+            logger.bind(todo_id=todo_id).info("scheduled completion cancelled: completed first")
         logger.bind(todo_id=todo_id, completion_id=completion_id).info(
             "completion accepted ({})", request.event or "cli"
         )
@@ -376,7 +385,162 @@ class Intake:
             {"writer"},
         )
 
+    def _batch_complete(self, db: sqlite3.Connection, request: p.Request, now: float) -> Outcome:
+        """Every todo of the batch gets its own completion, all in this one transaction; the
+        ack lists each todo's outcome.  The database's verdict (no such todo, blocked) comes
+        from the writer later, like any completion's: ``Outcomes`` asks for it."""
+        assert isinstance(request, p.BatchComplete)
+        ids = request.todo_ids
+        if not ids:
+            raise Refusal(p.ErrorCode.INVALID, "a batch completion needs at least one todo id")
+        if len(ids) > p.MAX_BATCH:
+            raise Refusal(
+                p.ErrorCode.TOO_LARGE,
+                f"a batch completes at most {p.MAX_BATCH:,} todos and this one names "
+                f"{len(ids):,}; nothing was taken: split it into smaller batches",
+            )
+        size = len(request.output.encode("utf-8", "surrogatepass")) if request.output else 0
+        if size * len(ids) > p.MAX_BATCH_JOURNAL_BYTES:
+            raise Refusal(
+                p.ErrorCode.TOO_LARGE,
+                f"the output ({size:,} bytes) kept for each of the {len(ids):,} todos would take "
+                f"{size * len(ids):,} bytes of journal, over the "
+                f"{p.MAX_BATCH_JOURNAL_BYTES:,}-byte limit; nothing was taken: send a shorter "
+                "output or fewer todos per batch",
+            )
+        self.journal.record_request(db, request.request_id, None, None, now)
+        items: list[p.ItemOutcome] = []
+        seen: set[int] = set()
+        for todo_id in ids:
+            if todo_id in seen:
+                items.append(
+                    p.ItemOutcome(
+                        todo_id=todo_id, outcome="refused", reason="listed twice; completed once"
+                    )
+                )
+                continue
+            seen.add(todo_id)
+            completion_id = batch_completion_id(request.request_id, todo_id)
+            single = p.Complete(
+                request_id=request.request_id,
+                todo_id=todo_id,
+                output=request.output,
+                event=request.event or "batch",
+                sent_at=request.sent_at,
+            )
+            added = self.journal.add_entry(
+                db, NewEntry(completion_id, todo_id, "normal", request=p.encode(single)), now
+            )
+            if not added:
+                # This batch was delivered before (and queued too): the same completion.
+                items.append(
+                    p.ItemOutcome(
+                        todo_id=todo_id,
+                        outcome="accepted",
+                        completion_id=completion_id,
+                        reason="already received; applied once",
+                    )
+                )
+                continue
+            self.journal.disarm(db, todo_id, now)
+            self.journal.cancel_schedules(db, todo_id, "a completion came first", now)
+            items.append(
+                p.ItemOutcome(todo_id=todo_id, outcome="accepted", completion_id=completion_id)
+            )
+        accepted = sum(1 for item in items if item.outcome == "accepted")
+        fresh = sum(1 for item in items if item.outcome == "accepted" and not item.reason)
+        logger.info(
+            "batch completion {} accepted for {} of {} todo(s)",
+            request.request_id,
+            accepted,
+            len(ids),
+        )
+        return Outcome(
+            p.Ack(
+                request_id=request.request_id,
+                state="accepted",
+                message=f"{accepted} accepted, {len(items) - accepted} refused",
+                items=items,
+            ),
+            {"collector", "monitor"} if fresh else set(),
+        )
+
+    def _schedule(self, db: sqlite3.Connection, request: p.Request, now: float) -> Outcome:
+        assert isinstance(request, p.Schedule)
+        if not math.isfinite(request.due_at) or request.due_at <= 0:
+            raise Refusal(p.ErrorCode.INVALID, f"{request.due_at!r} is not a time to complete at")
+        todo_id = self.resolve(db, request)
+        self._record(db, request, todo_id, now)
+        single = p.Complete(
+            request_id=request.request_id,
+            todo_id=todo_id,
+            session_id=request.session_id,
+            output=request.output,
+            event="scheduled",
+            sent_at=request.sent_at,
+        )
+        self.journal.schedule(
+            db, request.request_id, todo_id, request.due_at, p.encode(single), now
+        )
+        when = "now (its time has passed)" if request.due_at <= now else "at its time"
+        logger.bind(todo_id=todo_id).info(
+            "completion scheduled for {:.0f} (in {:.0f} s)", request.due_at, request.due_at - now
+        )
+        return Outcome(
+            p.Ack(
+                request_id=request.request_id,
+                state="accepted",
+                todo_id=todo_id,
+                completion_id=scheduled_completion_id(request.request_id),
+                message=f"the monitor completes it {when}",
+                due_at=request.due_at,
+            ),
+            {"monitor"},
+        )
+
+    def _cancel(self, db: sqlite3.Connection, request: p.Request, now: float) -> Outcome:
+        assert isinstance(request, p.Cancel)
+        todo_id = self.resolve(db, request)
+        if not self.journal.cancel_schedules(db, todo_id, "cancelled by request", now):
+            raise Refusal(
+                p.ErrorCode.NOT_FOUND,
+                f"todo {todo_id} has no scheduled completion waiting (it fired, was cancelled, "
+                "or was never scheduled): `completionctl status ID` shows its schedules",
+            )
+        self._record(db, request, todo_id, now)
+        logger.bind(todo_id=todo_id).info("scheduled completion cancelled")
+        return Outcome(
+            self._ack(request, todo_id, message="scheduled completion cancelled"), {"monitor"}
+        )
+
     # ------------------------------------------------------------ reads
+
+    def outcomes(self, request: p.Outcomes) -> p.OutcomeReport:
+        found = self.journal.outcomes(list(request.completion_ids))
+        items = []
+        for completion_id in request.completion_ids:
+            row = found.get(completion_id)
+            if row is None:
+                items.append(
+                    p.ItemOutcome(
+                        todo_id=0,
+                        outcome="unknown",
+                        completion_id=completion_id,
+                        reason="not in the journal (never taken, or pruned)",
+                    )
+                )
+                continue
+            todo_id, state, outcome, last_error = row
+            items.append(
+                p.ItemOutcome(
+                    todo_id=todo_id,
+                    outcome=outcome or "pending",
+                    completion_id=completion_id,
+                    reason=last_error or "",
+                    state=state,
+                )
+            )
+        return p.OutcomeReport(items=items)
 
     def health(self, now: float) -> p.HealthReport:
         checks: dict[str, p.Check] = {}
@@ -403,7 +567,7 @@ class Intake:
             name: (status, message, ids, at)
             for name, status, message, ids, at in self.journal.checks()
         }
-        for name in MONITOR_CHECKS:
+        for name in (*MONITOR_CHECKS, *LOOP_CHECKS):
             if name in saved:
                 status, message, ids, at = saved[name]
                 age = int(max(now - at, 0))
@@ -421,6 +585,7 @@ class Intake:
                 "journal",
                 "database",
                 "hanging_todos",
+                "predicted_hangs",
                 "waiting_for_person",
                 "orphaned_sessions",
                 "stale_markers",
@@ -494,11 +659,13 @@ class Intake:
                     restarts={name: info.restarts for name, info in children.items()},
                     journal=self.journal.count_by_state(),
                     recoveries=self.journal.counters(),
+                    scheduled=[_scheduled(s) for s in self.journal.pending_schedules()],
                 )
             )
         entries = self.journal.entries_for_todo(request.todo_id)
         timers = self.journal.timers(request.todo_id)
-        if not entries and not timers:
+        schedules = self.journal.schedules_for_todo(request.todo_id)
+        if not entries and not timers and not schedules:
             raise Refusal(
                 p.ErrorCode.NOT_FOUND,
                 f"the agent knows nothing about todo {request.todo_id} "
@@ -545,8 +712,34 @@ class Intake:
                 session_id=timer.session_id if timer else None,
                 last_heard_at=timer.last_heard_at if timer else None,
                 note=timer.note if timer else None,
+                scheduled=[_scheduled(s) for s in schedules],
+                predicted_hang=self._predicted_hang(request.todo_id),
             )
         )
+
+    def _predicted_hang(self, todo_id: int) -> str | None:
+        for name, status, message, ids, _at in self.journal.checks():
+            if name == "predicted_hangs" and status != "OK" and todo_id in ids:
+                prefix = f"todo {todo_id}: "
+                for part in message.split(" | "):
+                    if part.startswith(prefix):
+                        return part[len(prefix) :]
+        return None
+
+
+def batch_completion_id(request_id: str, todo_id: int) -> str:
+    # Fits completion_log's 64-character column: a request id is at most 48 characters.
+    return f"{request_id[:40]}-{todo_id}"
+
+
+def scheduled_completion_id(request_id: str) -> str:
+    return f"sched-{request_id}"
+
+
+def _scheduled(s: ScheduledCompletion) -> p.Scheduled:
+    return p.Scheduled(
+        request_id=s.request_id, todo_id=s.todo_id, due_at=s.due_at, state=s.state, reason=s.reason
+    )
 
 
 def _with_id(request: p.Request, request_id: str) -> p.Request:

@@ -83,6 +83,28 @@ CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS schedules (
+    request_id TEXT PRIMARY KEY,
+    todo_id INTEGER NOT NULL,
+    due_at REAL NOT NULL,
+    request BLOB NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS schedules_pending ON schedules(state, due_at);
+CREATE TABLE IF NOT EXISTS silences (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    todo_id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    seconds REAL NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS projects (
+    todo_id INTEGER PRIMARY KEY,
+    project_id INTEGER NOT NULL
+);
 """
 
 
@@ -137,6 +159,40 @@ class TodoTimers:
 
 
 @dataclass(frozen=True, slots=True)
+class ScheduledCompletion:
+    request_id: str
+    todo_id: int
+    due_at: float
+    request: bytes
+    state: str  # ScheduleState
+    reason: str | None
+    created_at: float
+    updated_at: float
+
+
+class ScheduleState:
+    PENDING = "pending"
+    FIRED = "fired"
+    CANCELLED = "cancelled"
+
+
+class SilenceKind:
+    """What a silence sample measures: the gap between two events of a session, or a session's
+    whole duration from its start to its completion."""
+
+    GAP = "gap"
+    DURATION = "duration"
+
+
+@dataclass(frozen=True, slots=True)
+class Silence:
+    seq: int
+    todo_id: int
+    kind: str  # SilenceKind
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class NewEntry:
     completion_id: str
     todo_id: int
@@ -148,6 +204,7 @@ class NewEntry:
 
 _ENTRY_COLUMNS = ", ".join(Entry.__slots__)
 _TIMER_COLUMNS = ", ".join(TodoTimers.__slots__)
+_SCHEDULE_COLUMNS = ", ".join(ScheduledCompletion.__slots__)
 
 
 class Journal:
@@ -302,7 +359,14 @@ class Journal:
         note: str | None = None,
         session_id: str | None = None,
     ) -> None:
-        """A heartbeat: the completion deadline measures silence, so it moves to now + timeout."""
+        """A heartbeat: the completion deadline measures silence, so it moves to now + timeout.
+
+        The silence it ends is a sample for predictive recovery (a live todo's only)."""
+        previous = db.execute(
+            "SELECT last_heard_at FROM todos WHERE todo_id = ? AND done = 0", (todo_id,)
+        ).fetchone()
+        if previous is not None and previous[0] is not None and now > previous[0]:
+            self.record_silence(db, todo_id, SilenceKind.GAP, now - previous[0], now)
         db.execute(
             "INSERT INTO todos (todo_id, session_id, last_heard_at, completion_timeout, note)"
             " VALUES (?, ?, ?, ?, ?) ON CONFLICT(todo_id) DO UPDATE SET"
@@ -324,8 +388,18 @@ class Journal:
             (todo_id, now, reason or "waiting for a person"),
         )
 
-    def disarm(self, db: sqlite3.Connection, todo_id: int) -> None:
-        """A normal completion cancels both deadlines."""
+    def disarm(self, db: sqlite3.Connection, todo_id: int, now: float | None = None) -> None:
+        """A normal completion cancels both deadlines; given ``now``, the session's duration
+        and its last silence become samples for predictive recovery."""
+        if now is not None:
+            row = db.execute(
+                "SELECT started_at, last_heard_at FROM todos WHERE todo_id = ? AND done = 0",
+                (todo_id,),
+            ).fetchone()
+            if row is not None and row[0] is not None and now > row[0]:
+                self.record_silence(db, todo_id, SilenceKind.DURATION, now - row[0], now)
+                if row[1] is not None and now > row[1]:
+                    self.record_silence(db, todo_id, SilenceKind.GAP, now - row[1], now)
         db.execute(
             "UPDATE todos SET done = 1, completion_due = NULL, emergency_due = NULL,"
             " waiting = NULL WHERE todo_id = ?",
@@ -380,6 +454,20 @@ class Journal:
             completion_ids,
         ).fetchall()
         return [Entry(*row) for row in rows]
+
+    def outcomes(self, completion_ids: list[str]) -> dict[str, tuple]:
+        """completion id -> (todo_id, state, outcome, last_error), without the payloads."""
+        found: dict[str, tuple] = {}
+        for start in range(0, len(completion_ids), 500):
+            chunk = completion_ids[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            for cid, *rest in self._db.execute(
+                "SELECT completion_id, todo_id, state, outcome, last_error FROM entries"
+                f" WHERE completion_id IN ({marks})",
+                chunk,
+            ):
+                found[cid] = tuple(rest)
+        return found
 
     def entry(self, completion_id: str) -> Entry | None:
         row = self._db.execute(
@@ -523,3 +611,131 @@ class Journal:
             )
             db.execute("DELETE FROM sessions WHERE seen_at < ?", (older_than,))
         return gone
+
+    # ------------------------------------------------------------ scheduled completions
+
+    def schedule(
+        self,
+        db: sqlite3.Connection,
+        request_id: str,
+        todo_id: int,
+        due_at: float,
+        request: bytes,
+        now: float,
+    ) -> None:
+        """Schedule a completion; an earlier pending one of the same todo is replaced."""
+        self.cancel_schedules(db, todo_id, f"replaced by scheduled completion {request_id}", now)
+        db.execute(
+            f"INSERT INTO schedules ({_SCHEDULE_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, ?, ?)",
+            (request_id, todo_id, due_at, request, ScheduleState.PENDING, now, now),
+        )
+
+    def cancel_schedules(
+        self, db: sqlite3.Connection, todo_id: int, reason: str, now: float
+    ) -> int:
+        """Cancel the todo's pending scheduled completion(s); how many there were."""
+        return db.execute(
+            "UPDATE schedules SET state = ?, reason = ?, updated_at = ?"
+            " WHERE todo_id = ? AND state = ?",
+            (ScheduleState.CANCELLED, reason, now, todo_id, ScheduleState.PENDING),
+        ).rowcount
+
+    def pending_schedules(self) -> list[ScheduledCompletion]:
+        """Pending scheduled completions, soonest first."""
+        rows = self._db.execute(
+            f"SELECT {_SCHEDULE_COLUMNS} FROM schedules WHERE state = ? ORDER BY due_at",
+            (ScheduleState.PENDING,),
+        ).fetchall()
+        return [ScheduledCompletion(*row) for row in rows]
+
+    def schedules_for_todo(self, todo_id: int) -> list[ScheduledCompletion]:
+        rows = self._db.execute(
+            f"SELECT {_SCHEDULE_COLUMNS} FROM schedules WHERE todo_id = ? ORDER BY created_at",
+            (todo_id,),
+        ).fetchall()
+        return [ScheduledCompletion(*row) for row in rows]
+
+    def fire_schedule(self, scheduled: ScheduledCompletion, entry: NewEntry, now: float) -> bool:
+        """The monitor's one move for a due schedule: pending -> fired and its completion
+        journaled, in one transaction; False when it was cancelled or fired meanwhile."""
+        with self.transaction() as db:
+            fired = db.execute(
+                "UPDATE schedules SET state = ?, reason = ?, updated_at = ?"
+                " WHERE request_id = ? AND state = ?",
+                (
+                    ScheduleState.FIRED,
+                    f"completion {entry.completion_id}",
+                    now,
+                    scheduled.request_id,
+                    ScheduleState.PENDING,
+                ),
+            ).rowcount
+            if not fired:
+                return False
+            self.add_entry(db, entry, now)
+            self.disarm(db, scheduled.todo_id, now)
+            self.bump(db, "scheduled_completions")
+        return True
+
+    # ------------------------------------------------------------ predictive recovery
+
+    def record_silence(
+        self, db: sqlite3.Connection, todo_id: int, kind: str, seconds: float, now: float
+    ) -> None:
+        db.execute(
+            "INSERT INTO silences (todo_id, kind, seconds, at) VALUES (?, ?, ?, ?)",
+            (todo_id, kind, seconds, now),
+        )
+
+    def silences_after(self, seq: int, limit: int = 100_000) -> list[Silence]:
+        """Samples newer than ``seq``, in order (the sketches are fed incrementally)."""
+        rows = self._db.execute(
+            "SELECT seq, todo_id, kind, seconds FROM silences WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit),
+        ).fetchall()
+        return [Silence(*row) for row in rows]
+
+    def set_projects(self, projects: dict[int, int]) -> int:
+        """Remember which project each todo belongs to; how many mappings changed."""
+        changed = 0
+        with self.transaction() as db:
+            for todo_id, project_id in projects.items():
+                changed += db.execute(
+                    "INSERT INTO projects (todo_id, project_id) VALUES (?, ?)"
+                    " ON CONFLICT(todo_id) DO UPDATE SET project_id = excluded.project_id"
+                    " WHERE project_id != excluded.project_id",
+                    (todo_id, project_id),
+                ).rowcount
+        return changed
+
+    def projects(self) -> dict[int, int]:
+        return dict(self._db.execute("SELECT todo_id, project_id FROM projects").fetchall())
+
+    def shorten_deadline(
+        self, todo_id: int, *, expected_due: float, heard_at: float, new_due: float
+    ) -> bool:
+        """Bring a todo's completion deadline forward to ``new_due`` (predict.act = "shorten").
+
+        Compare-and-set: only an armed, unfired deadline that still stands where the caller saw
+        it, with no heartbeat since, and only earlier; a heartbeat afterwards moves it back to
+        its full timeout.  Firing stays the monitor's deadline rule, so it fires once.
+        """
+        with self.transaction() as db:
+            return (
+                db.execute(
+                    "UPDATE todos SET completion_due = ? WHERE todo_id = ? AND done = 0"
+                    " AND completion_fired = 0 AND waiting IS NULL AND completion_due = ?"
+                    " AND last_heard_at = ? AND ? < completion_due",
+                    (new_due, todo_id, expected_due, heard_at, new_due),
+                ).rowcount
+                == 1
+            )
+
+    def prune_history(self, *, schedules_before: float, silences_before: float) -> None:
+        """Forget settled schedules and old silence samples."""
+        with self.transaction() as db:
+            db.execute(
+                "DELETE FROM schedules WHERE state != ? AND updated_at < ?",
+                (ScheduleState.PENDING, schedules_before),
+            )
+            db.execute("DELETE FROM silences WHERE at < ?", (silences_before,))

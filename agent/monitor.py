@@ -17,10 +17,11 @@ from pathlib import Path
 from loguru import logger
 
 from .archive import STAGING_MAX_AGE, archive_session, remove_stale_staging
-from .health import HealthChecker, completions_since_start
-from .journal import NewEntry, TodoTimers
+from .health import CheckResult, HealthChecker, completions_since_start
+from .journal import NewEntry, ScheduledCompletion, TodoTimers
 from .loop import ChildBase
 from .marker import MarkerBridge
+from .predict import SilenceModel, predict, shortened_due
 from .system_status import describe_system
 
 PRUNE_EVERY = 3600.0
@@ -116,6 +117,10 @@ class Monitor(ChildBase):
         self.next_prune = 0.0
         self.marker = MarkerBridge(self.config) if self.config.marker.enabled else None
         self._reported_waiting: set[tuple[int, float]] = set()
+        self.model = SilenceModel()
+        self._flagged: dict[int, float] = {}  # todo id -> the heard_at its flag is about
+        self._saved_prediction: tuple[str, tuple[int, ...]] | None = None
+        self._prediction_saved_at = 0.0
 
     def close(self) -> None:
         self.checker.stop()
@@ -127,6 +132,12 @@ class Monitor(ChildBase):
             "emergency_enabled": behavior.enable_emergency_handlers,
         }
         wake = now + self.sweep
+        for scheduled in self.journal.pending_schedules():
+            if scheduled.due_at > now:
+                wake = min(wake, scheduled.due_at)
+                break
+            self._fire_schedule(scheduled, now)
+        self._predict(now)
         for due in due_deadlines(self.journal.armed_timers(), now, **flags):
             self._act(due, now)
         upcoming = next_deadline(self.journal.armed_timers(), **flags)
@@ -144,6 +155,10 @@ class Monitor(ChildBase):
         if now >= self.next_prune:
             retention = self.config.journal.retention_days * 86400
             pruned = self.journal.prune(now - retention)
+            self.journal.prune_history(
+                schedules_before=now - retention,
+                silences_before=now - self.config.predict.history_days * 86400,
+            )
             if pruned:
                 logger.info("pruned {} finished journal entries", pruned)
             try:
@@ -159,6 +174,101 @@ class Monitor(ChildBase):
                 )
             self.next_prune = now + PRUNE_EVERY
         return wake
+
+    # ------------------------------------------------------------ scheduled completions
+
+    def _fire_schedule(self, scheduled: ScheduledCompletion, now: float) -> None:
+        """A scheduled completion's time has come: journal it as the user's completion."""
+        completion_id = f"sched-{scheduled.request_id}"
+        entry = NewEntry(completion_id, scheduled.todo_id, "normal", request=scheduled.request)
+        if not self.journal.fire_schedule(scheduled, entry, now):
+            return  # cancelled, or fired by another pass, since it was read
+        logger.bind(todo_id=scheduled.todo_id, completion_id=completion_id).info(
+            "scheduled completion fired (due {:.0f}, {:.1f} s late)",
+            scheduled.due_at,
+            now - scheduled.due_at,
+        )
+        self.ring("collector")
+
+    # ------------------------------------------------------------ predictive recovery
+
+    def _predict(self, now: float) -> None:
+        """Flag live todos silent past their learned quantile; with act = "shorten", bring
+        their completion deadline forward (firing stays the deadline rule's, below)."""
+        settings = self.config.predict
+        if not settings.enabled:
+            self._save_prediction(
+                CheckResult("predicted_hangs", "OK", "predictive recovery is off"), now
+            )
+            return
+        self.model.update(self.journal)
+        timers = {t.todo_id: t for t in self.journal.armed_timers()}
+        predictions = predict(
+            list(timers.values()),
+            self.model,
+            now,
+            quantile=settings.quantile,
+            min_samples=settings.min_samples,
+        )
+        for prediction in predictions:
+            log = logger.bind(todo_id=prediction.todo_id)
+            if self._flagged.get(prediction.todo_id) != prediction.heard_at:
+                self._flagged[prediction.todo_id] = prediction.heard_at
+                log.warning(
+                    "predicted hang of todo {}: {}",
+                    prediction.todo_id,
+                    prediction.explain(settings.quantile),
+                )
+            if settings.act != "shorten":
+                continue
+            timer = timers[prediction.todo_id]
+            due = shortened_due(prediction, timer, min_timeout=settings.min_timeout)
+            if due is None or timer.completion_due is None or timer.last_heard_at is None:
+                continue
+            if self.journal.shorten_deadline(
+                prediction.todo_id,
+                expected_due=timer.completion_due,
+                heard_at=timer.last_heard_at,
+                new_due=due,
+            ):
+                log.warning(
+                    "predict.act = shorten: the completion deadline of todo {} moved from "
+                    "{:.0f} to {:.0f}",
+                    prediction.todo_id,
+                    timer.completion_due,
+                    due,
+                )
+        flagged = {p.todo_id for p in predictions}
+        for todo_id in set(self._flagged) - flagged:
+            del self._flagged[todo_id]
+        if predictions:
+            check = CheckResult(
+                "predicted_hangs",
+                "WARNING",
+                " | ".join(
+                    f"todo {p.todo_id}: {p.explain(settings.quantile)}" for p in predictions
+                ),
+                sorted(flagged),
+            )
+        else:
+            gaps = self.model.count("gap")
+            history = (
+                f"learned from {gaps} gaps"
+                if gaps >= settings.min_samples
+                else f"no prediction yet: {gaps} of {settings.min_samples} gaps needed"
+            )
+            check = CheckResult("predicted_hangs", "OK", f"no session silent past p99; {history}")
+        self._save_prediction(check, now)
+
+    def _save_prediction(self, check: CheckResult, now: float) -> None:
+        # Saved when what it says changes, else with the health rounds: not a write per pass.
+        key = (check.status, tuple(check.todo_ids))
+        interval = self.config.behavior.health_check_interval
+        if key == self._saved_prediction and now - self._prediction_saved_at < interval:
+            return
+        self.journal.save_checks([check.as_row()], now)
+        self._saved_prediction = key
+        self._prediction_saved_at = now
 
     # ------------------------------------------------------------ deadlines
 
@@ -182,10 +292,18 @@ class Monitor(ChildBase):
 
     def _emergency(self, due: Due, now: float, log) -> None:
         completion_id = f"emg-{due.todo_id}-{int(due.due_at)}"
-        reason = (
-            f"no completion and no heartbeat for {self._timeout_of(due.todo_id):.0f} s "
-            "(completion deadline passed)"
-        )
+        timeout = self._timeout_of(due.todo_id)
+        reason = f"no completion and no heartbeat for {timeout:.0f} s (completion deadline passed)"
+        [timer] = self.journal.timers(due.todo_id) or [None]
+        if timer is not None and timer.last_heard_at is not None:
+            silent = due.due_at - timer.last_heard_at
+            if silent < timeout - 0.5:
+                # predict.act = "shorten" brought it forward: say so, and why.
+                reason = (
+                    f"predicted hang: no heartbeat for {silent:.0f} s, past what this project's "
+                    f"history allows (predict.act = shorten; the configured timeout is "
+                    f"{timeout:.0f} s)"
+                )
         with self.journal.transaction() as db:
             # Compare-and-set on the timer: a heartbeat, a completion, a person's emergency or
             # the health round's auto-recovery that came first wins, and this stands down.

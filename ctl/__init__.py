@@ -12,12 +12,16 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zmq
 
 import protocol as p
 from protocol import outbox
 from protocol.config import Config, load
+
+if TYPE_CHECKING:
+    from datetime import datetime, timedelta
 
 __all__ = ["AgentUnavailable", "Client", "CommandRefused"]
 
@@ -283,6 +287,109 @@ class Client:
             p.Retry(request_id=p.new_request_id(), completion_id=completion_id, all_dead=all_dead),
             queue=False,
         )
+
+    def batch_complete(
+        self,
+        todo_ids: list[int],
+        *,
+        output: str | None = None,
+        event: str | None = None,
+        request_id: str | None = None,
+        wait: float | None = None,
+    ) -> p.Ack:
+        """Complete several todos with one request; the Ack's ``items`` give each todo's
+        outcome at intake ("accepted", or "refused" and why).  The database's own verdict comes
+        later, as for any completion: ``batch_outcomes(ack)`` asks for it."""
+        if len(todo_ids) > p.MAX_BATCH:
+            raise CommandRefused(
+                p.ErrorCode.TOO_LARGE,
+                f"a batch completes at most {p.MAX_BATCH:,} todos and this one names "
+                f"{len(todo_ids):,}; nothing was sent: split it into smaller batches",
+            )
+        if not todo_ids:
+            raise ValueError("a batch completion needs at least one todo id")
+        return self._deliver(
+            p.BatchComplete(
+                request_id=request_id or p.new_request_id(),
+                todo_ids=list(todo_ids),
+                output=cap_output(output) if output is not None else None,
+                event=event,
+                sent_at=time.time(),
+            ),
+            timeout=wait,
+        )
+
+    def batch_outcomes(self, ack: p.Ack) -> list[p.ItemOutcome]:
+        """Where each accepted completion of a batch stands now: ``state`` (accepted ...
+        cleaned, failed, dead) and ``outcome`` ("pending", "applied", "duplicate", "refused"
+        with the database's reason).  Items refused at intake are returned as they were."""
+        ids = [item.completion_id for item in ack.items if item.outcome == "accepted"]
+        now: dict[str, p.ItemOutcome] = {}
+        for start in range(0, len(ids), p.MAX_BATCH):
+            chunk = [cid for cid in ids[start : start + p.MAX_BATCH] if cid]
+            report = self._read(
+                p.Outcomes(request_id=p.new_request_id(), completion_ids=chunk), p.OutcomeReport
+            )
+            now.update({item.completion_id or "": item for item in report.items})
+        return [
+            now.get(item.completion_id or "", item) if item.outcome == "accepted" else item
+            for item in ack.items
+        ]
+
+    def schedule_completion(
+        self,
+        todo_id: int,
+        delay: float | timedelta | None = None,
+        *,
+        at: float | datetime | None = None,
+        output: str | None = None,
+        request_id: str | None = None,
+    ) -> p.Ack:
+        """Complete ``todo_id`` after ``delay`` (seconds or a timedelta) or ``at`` a time (epoch
+        seconds, or an aware datetime): journaled now, fired by the agent's monitor then, even
+        across restarts; cancelled by ``cancel_scheduled`` or by a completion that comes first."""
+        if (delay is None) == (at is None):
+            raise ValueError("give either a delay or a time (at), not both")
+        if delay is not None:
+            # A timedelta, or seconds (datetime is not imported on the client's hot path).
+            seconds = delay.total_seconds() if hasattr(delay, "total_seconds") else float(delay)
+            if not seconds >= 0:
+                raise ValueError(f"the delay must be zero or more seconds, not {seconds!r}")
+            due_at = time.time() + seconds
+        elif isinstance(at, int | float):
+            due_at = float(at)
+        else:
+            assert at is not None
+            if at.tzinfo is None:
+                raise ValueError("give an aware datetime (with a time zone)")
+            due_at = at.timestamp()
+        return self._deliver(
+            p.Schedule(
+                request_id=request_id or p.new_request_id(),
+                todo_id=todo_id,
+                due_at=due_at,
+                output=cap_output(output) if output is not None else None,
+                sent_at=time.time(),
+            )
+        )
+
+    def cancel_scheduled(self, todo_id: int, *, request_id: str | None = None) -> p.Ack:
+        """Cancel the todo's scheduled completion (refused when none waits)."""
+        return self._deliver(
+            p.Cancel(
+                request_id=request_id or p.new_request_id(), todo_id=todo_id, sent_at=time.time()
+            )
+        )
+
+    def export_session_data(
+        self, todo_id: int, path: str | None = None, *, metadata_only: bool = False
+    ) -> dict:
+        """Write one .tar.gz with everything known about a todo (archive dirs, report, journal
+        history, database row; never a secret) and return its metadata.  Needs no running
+        agent: it reads the state dir's archive and journal, and the database when it answers."""
+        from .export import export_todo
+
+        return export_todo(self.config, todo_id, path, metadata_only=metadata_only)
 
     def health(self) -> p.HealthReport:
         return self._read(p.Health(request_id=p.new_request_id()), p.HealthReport)

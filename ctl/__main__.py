@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import protocol as p
@@ -153,9 +156,28 @@ def _heartbeat(client: Client, args: argparse.Namespace) -> int:
 
 
 def _complete(client: Client, args: argparse.Namespace) -> int:
+    ids = list(args.todo_ids)
+    try:
+        if args.ids_from:
+            ids += read_ids(args.ids_from)
+    except ValueError as exc:
+        print(f"completionctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not ids:
+        print("completionctl: complete needs a TODO_ID (or --ids-from FILE)", file=sys.stderr)
+        return EXIT_USAGE
+    batch = len(ids) > 1 or bool(args.ids_from)
+    if (args.delay or args.at) and batch:
+        print("completionctl: a scheduled completion takes one TODO_ID", file=sys.stderr)
+        return EXIT_USAGE
     output = args.output
     if args.output_file:
         output = read_text_file(args.output_file)
+    if args.delay or args.at:
+        return _schedule(client, args, ids[0], output)
+    if batch:
+        return _batch(client, args, ids, output)
+    args.todo_id = ids[0]
     return _print_ack(
         args,
         client.complete(
@@ -166,6 +188,106 @@ def _complete(client: Client, args: argparse.Namespace) -> int:
             tmux_target=args.tmux_target,
         ),
     )
+
+
+def read_ids(source: str) -> list[int]:
+    """Todo ids from a file (- = stdin): separated by white space or commas; # starts a comment."""
+    from .parser import todo_id
+
+    text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    ids = []
+    for number, line in enumerate(text.splitlines(), 1):
+        for token in re.split(r"[\s,]+", line.split("#", 1)[0].strip()):
+            if not token:
+                continue
+            try:
+                ids.append(todo_id(token))
+            except Exception:
+                raise ValueError(f"{source}, line {number}: {token!r} is not a todo id") from None
+    return ids
+
+
+def _schedule(client: Client, args: argparse.Namespace, todo_id: int, output: str | None) -> int:
+    from .timespec import parse_at, parse_duration
+
+    try:
+        if args.delay:
+            ack = client.schedule_completion(todo_id, parse_duration(args.delay), output=output)
+        else:
+            at = parse_at(args.at, client.config)
+            if at.timestamp() < time.time() - 60:
+                print(f"completionctl: --at {args.at}: that time has passed", file=sys.stderr)
+                return EXIT_USAGE
+            ack = client.schedule_completion(todo_id, at=at, output=output)
+    except ValueError as exc:
+        print(f"completionctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.json and ack.state != "queued" and ack.due_at is not None:
+        print(
+            f"complete for todo {todo_id}: scheduled for {_when(ack.due_at)}, id {ack.request_id}"
+        )
+        return EXIT_OK
+    return _print_ack(args, ack)
+
+
+# Journal states in which a completion's fate is settled.
+_SETTLED = ("verified", "cleaned", "failed", "dead")
+
+
+def _batch(client: Client, args: argparse.Namespace, ids: list[int], output: str | None) -> int:
+    ack = client.batch_complete(ids, output=output)
+    if ack.state == "queued":
+        return _print_ack(args, ack)
+    items = ack.items
+    if args.batch_wait:
+        deadline = time.monotonic() + args.batch_wait
+        while True:
+            items = client.batch_outcomes(ack)
+            pending = [i for i in items if i.state is not None and i.state not in _SETTLED]
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+    failed = [i for i in items if i.outcome in ("refused", "unknown") or i.state == "dead"]
+    if args.json:
+        print(json.dumps(p.to_builtins(msgspec_replace(ack, items=items))))
+    else:
+        for item in items:
+            reason = f": {item.reason}" if item.reason else ""
+            state = f" ({item.state})" if item.state else ""
+            print(f"todo {item.todo_id}: {item.outcome}{state}{reason}")
+        print(f"complete: batch of {len(ids)}: {ack.message}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def msgspec_replace(struct, **changes):
+    import msgspec
+
+    return msgspec.structs.replace(struct, **changes)
+
+
+def _cancel(client: Client, args: argparse.Namespace) -> int:
+    return _print_ack(args, client.cancel_scheduled(args.todo_id))
+
+
+def _export(client: Client, args: argparse.Namespace) -> int:
+    from .export import ExportError
+
+    metadata_only = args.export_format == "json"
+    try:
+        metadata = client.export_session_data(
+            args.todo_id, args.export_path, metadata_only=metadata_only
+        )
+    except ExportError as exc:
+        print(f"completionctl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if metadata_only or args.json:
+        print(json.dumps(metadata, default=str))
+    else:
+        print(f"todo {args.todo_id} exported to {metadata['path']}")
+        for problem in (metadata["journal_problem"], metadata["database_problem"]):
+            if problem:
+                print(f"  note: {problem}")
+    return EXIT_OK
 
 
 def _emergency(client: Client, args: argparse.Namespace) -> int:
@@ -227,6 +349,8 @@ def _status(client: Client, args: argparse.Namespace) -> int:
         )
         if a.recoveries:
             print("  recovery  " + ", ".join(f"{k} {v}" for k, v in sorted(a.recoveries.items())))
+        for s in a.scheduled:
+            print(f"  scheduled todo {s.todo_id}: completes {_when(s.due_at)} (id {s.request_id})")
     if report.todo is not None:
         t = report.todo
         print(f"todo {t.todo_id}" + (f" (session {t.session_id})" if t.session_id else ""))
@@ -238,6 +362,11 @@ def _status(client: Client, args: argparse.Namespace) -> int:
             print(f"  last heard {_when(t.last_heard_at)}")
         for d in t.deadlines:
             print(f"  deadline {d.name}: {_when(d.due_at)}{' (fired)' if d.fired else ''}")
+        if t.predicted_hang:
+            print(f"  predicted hang: {t.predicted_hang}")
+        for s in t.scheduled:
+            reason = f" — {s.reason}" if s.reason else ""
+            print(f"  scheduled completion {_when(s.due_at)}: {s.state}{reason}")
         for e in t.entries:
             extra = f", {e.outcome}" if e.outcome else ""
             error = f" — {e.last_error}" if e.last_error else ""
@@ -259,6 +388,8 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "heartbeat": _heartbeat,
     "complete": _complete,
     "emergency": _emergency,
+    "cancel": _cancel,
+    "export": _export,
     "retry": _retry,
     "health": _health,
     "status": _status,

@@ -91,8 +91,34 @@ def _add_heartbeat(sub, parents) -> None:
 
 
 def _add_complete(sub, parents) -> None:
-    complete = sub.add_parser("complete", parents=parents, help="report a todo as done")
-    complete.add_argument("todo_id", type=todo_id)
+    complete = sub.add_parser(
+        "complete",
+        parents=parents,
+        help="report a todo as done (several ids: one batch; --in/--at: scheduled)",
+    )
+    complete.add_argument("todo_ids", type=todo_id, nargs="*", metavar="TODO_ID")
+    complete.add_argument(
+        "--ids-from",
+        metavar="FILE",
+        help="also complete the ids listed in FILE (- = stdin), as one batch",
+    )
+    when = complete.add_mutually_exclusive_group()
+    when.add_argument(
+        "--in", dest="delay", metavar="DURATION", help="complete after DURATION (90s, 10m, 1h30m)"
+    )
+    when.add_argument(
+        "--at",
+        dest="at",
+        metavar="TIME",
+        help="complete at TIME (2026-12-24T18:00; the site's zone unless it has an offset)",
+    )
+    complete.add_argument(
+        "--wait",
+        dest="batch_wait",
+        type=float,
+        metavar="S",
+        help="a batch: wait up to S seconds for the database's outcome of each todo",
+    )
     source = complete.add_mutually_exclusive_group()
     source.add_argument("--output", help="the session's result text")
     source.add_argument(
@@ -109,6 +135,28 @@ def _add_emergency(sub, parents) -> None:
     )
     emergency.add_argument("todo_id", type=todo_id)
     emergency.add_argument("--reason")
+
+
+def _add_cancel(sub, parents) -> None:
+    cancel = sub.add_parser("cancel", parents=parents, help="cancel a todo's scheduled completion")
+    cancel.add_argument("todo_id", type=todo_id)
+
+
+def _add_export(sub, parents) -> None:
+    export = sub.add_parser(
+        "export",
+        parents=parents,
+        help="one .tar.gz with a todo's archive, report, journal history and database row",
+    )
+    export.add_argument("todo_id", type=todo_id)
+    export.add_argument("-o", "--output", dest="export_path", metavar="FILE")
+    export.add_argument(
+        "--format",
+        dest="export_format",
+        choices=("tar", "json"),
+        default="tar",
+        help="json: print the metadata only, write no file",
+    )
 
 
 def _add_health(sub, parents) -> None:
@@ -159,6 +207,8 @@ SUBPARSERS: dict[str, Callable[[Any, list[argparse.ArgumentParser]], None]] = {
     "heartbeat": _add_heartbeat,
     "complete": _add_complete,
     "emergency": _add_emergency,
+    "cancel": _add_cancel,
+    "export": _add_export,
     "health": _add_health,
     "status": _add_status,
     "retry": _add_retry,

@@ -24,6 +24,10 @@ ShortText = Annotated[str, msgspec.Meta(max_length=4096)]
 # Short enough that derived journal ids ("start-<request id>") fit the 64-character log column.
 RequestId = Annotated[str, msgspec.Meta(max_length=48, pattern=r"^[A-Za-z0-9_.:-]*$")]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=30 * 24 * 3600)]
+# A batch completion names at most this many todos; a larger one is refused whole.
+MAX_BATCH = 10_000
+# The journal keeps each todo's copy of a batch's output: their sum may not exceed this.
+MAX_BATCH_JOURNAL_BYTES = 64 * 1024 * 1024
 
 
 class ErrorCode(enum.IntEnum):
@@ -102,6 +106,34 @@ class Emergency(TodoRequest, frozen=True, kw_only=True, tag="emergency"):
     reason: ShortText = "forced by completionctl emergency"
 
 
+class BatchComplete(Request, frozen=True, kw_only=True, tag="batch-complete"):
+    """Complete several todos with one request: one journal transaction, one ack that lists
+    each todo's outcome.  Every todo gets its own completion (id ``<request id>-<todo id>``)."""
+
+    todo_ids: list[TodoId]
+    output: str | None = None
+    event: ShortText | None = None
+    sent_at: float | None = None
+
+
+class Schedule(TodoRequest, frozen=True, kw_only=True, tag="schedule"):
+    """Complete a todo at ``due_at`` (epoch seconds): journaled now, fired by the monitor then,
+    cancelled by ``Cancel`` or by a completion that comes first."""
+
+    due_at: float
+    output: str | None = None
+
+
+class Cancel(TodoRequest, frozen=True, kw_only=True, tag="cancel"):
+    """Cancel the todo's scheduled completion."""
+
+
+class Outcomes(Request, frozen=True, kw_only=True, tag="outcomes"):
+    """Where these completions stand (a batch's ack names them): read-only."""
+
+    completion_ids: Annotated[list[RequestId], msgspec.Meta(max_length=MAX_BATCH)]
+
+
 class Health(Request, frozen=True, kw_only=True, tag="health"):
     pass
 
@@ -121,9 +153,23 @@ class Retry(Request, frozen=True, kw_only=True, tag="retry"):
     all_dead: bool = False
 
 
-AnyRequest = Start | Heartbeat | Waiting | Complete | Emergency | Health | Status | Ping | Retry
+AnyRequest = (
+    Start
+    | Heartbeat
+    | Waiting
+    | Complete
+    | Emergency
+    | Health
+    | Status
+    | Ping
+    | Retry
+    | BatchComplete
+    | Schedule
+    | Cancel
+    | Outcomes
+)
 # Requests that are queued in the outbox when the agent does not answer.
-QUEUEABLE = (Start, Heartbeat, Waiting, Complete, Emergency)
+QUEUEABLE = (Start, Heartbeat, Waiting, Complete, Emergency, BatchComplete, Schedule, Cancel)
 
 
 # ---------------------------------------------------------------- replies
@@ -133,12 +179,29 @@ class Reply(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     pass
 
 
+class ItemOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """One todo of a batch: "accepted" or "refused" at intake (and why); with ``Outcomes``
+    also where its completion stands now (state, and the database's outcome)."""
+
+    todo_id: int
+    outcome: str
+    completion_id: str | None = None
+    reason: str = ""
+    state: str | None = None
+
+
 class Ack(Reply, frozen=True, kw_only=True, tag="ack"):
     request_id: str
     state: str  # "accepted" | "queued" (set by the client) | "duplicate-request"
     todo_id: int | None = None
     completion_id: str | None = None
     message: str = ""
+    items: list[ItemOutcome] = []  # a batch: each todo's outcome
+    due_at: float | None = None  # a scheduled completion: when it fires
+
+
+class OutcomeReport(Reply, frozen=True, kw_only=True, tag="outcomes"):
+    items: list[ItemOutcome]
 
 
 class Error(Reply, frozen=True, kw_only=True, tag="error"):
@@ -184,6 +247,16 @@ class Entry(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: float
 
 
+class Scheduled(msgspec.Struct, frozen=True, kw_only=True):
+    """A scheduled completion: "pending" until it fires ("fired") or is "cancelled"."""
+
+    request_id: str
+    todo_id: int
+    due_at: float
+    state: str
+    reason: str | None = None
+
+
 class TodoStatus(msgspec.Struct, frozen=True, kw_only=True):
     todo_id: int
     entries: list[Entry]
@@ -192,6 +265,8 @@ class TodoStatus(msgspec.Struct, frozen=True, kw_only=True):
     session_id: str | None = None
     last_heard_at: float | None = None
     note: str | None = None
+    scheduled: list[Scheduled] = []
+    predicted_hang: str | None = None  # the predicted_hangs check's sentence for this todo
 
 
 class AgentStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -205,6 +280,7 @@ class AgentStatus(msgspec.Struct, frozen=True, kw_only=True):
     restarts: dict[str, int]
     journal: dict[str, int]  # count per state
     recoveries: dict[str, int] = {}
+    scheduled: list[Scheduled] = []  # pending scheduled completions, soonest first
 
 
 class StatusReport(Reply, frozen=True, kw_only=True, tag="status"):
@@ -212,7 +288,7 @@ class StatusReport(Reply, frozen=True, kw_only=True, tag="status"):
     todo: TodoStatus | None = None
 
 
-AnyReply = Ack | Error | Pong | HealthReport | StatusReport
+AnyReply = Ack | Error | Pong | HealthReport | StatusReport | OutcomeReport
 
 
 # ---------------------------------------------------------------- framing

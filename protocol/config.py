@@ -96,6 +96,17 @@ class Journal(_Section, frozen=True, kw_only=True):
     retention_days: Annotated[float, msgspec.Meta(ge=0)] = 14.0
 
 
+class Predict(_Section, frozen=True, kw_only=True):
+    """Predictive recovery: flag a session silent past its learned quantile of past gaps."""
+
+    enabled: bool = True
+    min_samples: Annotated[int, msgspec.Meta(ge=1)] = 50
+    quantile: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.99
+    act: Literal["warn", "shorten"] = "warn"
+    min_timeout: Positive = 60.0  # "shorten" never brings a deadline closer than this
+    history_days: Positive = 90.0  # samples older than this are forgotten
+
+
 class Config(_Section, frozen=True, kw_only=True):
     state_dir: str = ""
     endpoint: str = ""
@@ -107,6 +118,7 @@ class Config(_Section, frozen=True, kw_only=True):
     hook: Hook = Hook()
     marker: Marker = Marker()
     journal: Journal = Journal()
+    predict: Predict = Predict()
     source: str = ""  # the file this came from; set by load(), not by the user
 
     @property

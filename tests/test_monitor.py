@@ -316,6 +316,7 @@ def test_health_json_names_every_check_and_exits_0_when_all_is_well(agent: Agent
         "journal",
         "database",
         "hanging_todos",
+        "predicted_hangs",
         "waiting_for_person",
         "orphaned_sessions",
         "stale_markers",

@@ -134,6 +134,8 @@ class Store(Protocol):
     def get_todo(self, todo_id: int) -> Todo | None: ...
     def get_todos(self, todo_ids: Sequence[int]) -> dict[int, Todo]: ...
     def todos_with_status(self, status: str, limit: int = 10000) -> list[Todo]: ...
+    def project_ids(self, todo_ids: Sequence[int]) -> dict[int, int]: ...
+    def row(self, todo_id: int) -> dict[str, Any] | None: ...
     def apply(self, writes: Sequence[TodoWrite]) -> list[WriteOutcome]: ...
     def verify(self, write: TodoWrite, outcome: WriteOutcome) -> bool: ...
     def logged_kinds(self, todo_id: int) -> list[tuple[str, str]]: ...
@@ -458,6 +460,31 @@ class SqlStore:
             ).fetchall()
         todos = [_todo(r) for r in rows]
         return {t.id: t for t in todos}
+
+    def project_ids(self, todo_ids: Sequence[int]) -> dict[int, int]:
+        """todo id -> its `project_id`, for the todos that have one; {} when the table has no
+        such column (the embedded default)."""
+        ids = sorted({int(i) for i in todo_ids})
+        if not ids:
+            return {}
+        with self._lock, self._transaction(write=False) as cur:
+            if "project_id" not in self._columns(cur, self.table):
+                return {}
+            rows = self._run(
+                cur,
+                f"SELECT id, project_id FROM {self._t} WHERE id IN ({_marks(ids)})"
+                " AND project_id IS NOT NULL",
+                ids,
+            ).fetchall()
+        return {int(r[0]): int(r[1]) for r in rows}
+
+    def row(self, todo_id: int) -> dict[str, Any] | None:
+        """The todo's whole row, column name -> value, as the table holds it (for export)."""
+        with self._lock, self._transaction(write=False) as cur:
+            cur = self._run(cur, f"SELECT * FROM {self._t} WHERE id = ?", (todo_id,))
+            row = cur.fetchone()
+            names = [d[0] for d in cur.description or ()]
+        return None if row is None else dict(zip(names, row, strict=True))
 
     def todos_with_status(self, status: str, limit: int = 10000) -> list[Todo]:
         with self._lock, self._transaction(write=False) as cur:

@@ -1,0 +1,181 @@
+"""Scheduled completions: journaled at once, fired by the monitor at their time (also after a
+kill -9 of the whole agent), cancelled by `cancel` or by a completion that comes first."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+import protocol as p
+from ctl.timespec import parse_at, parse_duration
+from tests.harness import Agent, wait_for
+from tests.unitrig import T0, UnitRig, unit_config
+
+
+@pytest.fixture
+def rig(tmpdir_short: Path) -> Iterator[UnitRig]:
+    r = UnitRig(tmpdir_short)
+    yield r
+    r.close()
+
+
+def schedule(rig: UnitRig, todo_id: int, due_at: float, at: float = T0) -> p.Reply:
+    return rig.send(
+        p.Schedule(request_id=rig.rid("sched"), todo_id=todo_id, due_at=due_at, output="later"),
+        at,
+    )
+
+
+def test_a_scheduled_completion_fires_at_its_time_not_before(rig: UnitRig) -> None:
+    rig.start(1)
+    ack = schedule(rig, 1, T0 + 600)
+    assert isinstance(ack, p.Ack) and ack.due_at == T0 + 600
+    [pending] = rig.journal.pending_schedules()  # journaled at once
+    assert rig.run(T0 + 599.9) <= T0 + 600  # the monitor wakes for it
+    assert rig.entries(1, "normal") == []
+    rig.run(T0 + 600)
+    [entry] = rig.entries(1, "normal")
+    assert entry.completion_id == f"sched-{pending.request_id}"
+    assert entry.state == "accepted"
+    request = p.decode_request(entry.request)
+    assert isinstance(request, p.Complete) and request.output == "later"
+    assert request.event == "scheduled"
+    assert rig.journal.pending_schedules() == []
+    # It is the todo's completion: its deadlines are disarmed.
+    assert rig.journal.timers(1)[0].done == 1
+    rig.run(T0 + 700)
+    assert len(rig.entries(1, "normal")) == 1  # fired once
+    assert rig.journal.counters()["scheduled_completions"] == 1
+
+
+def test_a_schedule_survives_a_monitor_restart(rig: UnitRig) -> None:
+    schedule(rig, 1, T0 + 60)
+    rig.run(T0 + 1)
+    rig.monitor.shutdown()
+    rig.monitor = rig.new_monitor()
+    rig.run(T0 + 61)
+    assert len(rig.entries(1, "normal")) == 1
+
+
+def test_a_real_completion_that_comes_first_cancels_the_schedule(rig: UnitRig) -> None:
+    rig.start(1)
+    schedule(rig, 1, T0 + 600)
+    rig.complete(1, T0 + 300)
+    rig.run(T0 + 601)
+    assert len(rig.entries(1, "normal")) == 1  # only the real one
+    [s] = rig.journal.schedules_for_todo(1)
+    assert s.state == "cancelled" and s.reason == "a completion came first"
+
+
+def test_cancel_cancels_and_a_second_cancel_is_refused(rig: UnitRig) -> None:
+    schedule(rig, 1, T0 + 600)
+    ack = rig.send(p.Cancel(request_id="c1", todo_id=1), T0 + 10)
+    assert isinstance(ack, p.Ack)
+    rig.run(T0 + 601)
+    assert rig.entries(1, "normal") == []
+    again = rig.send(p.Cancel(request_id="c2", todo_id=1), T0 + 20)
+    assert isinstance(again, p.Error) and again.code == p.ErrorCode.NOT_FOUND
+    assert "no scheduled completion" in again.message
+
+
+def test_a_new_schedule_replaces_the_pending_one(rig: UnitRig) -> None:
+    schedule(rig, 1, T0 + 600)
+    schedule(rig, 1, T0 + 900)
+    rig.run(T0 + 600)
+    assert rig.entries(1, "normal") == []
+    rig.run(T0 + 900)
+    assert len(rig.entries(1, "normal")) == 1
+    states = sorted(s.state for s in rig.journal.schedules_for_todo(1))
+    assert states == ["cancelled", "fired"]
+
+
+def test_status_shows_the_schedule(rig: UnitRig) -> None:
+    schedule(rig, 4, T0 + 600)
+    report = rig.intake.status(p.Status(todo_id=4), T0)
+    assert report.todo is not None
+    [s] = report.todo.scheduled
+    assert (s.due_at, s.state) == (T0 + 600, "pending")
+    agent = rig.intake.status(p.Status(), T0).agent
+    assert agent is not None and [x.todo_id for x in agent.scheduled] == [4]
+
+
+# ------------------------------------------------------------------ the command line's times
+
+
+def test_durations_parse_and_nonsense_is_refused() -> None:
+    assert parse_duration("10m") == 600
+    assert parse_duration("1h30m") == 5400
+    assert parse_duration("90") == 90
+    assert parse_duration("2d") == 2 * 86400
+    for bad in ("", "soon", "10x", "-5m"):
+        with pytest.raises(ValueError, match="not a duration"):
+            parse_duration(bad)
+
+
+def test_at_reads_the_site_zone_unless_an_offset_is_given(tmpdir_short: Path) -> None:
+    config = unit_config(tmpdir_short)
+    # With an offset, the offset wins.
+    at = parse_at("2026-12-24T18:00+01:00", config)
+    assert at == datetime(2026, 12, 24, 17, 0, tzinfo=UTC)
+    # Without one: the site's zone (the machine's local zone when none is configured).
+    local = parse_at("2026-12-24T18:00", config)
+    assert local == datetime(2026, 12, 24, 18, 0).astimezone()
+    with pytest.raises(ValueError, match="not a time"):
+        parse_at("Christmas", config)
+
+
+# ------------------------------------------------------------------ the real agent
+
+
+@pytest.mark.slow
+def test_scheduled_completion_survives_kill_9_of_the_whole_agent(
+    make_agent: Callable[..., Agent],
+) -> None:
+    agent = make_agent().start()
+    todo = agent.add("Ship the release")
+    assert agent.ctl("start", str(todo)).returncode == 0
+    wait_for(lambda: (agent.todo_row(todo) or {}).get("status") == "in_progress", what="start")
+    result = agent.ctl("complete", str(todo), "--in", "4s", "--output", "released on time")
+    assert result.returncode == 0, result.stderr.decode()
+    assert "scheduled for" in result.stdout.decode()
+    status = agent.todo_status(todo)
+    assert [s["state"] for s in status["scheduled"]] == ["pending"]
+    text = agent.ctl("status").stdout.decode()
+    assert f"scheduled todo {todo}" in text
+    # kill -9 of the parent and every child before the time comes.
+    family = agent.family()
+    for proc in family:
+        os.kill(proc.pid, signal.SIGKILL)
+    agent.proc.wait(10)
+    assert agent.todo_row(todo)["status"] == "in_progress"
+    agent.start()
+    wait_for(
+        lambda: (agent.todo_row(todo) or {}).get("status") == "completed",
+        timeout=30,
+        what="the scheduled completion to land after the restart",
+    )
+    assert "released on time" in (agent.todo_row(todo)["claude_text_output"] or "")
+    [s] = agent.todo_status(todo)["scheduled"]
+    assert s["state"] == "fired"
+
+
+@pytest.mark.slow
+def test_cancel_and_refusals_on_the_command_line(agent: Agent) -> None:
+    todo = agent.add("Maybe later")
+    future = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
+    assert agent.ctl("complete", str(todo), "--at", future).returncode == 0
+    result = agent.ctl("cancel", str(todo))
+    assert result.returncode == 0, result.stderr.decode()
+    again = agent.ctl("cancel", str(todo))
+    assert again.returncode == 1 and b"no scheduled completion" in again.stderr
+    past = agent.ctl("complete", str(todo), "--at", "2001-01-01T00:00")
+    assert past.returncode == 2 and b"has passed" in past.stderr
+    two = agent.ctl("complete", "1", "2", "--in", "5m")
+    assert two.returncode == 2 and b"one TODO_ID" in two.stderr
+    [s] = agent.todo_status(todo)["scheduled"]
+    assert s["state"] == "cancelled"
