@@ -94,7 +94,9 @@ def run(argv: list[str]) -> int:
     try:
         # The admin commands talk to the database themselves; the others only to the agent,
         # so they read the config through the cached copy that spares them the TOML parser.
-        config = (load if args.command in ADMIN else load_for_client)(args.config)
+        # export reads the database itself: it needs the password the client's copy lacks.
+        full = args.command in ADMIN or args.command == "export"
+        config = (load if full else load_for_client)(args.config)
     except ConfigError as exc:
         print(f"completionctl: configuration error: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE if args.command == "health" else EXIT_USAGE

@@ -156,22 +156,23 @@ def _journal_history(config: Config, todo_id: int) -> tuple[dict[str, Any], str 
 
 
 def _database_row(config: Config, todo_id: int) -> tuple[dict[str, Any] | None, str | None]:
-    from agent.store import StoreError, open_store
+    from agent.dbroute import DbRoute
+    from agent.store import StoreError
 
+    route = None
     try:
-        store = open_store(
-            config.database_url,
-            table=config.database.table,
-            timeout=min(config.behavior.database_timeout, 10.0),
-        )
-    except (StoreError, ValueError) as exc:
-        return None, f"database unavailable: {exc}"
-    try:
-        row = store.row(todo_id)
-    except StoreError as exc:
+        # The same way to the database as the agent's (direct, TLS, or its own ssh tunnel).
+        route = DbRoute(config, f"export-{os.getpid()}")
+        store = route.open(timeout=min(config.behavior.database_timeout, 10.0))
+        try:
+            row = store.row(todo_id)
+        finally:
+            store.close()
+    except (StoreError, ValueError, OSError) as exc:
         return None, f"database unavailable: {exc}"
     finally:
-        store.close()
+        if route is not None:
+            route.close()
     if row is None:
         return None, f"no row with id {todo_id} in {config.database.table}"
     return {k: _plain(v) for k, v in row.items() if not SECRET_COLUMN.search(k)}, None

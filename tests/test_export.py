@@ -106,7 +106,8 @@ def test_bundles_of_a_completed_a_forced_and_a_reset_todo(
 
     files, meta = export(agent, done)
     top = f"todo_{done}"
-    assert meta["todo_id"] == done and meta["database_row"] is True
+    assert meta["todo_id"] == done
+    assert meta["database_row"] is True, meta["database_problem"]
     assert meta["archives"] and all(a.startswith(f"todo_{done}_") for a in meta["archives"])
     assert f"{top}/report.html" in files and b"All 12 tests pass." in files[f"{top}/report.html"]
     assert b"All 12 tests pass." in files[f"{top}/report.md"]
