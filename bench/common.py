@@ -305,14 +305,15 @@ def runtime_closure(name: str) -> list[Any]:
     return list(seen.values())
 
 
-def deployed_python(root: Path) -> Path:
+def deployed_python(root: Path, extra: tuple[str, ...] = ()) -> Path:
     """A virtualenv laid out as ``pip install .`` makes it for production: the project installed
     from its wheel (no editable finder on every start), its runtime dependencies only (no test
     extra: nothing of mypy's, such as typing_extensions, for msgspec to find), bytecode compiled.
 
     Built offline from this venv: the dependencies' installed files are copied (their recorded
     ``.pyc`` with them), the project's wheel is built from a copy of the sources and installed by
-    pip. Returns the venv's python; ``completionctl`` is beside it.
+    pip. ``extra`` names more installed distributions to copy (a peer's, for bench/peers.py).
+    Returns the venv's python; ``completionctl`` is beside it.
     """
     venv = root / "deployed"
     subprocess.run([PYTHON, "-m", "venv", "--without-pip", str(venv)], check=True)
@@ -323,7 +324,9 @@ def deployed_python(root: Path) -> Path:
         capture_output=True,
         text=True,
     ).stdout.strip()
-    for dist in runtime_closure(DIST):
+    from importlib import metadata
+
+    for dist in [*runtime_closure(DIST), *(metadata.distribution(name) for name in extra)]:
         for file in dist.files or ():
             if file.parts[0] == "..":
                 continue  # scripts

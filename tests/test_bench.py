@@ -24,6 +24,7 @@ BENCHES = {  # name: needs MariaDB
     "idle": True,
     "health": True,
     "recovery": True,
+    "peers": True,
 }
 TABLE_HEAD = "| # | measure | result | baseline (same run) | ratio | target | met |"
 

@@ -1,0 +1,477 @@
+"""Bench P: the agent against what a user would pick instead, the same work, in one run.
+
+Each completion is the same job everywhere: read the todo, render the report of a 4 KB Markdown
+answer (headings, lists, code fences, a table, links) with the agent's renderer, UPDATE the
+WordPress row in MariaDB, read it back. The peers:
+
+- **the original system's style**: a fresh process per completion does it all synchronously in
+  the hook (``peer_original.py``);
+- **huey** (``SqliteHuey``): the hook process enqueues, ``huey_consumer -w 2`` (threads) does
+  the work (``peer_huey.py``);
+- **the agent**: ``completionctl hook`` with a Stop payload carrying the answer (process hook),
+  and ``ctl.Client.complete`` in a loop (library loop); against huey's enqueue loop.
+
+Every process runs in the production layout (``pip install .``, built offline; huey copied into
+it). Rows: hook wall; hook start until the row is visible (polled from here); completions per
+second (process modes: two launchers at a time, the cores there are); CPU per completion split
+into the hook processes, the service (the agent's processes, huey's consumer) and the MariaDB
+server (which other users of the shared server also keep busy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    REPO,
+    CpuMeter,
+    Outcome,
+    Row,
+    arguments,
+    compiled_env,
+    database_server_process,
+    deployed_env,
+    deployed_python,
+    finish,
+    median,
+    ms,
+    private_dir,
+    verdict,
+    wait_until,
+)
+from bench.db import TABLE, Database, add_todos, fresh_database, markdown_answer, server_answers
+from bench.throughput import agent_config
+from tests.dbfixtures import MYSQL_HOST, MYSQL_PASSWORD, MYSQL_PORT, MYSQL_USER
+
+LAUNCHERS = 2  # process modes: hooks started at once (one per core)
+PEER_FILES = ("peer_work.py", "peer_original.py", "peer_huey.py")
+HUEY_HOOK = "import sys, peer_huey; peer_huey.complete(int(sys.argv[1]), sys.stdin.read())"
+
+
+@dataclass
+class Mode:
+    """One way of completing: how a hook is started, or how a loop sends."""
+
+    name: str
+    argv: Callable[[int], list[str]] | None = None  # a process per completion
+    env: dict[str, str] = field(default_factory=dict)
+    send: Callable[[int, str], None] | None = None  # in this process
+    service: list[Any] = field(default_factory=list)  # psutil processes doing the work
+
+
+def visible(conn: Any, todo: int) -> bool:
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT status FROM {TABLE} WHERE id = %s", (todo,))
+        row = cur.fetchone()
+    return bool(row) and row[0] == "completed"
+
+
+def count_visible(conn: Any, ids: list[int]) -> int:
+    with conn.cursor() as cur:
+        cur.execute(
+            f"SELECT COUNT(*) FROM {TABLE} WHERE id BETWEEN %s AND %s AND status = 'completed'",
+            (min(ids), max(ids)),
+        )
+        return int(cur.fetchone()[0])
+
+
+def answer_file(root: Path, todo: int) -> Path:
+    path = root / "answers" / f"{todo}.md"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(markdown_answer(todo))
+    return path
+
+
+def stop_payload(root: Path, todo: int) -> Path:
+    import json
+
+    path = root / "answers" / f"{todo}.stop.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(
+        json.dumps(
+            {
+                "hook_event_name": "Stop",
+                "session_id": f"peers-{todo}",
+                "transcript_path": str(root / "no-transcript.jsonl"),
+                "cwd": str(root),
+                "stop_hook_active": False,
+                "last_assistant_message": markdown_answer(todo),
+            }
+        )
+    )
+    return path
+
+
+def one_process(mode: Mode, todo: int, stdin: Path, conn: Any) -> tuple[float, float, float]:
+    """(hook wall, hook start until the row is visible, the hook's CPU) for one completion."""
+    assert mode.argv is not None
+    env = {**mode.env, "TODO_ID": str(todo)}
+    with stdin.open("rb") as source:
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            mode.argv(todo), env=env, stdin=source, stdout=subprocess.DEVNULL, cwd=mode.env["CWD"]
+        )
+        wall = seen = None
+        cpu = 0.0
+        deadline = started + 60
+        while wall is None or seen is None:
+            if wall is None:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    wall = time.perf_counter() - started
+                    cpu = usage.ru_utime + usage.ru_stime
+                    proc.returncode = os.waitstatus_to_exitcode(status)
+                    if proc.returncode != 0:
+                        raise SystemExit(f"peers bench: {mode.name} hook exited {proc.returncode}")
+            if seen is None and visible(conn, todo):
+                seen = time.perf_counter() - started
+            if time.perf_counter() > deadline:
+                proc.kill()
+                raise SystemExit(f"peers bench: {mode.name}: todo {todo} not visible in 60 s")
+            time.sleep(0.002)
+    return wall, seen, cpu
+
+
+def processes_until_visible(
+    mode: Mode, ids: list[int], inputs: dict[int, Path], conn: Any
+) -> tuple[float, float]:
+    """Seconds for all these completions with LAUNCHERS hooks at a time, and the hooks' CPU."""
+    assert mode.argv is not None
+    pending = list(ids)
+    lock = threading.Lock()
+    cpu = [0.0]
+    failed: list[str] = []
+
+    def launcher() -> None:
+        while True:
+            with lock:
+                if not pending or failed:
+                    return
+                todo = pending.pop()
+            with inputs[todo].open("rb") as source:
+                proc = subprocess.Popen(
+                    mode.argv(todo),  # type: ignore[misc]
+                    env={**mode.env, "TODO_ID": str(todo)},
+                    stdin=source,
+                    stdout=subprocess.DEVNULL,
+                    cwd=mode.env["CWD"],
+                )
+                _, status, usage = os.wait4(proc.pid, 0)
+            with lock:
+                cpu[0] += usage.ru_utime + usage.ru_stime
+                if os.waitstatus_to_exitcode(status) != 0:
+                    failed.append(f"todo {todo}")
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=launcher) for _ in range(LAUNCHERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failed:
+        raise SystemExit(f"peers bench: {mode.name} hooks failed: {failed[:5]}")
+    wait_all(conn, ids, mode.name)
+    return time.perf_counter() - started, cpu[0]
+
+
+def loop_until_visible(mode: Mode, ids: list[int], conn: Any) -> tuple[float, float]:
+    """Seconds to send all from one loop here until every row is visible, and this CPU."""
+    assert mode.send is not None
+    outputs = {todo: markdown_answer(todo) for todo in ids}
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    for todo in ids:
+        mode.send(todo, outputs[todo])
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    wait_all(conn, ids, mode.name)
+    elapsed = time.perf_counter() - started
+    return elapsed, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+
+def wait_all(conn: Any, ids: list[int], name: str) -> None:
+    if not wait_until(lambda: count_visible(conn, ids) >= len(ids), 900, 0.02):
+        raise SystemExit(f"peers bench: {name}: not all {len(ids)} rows visible in 900 s")
+
+
+def peer_env(db: Database, root: Path, base: dict[str, str]) -> dict[str, str]:
+    env = deployed_env(base)
+    env.update(
+        {
+            "PYTHONPATH": str(root / "peers"),
+            "BENCH_DB_HOST": MYSQL_HOST,
+            "BENCH_DB_PORT": str(MYSQL_PORT),
+            "BENCH_DB_USER": MYSQL_USER,
+            "BENCH_DB_PASSWORD": MYSQL_PASSWORD or "",
+            "BENCH_DB_NAME": db.name,
+            "BENCH_HUEY_DB": str(root / "huey.db"),
+            "CWD": str(root),
+        }
+    )
+    return env
+
+
+def run(size: str) -> Outcome:
+    import psutil
+
+    from ctl import Client
+    from tests.harness import Agent
+
+    if not server_answers():
+        raise SystemExit("peers bench: MariaDB does not answer on 127.0.0.1:3306")
+    samples, processes, loops = (3, 6, 20) if size == "tiny" else (30, 300, 1000)
+    with private_dir("bp-") as root, fresh_database() as db:
+        python = str(deployed_python(root, extra=("huey",)))
+        (root / "peers").mkdir()
+        for name in PEER_FILES:
+            shutil.copy2(REPO / "bench" / name, root / "peers" / name)
+        env = peer_env(db, root, os.environ)
+        agent = Agent(root, agent_config(db))
+        agent.env = compiled_env(root, agent.env)
+        consumer = None
+        try:
+            agent.start()
+            consumer = subprocess.Popen(
+                [python, "-m", "huey.bin.huey_consumer", "peer_huey.huey", "-w", "2", "-q"],
+                env=env,
+                cwd=root,
+                stdout=subprocess.DEVNULL,
+                stderr=(root / "huey.log").open("wb"),
+            )
+            sys.path.insert(0, str(root / "peers"))
+            os.environ.update({k: v for k, v in env.items() if k.startswith("BENCH_")})
+            import peer_huey  # type: ignore[import-not-found]
+
+            ctl = str(Path(python).parent / "completionctl")
+            hook_env = {**deployed_env(agent.env), "CWD": str(root)}
+            family = agent.family()
+            modes = {
+                "original": Mode(
+                    "original",
+                    lambda t: [python, str(root / "peers" / "peer_original.py"), str(t)],
+                    env,
+                ),
+                "huey": Mode(
+                    "huey",
+                    lambda t: [python, "-c", HUEY_HOOK, str(t)],
+                    env,
+                    service=[psutil.Process(consumer.pid)],
+                ),
+                "agent": Mode(
+                    "agent",
+                    lambda t: [ctl, "--config", str(agent.config_path), "hook"],
+                    hook_env,
+                    service=family,
+                ),
+            }
+            server = database_server_process()
+            conn = db.connect()
+            inputs: dict[str, Callable[[Path, int], Path]] = {
+                "original": answer_file,
+                "huey": answer_file,
+                "agent": stop_payload,
+            }
+            # Latency: one completion at a time, the modes taking turns.
+            latency: dict[str, list[tuple[float, float, float]]] = {name: [] for name in modes}
+            warm = 2
+            todos = add_todos(db, (samples + warm) * len(modes))
+            for index in range(samples + warm):
+                order = list(modes)[index % 3 :] + list(modes)[: index % 3]
+                for name in order:
+                    todo = todos.pop()
+                    result = one_process(modes[name], todo, inputs[name](root, todo), conn)
+                    if index >= warm:
+                        latency[name].append(result)
+            # Library loop latency at idle: Client.complete until the row is visible.
+            client = Client(str(agent.config_path), timeout=30)
+            idle: list[tuple[float, float]] = []
+            for todo in add_todos(db, samples + warm):
+                answer = markdown_answer(todo)
+                started = time.perf_counter()
+                client.complete(todo, output=answer, queue_when_unreachable=False)
+                acked = time.perf_counter() - started
+                wait_until(lambda todo=todo: visible(conn, todo), 60, 0.0005)
+                idle.append((acked, time.perf_counter() - started))
+            idle = idle[warm:]
+
+            # Throughput and CPU, each mode in turn.
+            def meter(mode_service: list[Any]) -> CpuMeter:
+                named = {f"service {i}": p for i, p in enumerate(mode_service)}
+                if server is not None:
+                    named["mysqld"] = server
+                return CpuMeter(named)
+
+            rates: dict[str, float] = {}
+            cpu: dict[str, dict[str, float]] = {}
+            for name, mode in modes.items():
+                ids = add_todos(db, processes)
+                files = {todo: inputs[name](root, todo) for todo in ids}
+                m = meter(mode.service)
+                m.start()
+                elapsed, hook_cpu = processes_until_visible(mode, ids, files, conn)
+                used = m.stop()
+                rates[f"{name} process"] = processes / elapsed
+                cpu[f"{name} process"] = split(used, hook_cpu, processes)
+
+            def agent_send(todo: int, output: str) -> None:
+                client.complete(todo, output=output, queue_when_unreachable=False)
+
+            def huey_send(todo: int, output: str) -> None:
+                peer_huey.complete(todo, output)
+
+            for name, send, service in (
+                ("agent", agent_send, family),
+                ("huey", huey_send, [psutil.Process(consumer.pid)]),
+            ):
+                ids = add_todos(db, loops)
+                m = meter(service)
+                m.start()
+                elapsed, hook_cpu = loop_until_visible(Mode(name, send=send), ids, conn)
+                used = m.stop()
+                rates[f"{name} loop"] = loops / elapsed
+                cpu[f"{name} loop"] = split(used, hook_cpu, loops)
+            client.close()
+            conn.close()
+        finally:
+            if consumer is not None:
+                consumer.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    consumer.wait(10)
+                if consumer.poll() is None:
+                    consumer.kill()
+            agent.cleanup()
+
+    return Outcome(rows(latency, idle, rates, cpu, processes, loops))
+
+
+def split(used: dict[str, float], hook_cpu: float, count: int) -> dict[str, float]:
+    service = sum(v for k, v in used.items() if k.startswith("service"))
+    return {
+        "hook": hook_cpu / count,
+        "service": service / count,
+        "mysqld": used.get("mysqld", float("nan")) / count,
+    }
+
+
+def cpu_text(c: dict[str, float]) -> str:
+    return (
+        f"CPU/completion: hook {c['hook'] * 1000:.1f} ms, service {c['service'] * 1000:.1f} ms,"
+        f" mysqld {c['mysqld'] * 1000:.1f} ms"
+    )
+
+
+def rows(
+    latency: dict[str, list[tuple[float, float, float]]],
+    idle: list[tuple[float, float]],
+    rates: dict[str, float],
+    cpu: dict[str, dict[str, float]],
+    processes: int,
+    loops: int,
+) -> list[Row]:
+    def p50(name: str, index: int) -> float:
+        return median([sample[index] for sample in latency[name]])
+
+    labels = {
+        "original": "original system's style: a process per completion, synchronous",
+        "huey": "huey: the hook process enqueues, `huey_consumer -w 2` works",
+        "agent": "agent: `completionctl hook` (Stop) as a process",
+    }
+    out = []
+    for name, label in labels.items():
+        out.append(
+            Row(
+                "P",
+                f"{label}: hook wall (hook CPU {p50(name, 2) * 1000:.0f} ms)",
+                ms(p50(name, 0)),
+                "",
+                None,
+                "",
+                None,
+            )
+        )
+    out.append(
+        Row(
+            "P",
+            "hook start → row visible: agent process hook, against huey's (original:"
+            f" {ms(p50('original', 1))})",
+            ms(p50("agent", 1)),
+            f"huey {ms(p50('huey', 1))}",
+            p50("agent", 1) / p50("huey", 1),
+            "≤ 0.5x",
+            verdict(p50("agent", 1) / p50("huey", 1), at_most=0.5),
+        )
+    )
+    acks = sorted(a for a, _ in idle)
+    seen = sorted(s for _, s in idle)
+    p95 = seen[min(len(seen) - 1, int(len(seen) * 0.95))]
+    out.append(
+        Row(
+            "P",
+            "agent library: `Client.complete` → row visible at idle, MariaDB"
+            f" (ack {ms(median(acks))};"
+            f" p95 {ms(p95)})",
+            ms(median(seen)),
+            "",
+            None,
+            "≤ 9 ms",
+            verdict(median(seen), at_most=0.009),
+        )
+    )
+    out.append(
+        Row(
+            "P",
+            f"completions/s, {processes} as processes ({LAUNCHERS} at a time): agent process hook,"
+            f" against huey's hook process (original: {rates['original process']:.1f}/s;"
+            f" agent {cpu_text(cpu['agent process'])}; huey {cpu_text(cpu['huey process'])};"
+            f" original {cpu_text(cpu['original process'])})",
+            f"{rates['agent process']:.1f}/s",
+            f"huey {rates['huey process']:.1f}/s",
+            rates["agent process"] / rates["huey process"],
+            "≥ 1x",
+            verdict(rates["agent process"] / rates["huey process"], at_least=1.0),
+        )
+    )
+    out.append(
+        Row(
+            "P",
+            f"completions/s, {loops} from one loop: agent `Client.complete`, against the original"
+            f" system's processes ({cpu_text(cpu['agent loop'])})",
+            f"{rates['agent loop']:.0f}/s",
+            f"original {rates['original process']:.1f}/s",
+            rates["agent loop"] / rates["original process"],
+            "≥ 20x",
+            verdict(rates["agent loop"] / rates["original process"], at_least=20),
+        )
+    )
+    out.append(
+        Row(
+            "P",
+            f"completions/s, {loops} from one loop: agent, against huey's enqueue loop"
+            f" (huey {cpu_text(cpu['huey loop'])})",
+            f"{rates['agent loop']:.0f}/s",
+            f"huey {rates['huey loop']:.0f}/s",
+            rates["agent loop"] / rates["huey loop"],
+            "≥ 2x",
+            verdict(rates["agent loop"] / rates["huey loop"], at_least=2),
+        )
+    )
+    return out
+
+
+def main() -> int:
+    args = arguments(__doc__.splitlines()[0])
+    return finish(args, "P. Against the peers, the same work", run(args.size))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
