@@ -23,9 +23,17 @@ from protocol.config import Config, parse_ssh
 
 from .store import SshSettings, SshTunnel, Store, open_store, parse_url
 from .store.tunnel import known_host_problem
-from .store.url import MysqlTarget
+from .store.url import MysqlTarget, node_name, with_nodes
 
 TUNNEL_DIR = "tunnel"
+NODE_FILE = "writer-node"  # the node the writer uses, with several hosts (for health)
+
+
+def writer_node(config: Config) -> str | None:
+    try:
+        return (config.state_path / NODE_FILE).read_text().strip() or None
+    except OSError:
+        return None
 
 
 class DbRoute:
@@ -36,7 +44,13 @@ class DbRoute:
         self.role = role
         self.tunnel: SshTunnel | None = None
         self.tls: ssl.SSLContext | None = None
+        self._node: str | None = None
         db = config.database
+        self.nodes: list[str] = []
+        if config.database_url.startswith("mysql://"):
+            target = parse_url(config.database_url)
+            assert isinstance(target, MysqlTarget)
+            self.nodes = [node_name(h, p) for h, p in with_nodes(target, db.hosts).all_nodes]
         if db.ssh:
             target = parse_url(config.database_url)
             assert isinstance(target, MysqlTarget)  # the config allows ssh only with mysql://
@@ -57,6 +71,8 @@ class DbRoute:
             timeout=timeout or self.config.behavior.database_timeout,
             tunnel=self.tunnel,
             tls=self.tls,
+            nodes=list(db.hosts) or None,
+            failback_after=db.failback_after,
         )
 
     def describe(self) -> str:
@@ -81,6 +97,24 @@ class DbRoute:
     def close(self) -> None:
         if self.tunnel is not None:
             self.tunnel.close()
+
+    def note_node(self, store: Store | None, logger) -> None:
+        """With several hosts: log a change of node, and leave it where `health` reads it."""
+        node = getattr(store, "node", None)
+        if node is None or len(self.nodes) < 2 or node == self._node:
+            return
+        if self._node is not None:
+            logger.warning("database: failed over from node {} to node {}", self._node, node)
+        else:
+            logger.info("database: using node {} of {}", node, ", ".join(self.nodes))
+        self._node = node
+        path = self.config.state_path / NODE_FILE
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(f"{node}\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            logger.warning("cannot record the database node in {}: {}", path, exc)
 
 
 def tunnel_dir(config: Config) -> Path:

@@ -26,10 +26,12 @@ from loguru import logger
 from protocol.config import Config
 
 from .archive import archive_orphan
-from .dbroute import DbRoute
+from .dbroute import DbRoute, writer_node
+from .fleet import agent_id, describe, stale_members
 from .journal import Entry, Journal, NewEntry, TodoTimers
 from .logs import LOG_FILES
 from .store import StoreError, Todo, TunnelError
+from .store.fleet import fleet_of
 
 
 @dataclass
@@ -108,6 +110,8 @@ class HealthChecker:
             results.append(
                 self._consistency(journal, in_progress, live, timers, set(hanging.todo_ids), now)
             )
+        if in_progress is not None and self.config.database_url.startswith("mysql://"):
+            results.append(self._fleet(journal, now))
         results.append(self._orphans(in_progress, live, now))
         results.append(self._stale_markers(now))
         results.append(self._log_sizes())
@@ -153,7 +157,52 @@ class HealthChecker:
                 self._route.log_events(logger)
         ms = (time.monotonic() - started) * 1000
         via = f" {self._route.describe()}" if self._route and self._route.tunnel else ""
+        if self._route is not None and len(self._route.nodes) > 1:
+            via = f" on node {getattr(self._store, 'node', '?')}"
+            if (node := writer_node(self.config)) is not None:
+                via += f"; the writer uses node {node}"
         return todos, CheckResult("database", "OK", f"reachable{via} ({ms:.0f} ms)")
+
+    def _fleet(self, journal: Journal, now: float) -> CheckResult:
+        """The other agents on this database: silent ones are a WARNING; the in_progress todos
+        of one silent past hanging_after are taken over by exactly one survivor (compare-and-set
+        on the claim) and force-completed."""
+        stale_after = self.config.fleet.stale_after
+        me = agent_id(self.config)
+        acted: list[int] = []
+        try:
+            fleet = fleet_of(self._store)
+            fleet.ensure()
+            members = fleet.members()
+            if self.config.behavior.auto_recovery:
+                for todo_id, owner, silence in fleet.orphans(
+                    me, self.config.behavior.hanging_after
+                ):
+                    if not fleet.take_over(todo_id, owner, me):
+                        continue  # another survivor was first
+                    logger.bind(todo_id=todo_id).warning(
+                        "fleet: took over todo {} from agent {} (silent for {:.0f} s)",
+                        todo_id,
+                        owner,
+                        silence,
+                    )
+                    if self._force_complete(journal, todo_id, now - silence, now):
+                        acted.append(todo_id)
+        except StoreError as exc:
+            return CheckResult("fleet", "UNKNOWN", f"the fleet registry is unreadable: {exc}")
+        stale = stale_members(members, me, stale_after)
+        others = len([m for m in members if m.agent_id != me])
+        if not stale:
+            message = f"{others} other agent(s), none silent over {stale_after:.0f} s"
+            status = "OK"
+        else:
+            status = "WARNING"
+            message = f"{len(stale)} of {others} other agent(s) silent: " + "; ".join(
+                describe(m, stale_after) for m in stale
+            )
+        if acted:
+            message += f"; took over and force-completed {acted}"
+        return CheckResult("fleet", status, message, acted)
 
     def _live_todos(self, journal: Journal, timers: dict[int, TodoTimers]) -> set[int]:
         """Todos this agent is working on: started and not finished, or with a completion that

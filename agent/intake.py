@@ -594,6 +594,14 @@ class Intake:
                 "refused",
             )
         ]
+        if "fleet" in saved:  # several agents on one MySQL database (agent/fleet.py)
+            status, message, ids, at = saved["fleet"]
+            age = int(max(now - at, 0))
+            ordered.append(
+                p.Check(
+                    name="fleet", status=status, message=f"{message} ({age} s ago)", todo_ids=ids
+                )
+            )
         worst = max((WORST[c.status] for c in ordered), default=0)
         status = {0: "OK", 1: "WARNING", 2: "CRITICAL"}[worst]
         return p.HealthReport(status=status, checks=ordered, checked_at=now)

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from loguru import logger
 
 from .dbroute import DbRoute
+from .fleet import Beacon, worst
 from .journal import Entry
 from .loop import ChildBase
 from .store import (
@@ -49,6 +50,7 @@ class Writer(ChildBase):
     def open(self) -> None:
         self.store = None
         self.route: DbRoute | None = None  # the writer's own way to the database (its tunnel)
+        self.beacon = Beacon(self.config, self.sweep)  # this agent's row in the fleet registry
         self.sqlite = self.config.database_url.startswith("sqlite:")
         self.config_error: str | None = None
         self.schema = "pending"  # "ready" | "pending" | "broken" (see _prepare)
@@ -93,6 +95,8 @@ class Writer(ChildBase):
         finally:
             if self.route is not None:
                 self.route.log_events(logger)
+                self.route.note_node(self.store, logger)
+            self._beat(now)
 
     def _work(self, now: float) -> float:
         if self.down_since is not None:
@@ -119,6 +123,20 @@ class Writer(ChildBase):
             if now - started > WORK_BUDGET:
                 return now  # more to drain: run again at once, after a look at the signals
         return self._next_wake(now)
+
+    def _beat(self, now: float) -> None:
+        """Upsert this agent's fleet row (MySQL only), at most once a sweep, while the
+        database answers."""
+        if not self.beacon.due(now) or self.store is None or self.down_since is not None:
+            return
+        if self.schema != "ready":
+            return
+        counts = self.journal.count_by_state()
+        backlog = sum(counts.get(s, 0) for s in ("accepted", "collected", "written", "dead"))
+        health = worst([check[1] for check in self.journal.checks()])
+        error = self.beacon.beat(self.store, now, backlog=backlog, health=health)
+        if error is not None:
+            logger.warning("fleet registry not updated: {}", error)
 
     def _prepare(self, now: float) -> None:
         """Create completion_log (and on SQLite the todo table) where missing.
@@ -306,6 +324,13 @@ class Writer(ChildBase):
             )
             updates.append((entry.completion_id, values))
         self.journal.update_entries(updates, now)
+        started = [
+            e.todo_id
+            for e, o in zip(entries, outcomes, strict=True)
+            if e.kind == "start" and o.outcome == "applied"
+        ]
+        if started and (error := self.beacon.claim(self._store(), started)) is not None:
+            logger.warning("fleet claims for {} not recorded: {}", started, error)
         if refused_starts:
             self._disarm(refused_starts)
         if verified_any:

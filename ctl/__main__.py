@@ -95,12 +95,13 @@ def run(argv: list[str]) -> int:
         # The admin commands talk to the database themselves; the others only to the agent,
         # so they read the config through the cached copy that spares them the TOML parser.
         # export reads the database itself: it needs the password the client's copy lacks.
-        full = args.command in ADMIN or args.command == "export"
+        fleet = args.command == "health" and getattr(args, "fleet", False)
+        full = args.command in ADMIN or args.command == "export" or fleet
         config = (load if full else load_for_client)(args.config)
     except ConfigError as exc:
         print(f"completionctl: configuration error: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE if args.command == "health" else EXIT_USAGE
-    if args.command in ADMIN:
+    if args.command in ADMIN or fleet:
         from . import admin
 
         return admin.run(args, config)

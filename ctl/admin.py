@@ -55,6 +55,8 @@ def _run(args: argparse.Namespace, config: Config) -> int:
                 print("completionctl: db needs a subcommand: init", file=sys.stderr)
                 return EXIT_USAGE
             return _db_init(args, config)
+        if args.command == "health":
+            return _fleet(args, config)
         return _check(args, config)
     except StoreError as exc:
         print(f"completionctl: database error: {exc}", file=sys.stderr)
@@ -103,6 +105,61 @@ def _db_init(args: argparse.Namespace, config: Config) -> int:
             "completion_log is there"
         )
     return EXIT_FAILED if problems else EXIT_OK
+
+
+def _fleet(args: argparse.Namespace, config: Config) -> int:
+    """`health --fleet`: the registry's rows, read from the database (no agent needed).
+    Exit 0 when every agent was seen within fleet.stale_after, 1 when one was not, 3 when the
+    registry cannot be read."""
+    from agent.fleet import describe
+    from agent.store import StoreError
+    from agent.store.fleet import fleet_of
+
+    stale_after = config.fleet.stale_after
+    store = None
+    try:
+        store = _open(config)
+        members = fleet_of(store).members()
+    except (StoreError, ValueError) as exc:
+        if args.json:
+            print(json.dumps({"status": "UNKNOWN", "agents": [], "message": str(exc)}))
+        print(f"completionctl: the fleet registry cannot be read: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        if store is not None:
+            store.close()
+    stale = [m for m in members if m.age > stale_after]
+    status = "WARNING" if stale or not members else "OK"
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "status": status,
+                    "stale_after": stale_after,
+                    "agents": [
+                        {
+                            "agent_id": m.agent_id,
+                            "host": m.host,
+                            "pid": m.pid,
+                            "version": m.version,
+                            "started_at": m.started_at.isoformat() + "Z",
+                            "last_seen": m.last_seen.isoformat() + "Z",
+                            "age": round(m.age, 3),
+                            "backlog": m.backlog,
+                            "health": m.health,
+                            "node": m.node,
+                            "stale": m.age > stale_after,
+                        }
+                        for m in members
+                    ],
+                }
+            )
+        )
+    else:
+        print(f"fleet: {len(members)} agent(s), {len(stale)} silent over {stale_after:.0f} s")
+        for m in members:
+            print(f"  {describe(m, stale_after)}")
+    return 1 if status == "WARNING" else 0
 
 
 def _transport_steps(config: Config, results: list[tuple[str, bool, str]]) -> bool:

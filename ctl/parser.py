@@ -160,10 +160,15 @@ def _add_export(sub, parents) -> None:
 
 
 def _add_health(sub, parents) -> None:
-    sub.add_parser(
+    health = sub.add_parser(
         "health",
         parents=parents,
         help="health checks (exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN)",
+    )
+    health.add_argument(
+        "--fleet",
+        action="store_true",
+        help="every agent on this database (MySQL), read from its fleet registry",
     )
 
 

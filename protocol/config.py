@@ -44,6 +44,11 @@ class Database(_Section, frozen=True, kw_only=True):
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
+    # The nodes of a cluster ("host[:port]" each, in order of preference); replaces the host in
+    # database.url.  The writer fails over to the next when one is down or not ready.
+    hosts: list[str] = []
+    # After a failover, go back to the first node that answers this many seconds later.
+    failback_after: Positive = 60.0
 
 
 class Behavior(_Section, frozen=True, kw_only=True):
@@ -92,6 +97,11 @@ class Marker(_Section, frozen=True, kw_only=True):
     stale_after: Positive = 3600.0
 
 
+class Fleet(_Section, frozen=True, kw_only=True):
+    # Several agents on one MySQL database: one silent this long is a WARNING on the others.
+    stale_after: Positive = 120.0
+
+
 class Journal(_Section, frozen=True, kw_only=True):
     retention_days: Annotated[float, msgspec.Meta(ge=0)] = 14.0
 
@@ -119,6 +129,7 @@ class Config(_Section, frozen=True, kw_only=True):
     marker: Marker = Marker()
     journal: Journal = Journal()
     predict: Predict = Predict()
+    fleet: Fleet = Fleet()
     source: str = ""  # the file this came from; set by load(), not by the user
 
     @property
@@ -310,11 +321,14 @@ def _complete(config: Config, path: Path | None) -> Config:
         )
     if url.startswith("mysql://"):
         parts = urlsplit(url)
+        userinfo, at, hostlist = parts.netloc.rpartition("@")
+        nodes = [f"{userinfo}{at}{h}" for h in hostlist.split(",")]  # h1:p1,h2:p2: a cluster
         try:
-            parts.port  # noqa: B018 - raises ValueError for a port out of range
+            for node in nodes:
+                urlsplit(f"mysql://{node}").port  # noqa: B018 - ValueError for a bad port
         except ValueError:
             raise ConfigError(f"database.url: {mask_url(url)!r} has an invalid port") from None
-        if not parts.username or not parts.hostname or not parts.path.strip("/"):
+        if not parts.username or not all(hostlist.split(",")) or not parts.path.strip("/"):
             raise ConfigError(
                 f"database.url: {mask_url(url)!r} needs a user, a host and a database: "
                 "mysql://USER:PASS@HOST:PORT/DB"
@@ -356,6 +370,13 @@ def _check_ssh_tls(db: Database, url: str) -> None:
     if (db.ssh or db.tls != "off") and not url.startswith("mysql://"):
         key = "database.ssh" if db.ssh else "database.tls"
         raise ConfigError(f"{key} needs a MySQL database: set database.url to mysql://...")
+    if db.hosts and not url.startswith("mysql://"):
+        raise ConfigError("database.hosts needs a MySQL database: set database.url to mysql://...")
+    for node in db.hosts:
+        if not re.match(r"^([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(:\d{1,5})?$", node):
+            raise ConfigError(f"database.hosts: {node!r} is not host or host:port")
+    if db.ssh and (db.hosts or "," in url.partition("@")[2].partition("/")[0]):
+        raise ConfigError("database.ssh leads to one server: it cannot go with several hosts")
     if db.ssh:
         parse_ssh(db.ssh)
     elif db.ssh_identity or db.ssh_known_hosts:

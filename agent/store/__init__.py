@@ -21,7 +21,7 @@ from .base import (
     check_table_name,
 )
 from .tunnel import SshSettings, SshTunnel, TunnelError
-from .url import MysqlTarget, SqliteTarget, parse_url, redact_url
+from .url import MysqlTarget, SqliteTarget, parse_url, redact_url, with_nodes
 
 __all__ = [
     "STATUSES",
@@ -50,10 +50,14 @@ def open_store(
     timeout: float = 30.0,
     tunnel: SshTunnel | None = None,
     tls: ssl.SSLContext | None = None,
+    nodes: list[str] | None = None,
+    failback_after: float = 60.0,
 ) -> Store:
     """A store for `url` (sqlite:///ABS/PATH.db or mysql://USER[:PASS]@HOST[:PORT]/DB).
 
-    `tunnel` (MySQL only) leads to the server through ssh; `tls` makes TLS required with that
+    `nodes` (MySQL only: "host[:port]" each) replace the URL's hosts: a cluster, failed over in
+    order and back to the first after `failback_after` seconds.  `tunnel` leads to the server
+    through ssh; `tls` makes TLS required with that
     context.  Both belong to the caller, who closes the tunnel.
     Nothing connects yet: the first call does, and every error after that comes as a
     TransientError or PermanentError. A bad URL, table name or timeout raises ValueError here.
@@ -69,4 +73,8 @@ def open_store(
     # PyMySQL is imported only when a MySQL URL is used.
     from .mysql import MysqlStore
 
-    return MysqlStore(target, table=table, timeout=timeout, tunnel=tunnel, tls=tls)
+    if nodes:
+        target = with_nodes(target, nodes)
+    return MysqlStore(
+        target, table=table, timeout=timeout, tunnel=tunnel, tls=tls, failback_after=failback_after
+    )

@@ -14,6 +14,7 @@ import math
 import re
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from .base import (
     fit_text,
 )
 from .tunnel import SshTunnel, TunnelError
-from .url import MysqlTarget
+from .url import MysqlTarget, node_name
 
 OUTPUT_COLUMNS = ("claude_html_output", "claude_text_output", "claude_summary")
 
@@ -41,6 +42,7 @@ OUTPUT_COLUMNS = ("claude_html_output", "claude_text_output", "claude_summary")
 # down, is read-only (failover), killed us, or a lock/deadlock made the transaction lose.
 TRANSIENT_ERRNOS: dict[int, str] = {
     1040: "the server has too many connections",
+    1047: "the Galera node is not ready (not part of the primary component)",
     1053: "the server is shutting down",
     1158: "network error reading from the server",
     1159: "network timeout reading from the server",
@@ -157,8 +159,17 @@ class MysqlStore(SqlStore):
         timeout: float,
         tunnel: SshTunnel | None = None,
         tls: ssl.SSLContext | None = None,
+        failback_after: float = 60.0,
     ) -> None:
         self.target = target
+        # Several nodes: the one in use, whether the next connection must try the one after it
+        # (this one failed), since when it is in use; back to the first after failback_after.
+        self._node = 0
+        self._advance = False
+        self._since = 0.0
+        self.failback_after = failback_after
+        self.failovers = 0
+        self.galera = False
         self.tunnel = tunnel  # owned by the caller: it outlives this store's connections
         self.tls = tls  # a context = TLS required (PyMySQL refuses a server without it)
         self._conn: pymysql.connections.Connection | None = None
@@ -176,32 +187,98 @@ class MysqlStore(SqlStore):
         return f"`{name}`"
 
     # ---- connection
+    @property
+    def node(self) -> str:
+        """The node in use (or last used): host:port of one of database.url's hosts."""
+        return node_name(*self.target.all_nodes[self._node])
+
     def _connect(self) -> pymysql.connections.Connection:
+        nodes = self.target.all_nodes
+        if (
+            self._conn is not None
+            and self._node != 0
+            and time.monotonic() - self._since > self.failback_after
+        ):
+            # Back to the first node (it may have rejoined); if it still fails, on we go.
+            self._drop()
+            self._node, self._advance = 0, False
         if self._conn is None:
-            t = self.target
             self._limits = None
-            host, port, unix_socket = t.host, t.port, t.unix_socket
-            if self.tunnel is not None:
-                host, port, unix_socket = "localhost", 3306, self.tunnel.ensure()
-            self._conn = pymysql.connect(
-                host=host,
-                port=port,
-                user=t.user,
-                password=t.password,
-                database=t.database,
-                unix_socket=unix_socket,
-                ssl=self.tls,
-                ssl_disabled=self.tls is None,
-                charset="utf8mb4",
-                autocommit=False,
-                connect_timeout=self.timeout,
-                read_timeout=self.read_timeout,
-                write_timeout=self.timeout,
-                init_command=(
-                    f"SET SESSION innodb_lock_wait_timeout = {self.lock_wait}, time_zone = '+00:00'"
-                ),
-            )
+            if len(nodes) == 1:
+                self._conn = self._open(*nodes[0])
+                self._advance = False
+                return self._conn
+            start = (self._node + 1) % len(nodes) if self._advance else self._node
+            problems: list[str] = []
+            for k in range(len(nodes)):
+                index = (start + k) % len(nodes)
+                try:
+                    conn = self._open(*nodes[index])
+                except Exception as exc:
+                    err = classify(exc)
+                    if isinstance(err, PermanentError):
+                        raise
+                    problems.append(f"{node_name(*nodes[index])}: {err}")
+                    continue
+                if index != self._node:
+                    self.failovers += 1
+                self._node, self._conn, self._advance = index, conn, False
+                self._since = time.monotonic()
+                break
+            else:
+                self._node = (start + len(nodes) - 1) % len(nodes)
+                raise TransientError(f"no node answered: {'; '.join(problems)}")
         return self._conn
+
+    def _open(self, host: str, port: int) -> pymysql.connections.Connection:
+        t = self.target
+        unix_socket = t.unix_socket
+        if self.tunnel is not None:
+            host, port, unix_socket = "localhost", 3306, self.tunnel.ensure()
+        conn = pymysql.connect(
+            host=host,
+            port=port,
+            user=t.user,
+            password=t.password,
+            database=t.database,
+            unix_socket=unix_socket,
+            ssl=self.tls,
+            ssl_disabled=self.tls is None,
+            charset="utf8mb4",
+            autocommit=False,
+            connect_timeout=self.timeout,
+            read_timeout=self.read_timeout,
+            write_timeout=self.timeout,
+            init_command=(
+                f"SET SESSION innodb_lock_wait_timeout = {self.lock_wait}, time_zone = '+00:00'"
+            ),
+        )
+        try:
+            self._galera(conn, node_name(host, port))
+        except Exception:
+            with suppress(Exception):
+                conn.close()
+            raise
+        return conn
+
+    def _galera(self, conn: pymysql.connections.Connection, where: str) -> None:
+        """On a Galera node: refuse one that is not ready, and make this session's reads wait
+        until the node has applied what the cluster committed before them (wsrep_sync_wait), so
+        a read-back after a failover sees a write made through another node."""
+        with conn.cursor() as cur:
+            cur.execute("SHOW VARIABLES LIKE 'wsrep_on'")
+            row = cur.fetchone()
+            if not row or str(row[1]).upper() != "ON":
+                self.galera = False
+                return
+            self.galera = True
+            cur.execute("SHOW STATUS LIKE 'wsrep_ready'")
+            ready = cur.fetchone()
+            if not ready or str(ready[1]).upper() != "ON":
+                raise pymysql.err.OperationalError(
+                    1047, f"Galera node {where} is not ready (wsrep_ready = OFF)"
+                )
+            cur.execute("SET SESSION wsrep_sync_wait = 1")
 
     def _drop(self) -> None:
         """Roll back (best effort) and forget the connection; the next call makes a fresh one."""
@@ -233,7 +310,9 @@ class MysqlStore(SqlStore):
         elif isinstance(tls_error, ssl.SSLError):
             where = f"{self.target.host}:{self.target.port}"
             err = TransientError(f"TLS to {where} failed: {tls_error} (will retry)")
-        elif self.tunnel is not None and not isinstance(err, TunnelError):
+        if isinstance(err, TransientError) and err.errno not in (1205, 1213, 1062):
+            self._advance = True  # this node failed us: the next connection tries another
+        if self.tunnel is not None and not isinstance(err, TunnelError):
             # The tunnel may have died under the connection: then that is the cause to report.
             failure = self.tunnel.failure()
             if failure is not None:
@@ -244,6 +323,8 @@ class MysqlStore(SqlStore):
             # Another writer recorded the same completion id at the same moment; a retry will
             # find it in completion_log and answer "already".
             err = TransientError(f"{err}: another writer recorded it; will retry", errno=1062)
+        if len(self.target.all_nodes) > 1 and self.node not in str(err):
+            err = type(err)(f"{err} [node {self.node}]", errno=err.errno)
         pw = self.target.password
         if pw and pw in str(err):  # never let a password reach a log line
             err = type(err)(str(err).replace(pw, "***"), errno=err.errno)

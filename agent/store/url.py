@@ -5,6 +5,7 @@ Owns the URL forms the store accepts:
     sqlite:///ABS/PATH.db
     mysql://USER[:PASS]@HOST[:PORT]/DB
     mysql://USER[:PASS]@localhost/DB?unix_socket=/run/mysqld/mysqld.sock
+    mysql://USER[:PASS]@HOST1[:PORT],HOST2[:PORT],.../DB   (the nodes of a cluster, in order)
 
 User, password and database are percent-decoded. Nothing here ever puts a password into an error
 message or a repr: messages show `redact_url(url)`.
@@ -12,7 +13,7 @@ message or a repr: messages show `redact_url(url)`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import parse_qs, unquote
 
@@ -30,12 +31,51 @@ class MysqlTarget:
     port: int
     database: str
     unix_socket: str | None = None
+    # Several hosts (a Galera cluster): all of them in order, the first being host:port.
+    nodes: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def all_nodes(self) -> tuple[tuple[str, int], ...]:
+        return self.nodes or ((self.host, self.port),)
 
     def redacted(self) -> str:
-        where = f"{self.host}:{self.port}" if self.unix_socket is None else self.host
+        where = ",".join(node_name(h, p) for h, p in self.all_nodes)
+        if self.unix_socket is not None:
+            where = self.host
         user = f"{self.user}:***" if self.password else self.user
         query = f"?unix_socket={self.unix_socket}" if self.unix_socket else ""
         return f"mysql://{user}@{where}/{self.database}{query}"
+
+
+def node_name(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def with_nodes(target: MysqlTarget, nodes: list[str]) -> MysqlTarget:
+    """`target` with its hosts replaced by `nodes` ("host[:port]" each; database.hosts)."""
+    parsed = tuple(_host_port(n, n) for n in nodes)
+    if not parsed:
+        return target
+    (host, port), *_ = parsed
+    return replace(target, host=host, port=port, nodes=parsed if len(parsed) > 1 else ())
+
+
+def _host_port(hostport: str, shown: str) -> tuple[str, int]:
+    if hostport.startswith("["):  # [IPv6]:port
+        host, bracket, portpart = hostport[1:].partition("]")
+        if not bracket or (portpart and not portpart.startswith(":")):
+            raise ValueError(f"database URL {shown!r} has a malformed [IPv6] host")
+        port_text = portpart[1:]
+    else:
+        host, _, port_text = hostport.partition(":")
+    if not host:
+        raise ValueError(f"database URL {shown!r} names no host: use mysql://USER@HOST/DB")
+    port = 3306
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"database URL {shown!r} has port {port_text!r}: use 1-65535")
+        port = int(port_text)
+    return host, port
 
 
 def redact_url(url: str) -> str:
@@ -97,20 +137,10 @@ def _parse_mysql(url: str, rest: str) -> MysqlTarget:
     user, password = unquote(user), unquote(password)
     if not user:
         raise ValueError(f"database URL {shown!r} names no user: use {form}")
-    if hostport.startswith("["):  # [IPv6]:port
-        host, bracket, portpart = hostport[1:].partition("]")
-        if not bracket or (portpart and not portpart.startswith(":")):
-            raise ValueError(f"database URL {shown!r} has a malformed [IPv6] host")
-        port_text = portpart[1:]
-    else:
-        host, _, port_text = hostport.partition(":")
-    if not host:
+    if not hostport:
         raise ValueError(f"database URL {shown!r} names no host: use {form}")
-    port = 3306
-    if port_text:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ValueError(f"database URL {shown!r} has port {port_text!r}: use 1-65535")
-        port = int(port_text)
+    nodes = tuple(_host_port(part, shown) for part in hostport.split(","))
+    (host, port), *_ = nodes
     database = unquote(dbpath)
     if not slash or not database or "/" in database:
         raise ValueError(f"database URL {shown!r} names no single database: use {form}")
@@ -129,4 +159,8 @@ def _parse_mysql(url: str, rest: str) -> MysqlTarget:
         (unix_socket,) = params["unix_socket"][-1:]
         if not unix_socket.startswith("/"):
             raise ValueError(f"database URL {shown!r}: unix_socket must be an absolute path")
-    return MysqlTarget(user, password, host, port, database, unix_socket)
+    if len(nodes) > 1 and unix_socket:
+        raise ValueError(f"database URL {shown!r}: unix_socket goes with one host only")
+    return MysqlTarget(
+        user, password, host, port, database, unix_socket, nodes if len(nodes) > 1 else ()
+    )
