@@ -20,6 +20,7 @@ from pathlib import Path
 WAITING_STATES = ("accepted", "collected", "written", "verified")
 TERMINAL_STATES = ("cleaned", "failed", "dead")
 COMPLETION_KINDS = ("normal", "emergency")
+MAX_SILENCES = 200_000  # silence samples kept for predictive recovery, newest first
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -739,3 +740,13 @@ class Journal:
                 (ScheduleState.PENDING, schedules_before),
             )
             db.execute("DELETE FROM silences WHERE at < ?", (silences_before,))
+            # A very busy agent keeps the newest samples only: the sketches are rebuilt from
+            # them at every start, and the tail of a distribution needs no more.
+            db.execute(
+                "DELETE FROM silences WHERE seq <= (SELECT MAX(seq) FROM silences) - ?",
+                (MAX_SILENCES,),
+            )
+            db.execute(
+                "DELETE FROM projects WHERE todo_id NOT IN (SELECT todo_id FROM silences)"
+                " AND todo_id NOT IN (SELECT todo_id FROM todos)"
+            )

@@ -70,6 +70,9 @@ class SilenceModel:
     """The sketches, fed incrementally from the journal's silence samples."""
 
     def __init__(self) -> None:
+        self._forget()
+
+    def _forget(self) -> None:
         self.last_seq = 0
         self.projects: dict[int, int] = {}
         self.sketches: dict[tuple[str, int | None], DDSketch] = {}
@@ -80,7 +83,7 @@ class SilenceModel:
     def update(self, journal: Journal) -> None:
         projects = journal.projects()
         if any(todo_id in self._unplaced for todo_id in projects.keys() - self.projects.keys()):
-            self.__init__()  # type: ignore[misc]
+            self._forget()  # rebuilt from the journal's samples just below
         self.projects = projects
         while True:
             samples = journal.silences_after(self.last_seq)

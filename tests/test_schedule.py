@@ -179,3 +179,18 @@ def test_cancel_and_refusals_on_the_command_line(agent: Agent) -> None:
     assert two.returncode == 2 and b"one TODO_ID" in two.stderr
     [s] = agent.todo_status(todo)["scheduled"]
     assert s["state"] == "cancelled"
+
+
+def test_pruning_forgets_settled_schedules_and_old_samples_but_keeps_pending_ones(
+    rig: UnitRig,
+) -> None:
+    schedule(rig, 1, T0 + 10)
+    schedule(rig, 2, T0 + 10**6)
+    rig.run(T0 + 10)  # todo 1's fires; todo 2's stays pending
+    with rig.journal.transaction() as db:
+        rig.journal.record_silence(db, 1, "gap", 30.0, T0 - 100 * 86400)
+        rig.journal.record_silence(db, 1, "gap", 40.0, T0)
+    rig.journal.prune_history(schedules_before=T0 + 11, silences_before=T0 - 90 * 86400)
+    assert [s.todo_id for s in rig.journal.schedules_for_todo(1)] == []
+    assert [s.state for s in rig.journal.schedules_for_todo(2)] == ["pending"]
+    assert [s.seconds for s in rig.journal.silences_after(0)] == [40.0]
