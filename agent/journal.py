@@ -20,7 +20,7 @@ from pathlib import Path
 WAITING_STATES = ("accepted", "collected", "written", "verified")
 TERMINAL_STATES = ("cleaned", "failed", "dead")
 COMPLETION_KINDS = ("normal", "emergency")
-MAX_SILENCES = 200_000  # silence samples kept for predictive recovery, newest first
+MAX_SILENCES = 100_000  # silence samples kept for predictive recovery, newest first
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (

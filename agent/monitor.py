@@ -138,6 +138,8 @@ class Monitor(ChildBase):
                 break
             self._fire_schedule(scheduled, now)
         self._predict(now)
+        if self.config.predict.enabled and not self.model.caught_up:
+            wake = min(wake, now + RECHECK)  # more history to learn: go on soon
         for due in due_deadlines(self.journal.armed_timers(), now, **flags):
             self._act(due, now)
         upcoming = next_deadline(self.journal.armed_timers(), **flags)
@@ -202,6 +204,8 @@ class Monitor(ChildBase):
             )
             return
         self.model.update(self.journal)
+        if not self.model.caught_up:
+            return  # still learning a long history; the next pass goes on (no check saved)
         timers = {t.todo_id: t for t in self.journal.armed_timers()}
         predictions = predict(
             list(timers.values()),

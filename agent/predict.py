@@ -22,6 +22,7 @@ from ddsketch import DDSketch
 from .journal import Journal, SilenceKind, TodoTimers
 
 RELATIVE_ACCURACY = 0.01  # a quantile is within 1 % of the true value
+FEED_PER_PASS = 5_000  # samples fed into the sketches per monitor pass (~0.1 s of work)
 
 
 @dataclass(frozen=True)
@@ -79,19 +80,20 @@ class SilenceModel:
         # Todos whose samples went in before their project was known: a mapping that turns up
         # for one of them means the per-project sketches are rebuilt.
         self._unplaced: set[int] = set()
+        self.caught_up = False
 
     def update(self, journal: Journal) -> None:
         projects = journal.projects()
         if any(todo_id in self._unplaced for todo_id in projects.keys() - self.projects.keys()):
             self._forget()  # rebuilt from the journal's samples just below
         self.projects = projects
-        while True:
-            samples = journal.silences_after(self.last_seq)
-            if not samples:
-                return
-            for sample in samples:
-                self.add(sample.todo_id, sample.kind, sample.seconds)
-                self.last_seq = sample.seq
+        # A bounded share per monitor pass: a long history (at start, or after a rebuild) must
+        # not hold up the deadlines; nothing is predicted until the sketches have caught up.
+        samples = journal.silences_after(self.last_seq, limit=FEED_PER_PASS)
+        for sample in samples:
+            self.add(sample.todo_id, sample.kind, sample.seconds)
+            self.last_seq = sample.seq
+        self.caught_up = len(samples) < FEED_PER_PASS
 
     def add(self, todo_id: int, kind: str, seconds: float) -> None:
         project = self.projects.get(todo_id)

@@ -216,3 +216,20 @@ def test_spans_read_like_a_person_wrote_them() -> None:
     assert span(168.4, up=True) == "3 min"
     assert span(45.2, up=True) == "46 s"
     assert span(2 * 3600 + 5 * 60) == "2 h 5 min"
+
+
+def test_a_long_history_is_learned_in_bounded_passes_before_anything_is_predicted(
+    rig: UnitRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agent.predict
+
+    monkeypatch.setattr(agent.predict, "FEED_PER_PASS", 150)
+    history(rig, 412)
+    rig.start(7, T0)
+    assert rig.run(T0 + 432) <= T0 + 432 + 0.25  # not caught up: the monitor comes back soon
+    assert rig.check("predicted_hangs") is None  # nothing said on a partial history
+    rig.run(T0 + 432.5)
+    rig.run(T0 + 433)
+    status, message, ids = predicted(rig)
+    assert (status, ids) == ("WARNING", [7])
+    assert "of 412 past gaps" in message
