@@ -19,7 +19,9 @@ from pathlib import Path
 
 from bench.common import PYTHON, REPO, Outcome, Row, load_outcome, machine, render_table
 
-BENCHES = ("hook", "peers", "throughput", "drain", "idle", "health", "report", "recovery")
+BENCHES = (
+    "hook", "peers", "abcpu", "throughput", "drain", "idle", "health", "report", "recovery",
+)  # fmt: skip
 DOC = REPO / "docs" / "PERFORMANCE.md"
 BEGIN = "<!-- bench:results:begin (written by `python -m bench`; edits here are lost) -->"
 END = "<!-- bench:results:end -->"

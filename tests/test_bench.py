@@ -25,6 +25,7 @@ BENCHES = {  # name: needs MariaDB
     "health": True,
     "recovery": True,
     "peers": True,
+    "abcpu": True,
 }
 TABLE_HEAD = "| # | measure | result | baseline (same run) | ratio | target | met |"
 
