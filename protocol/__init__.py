@@ -23,6 +23,8 @@ TodoId = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 ShortText = Annotated[str, msgspec.Meta(max_length=4096)]
 # Short enough that derived journal ids ("start-<request id>") fit the 64-character log column.
 RequestId = Annotated[str, msgspec.Meta(max_length=48, pattern=r"^[A-Za-z0-9_.:-]*$")]
+# A completion's id: a request id, or one derived from it (completion_log's column holds 64).
+CompletionId = Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_.:-]*$")]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=30 * 24 * 3600)]
 # A batch completion names at most this many todos; a larger one is refused whole.
 MAX_BATCH = 10_000
@@ -131,7 +133,7 @@ class Cancel(TodoRequest, frozen=True, kw_only=True, tag="cancel"):
 class Outcomes(Request, frozen=True, kw_only=True, tag="outcomes"):
     """Where these completions stand (a batch's ack names them): read-only."""
 
-    completion_ids: Annotated[list[RequestId], msgspec.Meta(max_length=MAX_BATCH)]
+    completion_ids: Annotated[list[CompletionId], msgspec.Meta(max_length=MAX_BATCH)]
 
 
 class Health(Request, frozen=True, kw_only=True, tag="health"):

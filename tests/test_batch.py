@@ -216,3 +216,20 @@ def test_a_batch_is_written_exactly_once_when_the_writer_is_killed_mid_batch(
     assert sorted(per_todo) == ids
     assert set(per_todo.values()) == {1}  # exactly once each
     assert statuses == {"completed": count}
+
+
+def test_outcomes_answer_for_the_longest_derived_ids(rig: UnitRig) -> None:
+    request_id = "r" * 48
+    big = 2**63 - 1
+    ack = rig.send(p.BatchComplete(request_id=request_id, todo_ids=[big, 5]), T0)
+    assert isinstance(ack, p.Ack)
+    ids = [i.completion_id for i in ack.items]
+    assert len(ids[0]) == 60
+    frame = p.encode(p.Outcomes(request_id="o", completion_ids=[*ids, "never-seen"]))
+    [report], _ = rig.intake.handle_frames([frame], T0 + 1)
+    assert isinstance(report, p.OutcomeReport)
+    assert [(i.todo_id, i.state, i.outcome) for i in report.items] == [
+        (big, "accepted", "pending"),
+        (5, "accepted", "pending"),
+        (0, None, "unknown"),
+    ]
