@@ -29,6 +29,20 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped on CI (COMPLETION_NO_SKIPS=1): {reason}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_user_dirs() -> Iterator[None]:
+    """No test touches the user's own dirs: the client's config cache always goes to a private
+    directory, and the state and config dirs do too unless the environment names them."""
+    root = short_tmp("ca-xdg-")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(root / "cache"))
+        for name in ("XDG_STATE_HOME", "XDG_CONFIG_HOME"):
+            if not os.environ.get(name):
+                patch.setenv(name, str(root / name.lower()))
+        yield
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture
 def tmpdir_short() -> Iterator[Path]:
     """A private directory under /tmp with a short path (ipc sockets need short paths)."""
