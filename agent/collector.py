@@ -28,11 +28,11 @@ import protocol as p
 
 from .archive import archive_session
 from .dbroute import DbRoute
-from .journal import Entry, TodoTimers
+from .journal import Entry, Kind, State, TodoTimers
 from .loop import ChildBase
 from .report import Report, render_report, sanitize_capped
 from .sources import Collected, CollectRequest, TodoFacts, collect
-from .store import StoreError, open_store
+from .store import Store, StoreError, open_store
 from .system_status import describe_system
 
 WORKERS = 4
@@ -65,7 +65,7 @@ class TodoFactsReader:
         self.queries = 0
         self._quiet_until = 0.0
         self._lock = threading.Lock()
-        self._store = None
+        self._store: Store | None = None
         self._wanted: set[int] = set()
         self._read: dict[int, TodoFacts | None] = {}  # the last query's answers, each used once
 
@@ -205,7 +205,7 @@ class Collector(ChildBase):
         room = WORKERS * 4 - len(self.inflight)
         if room > 0:
             limit = room + len(self.inflight) + len(self.crashes)
-            waiting = self.journal.entries_in(("accepted",), limit=limit)
+            waiting = self.journal.entries_in((State.ACCEPTED,), limit=limit)
             self.facts.want([e.todo_id for e in waiting if e.completion_id not in self.inflight])
             for entry in waiting:
                 if entry.completion_id in self.inflight or entry.completion_id in self.unrecorded:
@@ -248,18 +248,9 @@ class Collector(ChildBase):
             self.unrecorded[cid] = result.values
         if not updates:
             return
-        stamp = self.clock()
-        landed = 0
-        with self.journal.transaction() as db:
-            for cid, values in updates:
-                # Compare-and-set: an entry superseded meanwhile (a reset at the emergency
-                # deadline marks waiting emergency completions failed) must stay what it is.
-                assignments = ", ".join(f"{name} = ?" for name in values)
-                landed += db.execute(
-                    f"UPDATE entries SET {assignments}, updated_at = ?"
-                    " WHERE completion_id = ? AND state = 'accepted'",
-                    (*values.values(), stamp, cid),
-                ).rowcount
+        # Compare-and-set: an entry superseded meanwhile (a reset at the emergency deadline
+        # marks waiting emergency completions failed) stays what it is.
+        landed = self.journal.collected(updates, self.clock())
         self.unrecorded.clear()
         if landed < len(updates):
             logger.info("{} collected entr(ies) had moved on meanwhile", len(updates) - landed)
@@ -281,7 +272,7 @@ class Collector(ChildBase):
             transcript = os.path.join(cwd, transcript)  # the agent's own cwd means nothing here
         tmux_target = getattr(request, "tmux_target", None) or self.config.collect.tmux_target
         session_dir = self.config.session_dir_for(entry.todo_id)
-        emergency = entry.kind == "emergency"
+        emergency = entry.kind == Kind.EMERGENCY
         collect_request = CollectRequest(
             todo_id=entry.todo_id,
             output=output,
@@ -333,7 +324,6 @@ class Collector(ChildBase):
             log.exception("rendering the report failed; storing a plain one instead")
             report = plain_report(entry.todo_id, collected, completed)
         values: dict[str, object] = {
-            "state": "collected",
             "html": report.html,
             "text": report.text,
             "summary": report.summary,

@@ -22,7 +22,8 @@ from loguru import logger
 
 import protocol as p
 from protocol import outbox
-from protocol.config import Config, mask_url
+from protocol.config import Config
+from protocol.dburl import mask_url
 
 from .doorbell import CHILDREN, Bells
 from .intake import ChildInfo, Intake

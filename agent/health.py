@@ -13,7 +13,6 @@ import glob
 import os
 import re
 import shutil
-import sqlite3
 import stat
 import threading
 import time
@@ -28,9 +27,9 @@ from protocol.config import Config
 from .archive import archive_orphan
 from .dbroute import DbRoute, writer_node
 from .fleet import agent_id, describe, stale_members
-from .journal import Entry, Journal, NewEntry, TodoTimers
+from .journal import PENDING_STATES, Journal, State, TodoTimers
 from .logs import LOG_FILES
-from .store import StoreError, Todo, TunnelError
+from .store import Store, StoreError, Todo, TunnelError
 from .store.fleet import fleet_of
 
 
@@ -45,26 +44,12 @@ class CheckResult:
         return (self.name, self.status, self.message, self.todo_ids)
 
 
-_ENTRY_COLUMNS = ", ".join(Entry.__slots__)
-
-
-def completions_since_start(db: sqlite3.Connection, todo_id: int) -> list[Entry]:
-    """The todo's completions (normal, emergency) not failed, since its latest start here."""
-    rows = db.execute(
-        f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE todo_id = ?"
-        " AND kind IN ('normal', 'emergency') AND state != 'failed' AND seq > COALESCE("
-        "(SELECT MAX(seq) FROM entries WHERE todo_id = ? AND kind = 'start'), 0) ORDER BY seq",
-        (todo_id, todo_id),
-    ).fetchall()
-    return [Entry(*row) for row in rows]
-
-
 class HealthChecker:
     def __init__(self, config: Config, *, clock=time.time) -> None:
         self.config = config
         self.clock = clock
         self._thread: threading.Thread | None = None
-        self._store = None
+        self._store: Store | None = None
         self._route: DbRoute | None = None  # the health checks' own tunnel (see dbroute)
         self._journal: Journal | None = None
         self._stop = threading.Event()
@@ -143,7 +128,7 @@ class HealthChecker:
                 self._store.close()
                 self._store = None
             backlog = self._journal.count_by_state() if self._journal else {}
-            waiting = sum(backlog.get(s, 0) for s in ("collected", "written"))
+            waiting = sum(backlog.get(s, 0) for s in (State.COLLECTED, State.WRITTEN))
             # Through a tunnel the message already says which hop failed ("ssh to ...: ..."
             # or "MySQL through the tunnel: ...").
             what = str(exc) if isinstance(exc, TunnelError) else f"unreachable: {exc}"
@@ -208,7 +193,7 @@ class HealthChecker:
         """Todos this agent is working on: started and not finished, or with a completion that
         has not reached the database yet (a dead one waits for a person)."""
         live = {todo_id for todo_id, t in timers.items() if not t.done}
-        return live | set(journal.todos_in(("accepted", "collected", "written", "dead")))
+        return live | set(journal.todos_in(PENDING_STATES))
 
     def _in_scope(self, todo_id: int, timers: dict[int, TodoTimers]) -> bool:
         """Auto-recovery acts on todos this agent started, unless auto_recovery_scope = "all"."""
@@ -281,26 +266,14 @@ class HealthChecker:
         compare-and-set and is recorded as a duplicate that changes nothing.
         """
         completion_id = f"hang-{todo_id}-{int(since)}"
-        with journal.transaction() as db:
-            if completions_since_start(db, todo_id):
-                return False
-            added = journal.add_entry(
-                db,
-                NewEntry(
-                    completion_id,
-                    todo_id,
-                    "emergency",
-                    reason=(
-                        "auto-recovery: the todo was hanging (in_progress with nothing heard for "
-                        f"{now - since:.0f} s, over hanging_after "
-                        f"{self.config.behavior.hanging_after:.0f} s)"
-                    ),
-                ),
-                now,
-            )
-            if added:
-                journal.bump(db, "forced_completions")
-                db.execute("UPDATE todos SET completion_fired = 1 WHERE todo_id = ?", (todo_id,))
+        added = journal.force_completion(
+            todo_id,
+            completion_id,
+            "auto-recovery: the todo was hanging (in_progress with nothing heard for "
+            f"{now - since:.0f} s, over hanging_after "
+            f"{self.config.behavior.hanging_after:.0f} s)",
+            now,
+        )
         if added:
             logger.bind(todo_id=todo_id, completion_id=completion_id, emergency=True).warning(
                 "auto-recovery: forced completion of hanging todo {} (silent for {:.0f} s)",
@@ -347,27 +320,9 @@ class HealthChecker:
 
     def _reset_inconsistent(self, journal: Journal, todo_id: int, since: float, now: float) -> bool:
         completion_id = f"fix-{todo_id}-{int(since)}"
-        with journal.transaction() as db:
-            waiting = db.execute(
-                "SELECT 1 FROM entries WHERE todo_id = ?"
-                " AND state IN ('accepted','collected','written','dead') LIMIT 1",
-                (todo_id,),
-            ).fetchone()
-            if waiting:
-                return False
-            added = journal.add_entry(
-                db,
-                NewEntry(
-                    completion_id,
-                    todo_id,
-                    "reset",
-                    state="collected",
-                    reason="auto-recovery: in_progress with no live session",
-                ),
-                now,
-            )
-            if added:
-                journal.bump(db, "status_resets")
+        added = journal.reset_if_idle(
+            todo_id, completion_id, "auto-recovery: in_progress with no live session", now
+        )
         if added:
             logger.bind(todo_id=todo_id, completion_id=completion_id, emergency=True).warning(
                 "auto-recovery: todo {} is in_progress in the database, but this agent's session "
@@ -388,16 +343,16 @@ class HealthChecker:
         active = live | {t.id for t in in_progress or []}
         min_age = self.config.behavior.hanging_after
         orphans: list[tuple[int, Path]] = []
-        for path in glob.glob(pattern):
-            match = regex.match(path)
+        for name in glob.glob(pattern):
+            match = regex.match(name)
             if not match or int(match.group(1)) in active:
                 continue
             try:
-                st = os.lstat(path)
+                st = os.lstat(name)
             except OSError:
                 continue
             if stat.S_ISDIR(st.st_mode) and now - st.st_mtime > min_age:
-                orphans.append((int(match.group(1)), Path(path)))
+                orphans.append((int(match.group(1)), Path(name)))
         if not orphans:
             return CheckResult("orphaned_sessions", "OK", "no orphaned session dir")
         ids = sorted(todo_id for todo_id, _ in orphans)
@@ -473,5 +428,4 @@ class HealthChecker:
 
     def _bump(self, name: str, by: int) -> None:
         assert self._journal is not None
-        with self._journal.transaction() as db:
-            self._journal.bump(db, name, by)
+        self._journal.bump_counter(name, by)

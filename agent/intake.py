@@ -12,14 +12,16 @@ import os
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 from loguru import logger
 
 import protocol as p
-from protocol.config import Config, mask_url
+from protocol.config import Config
+from protocol.dburl import mask_url
 
-from .journal import Journal, NewEntry, ScheduledCompletion
+from .journal import UNFINISHED_STATES, Journal, ScheduledCompletion, State
 
 WORST = {"OK": 0, "UNKNOWN": 0, "WARNING": 1, "CRITICAL": 2}
 # Checks the monitor computes; the parent adds its own (children, journal, refused, waiting).
@@ -148,7 +150,7 @@ class Intake:
         sweep).  While the lock stays stuck (nobody has committed since), each further batch
         waits only ``LOCK_WAIT_STUCK``, so requests queued behind one another do not add up
         their waits; a holder that is merely slow commits meanwhile and gets the full wait."""
-        self._stuck_at_version: int | None = None
+        self._stuck_at_version = None
         self.journal.set_busy_timeout(LOCK_WAIT)
 
     def _journal_batch(
@@ -176,17 +178,14 @@ class Intake:
         results: list[tuple[int, Outcome]] = []
         with self.journal.transaction() as db:
             for index, request in writes:
-                db.execute("SAVEPOINT one")
                 try:
-                    outcome = self._handle(db, request, now)
+                    with self.journal.savepoint(db):
+                        outcome = self._handle(db, request, now)
                 except Refusal as exc:
-                    db.execute("ROLLBACK TO one")
                     outcome = Outcome(p.Error(code=exc.code, message=str(exc)))
                 except (sqlite3.IntegrityError, ValueError) as exc:
-                    db.execute("ROLLBACK TO one")
                     logger.exception("request {} failed", request.request_id)
                     outcome = Outcome(_internal(str(exc)))
-                db.execute("RELEASE one")
                 results.append((index, outcome))
         return results
 
@@ -229,9 +228,9 @@ class Intake:
             todo_id = self.journal.todo_for_session(db, request.session_id)
             if todo_id is not None:
                 return todo_id
-        hint = (request.todo_hint or "").strip()
-        if hint.isdigit() and 0 < int(hint) < 2**63:
-            return int(hint)
+        hinted = p.parse_todo_id(request.todo_hint)
+        if hinted is not None:
+            return hinted
         raise Refusal(
             p.ErrorCode.UNKNOWN_TODO,
             "cannot tell which todo this is about: give the todo id, set $TODO_ID, "
@@ -250,7 +249,9 @@ class Intake:
         if request.session_id:
             self.journal.map_session(db, request.session_id, todo_id, now)
 
-    def _ack(self, request: p.Request, todo_id: int, completion_id: str | None = None, **kw: str):
+    def _ack(
+        self, request: p.Request, todo_id: int, completion_id: str | None = None, **kw: Any
+    ) -> p.Ack:
         return p.Ack(
             request_id=request.request_id,
             state="accepted",
@@ -265,15 +266,12 @@ class Intake:
         behavior = self.config.behavior
         completion_id = f"start-{request.request_id}"
         self._record(db, request, todo_id, now, completion_id)
-        self.journal.add_entry(
+        self.journal.queue_start(
             db,
-            NewEntry(completion_id, todo_id, "start", state="collected", request=p.encode(request)),
-            now,
-        )
-        self.journal.arm(
-            db,
+            completion_id,
             todo_id,
-            now=now,
+            p.encode(request),
+            now,
             completion_timeout=request.timeout or behavior.completion_timeout,
             emergency_timeout=max(
                 behavior.emergency_timeout, request.timeout or behavior.completion_timeout
@@ -320,10 +318,7 @@ class Intake:
             )
         completion_id = request.request_id
         self._record(db, request, todo_id, now, completion_id)
-        self.journal.add_entry(
-            db, NewEntry(completion_id, todo_id, "normal", request=p.encode(request)), now
-        )
-        self.journal.disarm(db, todo_id, now)
+        self.journal.accept_completion(db, completion_id, todo_id, p.encode(request), now)
         if self.journal.cancel_schedules(db, todo_id, "a completion came first", now):
             logger.bind(todo_id=todo_id).info("scheduled completion cancelled: completed first")
         logger.bind(todo_id=todo_id, completion_id=completion_id).info(
@@ -336,18 +331,9 @@ class Intake:
         todo_id = self.resolve(db, request)
         completion_id = request.request_id
         self._record(db, request, todo_id, now, completion_id)
-        self.journal.add_entry(
-            db,
-            NewEntry(
-                completion_id,
-                todo_id,
-                "emergency",
-                request=p.encode(request),
-                reason=request.reason,
-            ),
-            now,
+        self.journal.queue_emergency(
+            db, completion_id, todo_id, request.reason, now, request=p.encode(request)
         )
-        db.execute("UPDATE todos SET completion_fired = 1 WHERE todo_id = ?", (todo_id,))
         logger.bind(todo_id=todo_id, completion_id=completion_id, emergency=True).warning(
             "emergency completion requested: {}", request.reason
         )
@@ -356,23 +342,15 @@ class Intake:
     def _retry(self, db: sqlite3.Connection, request: p.Request, now: float) -> Outcome:
         assert isinstance(request, p.Retry)
         if request.completion_id:
-            cursor = db.execute(
-                "UPDATE entries SET state = 'collected', attempts = 0, next_attempt_at = 0,"
-                " updated_at = ? WHERE completion_id = ? AND state = 'dead'",
-                (now, request.completion_id),
-            )
-            if cursor.rowcount == 0:
+            queued = self.journal.requeue_dead(db, now, request.completion_id)
+            if queued == 0:
                 raise Refusal(
                     p.ErrorCode.NOT_FOUND,
                     f"no dead completion {request.completion_id}; "
                     "`completionctl status TODO_ID` lists a todo's completions",
                 )
         elif request.all_dead:
-            cursor = db.execute(
-                "UPDATE entries SET state = 'collected', attempts = 0, next_attempt_at = 0,"
-                " updated_at = ? WHERE state = 'dead'",
-                (now,),
-            )
+            queued = self.journal.requeue_dead(db, now)
         else:
             raise Refusal(p.ErrorCode.INVALID, "give a completion id or --dead")
         self.journal.record_request(db, request.request_id, None, None, now)
@@ -380,7 +358,7 @@ class Intake:
             p.Ack(
                 request_id=request.request_id,
                 state="accepted",
-                message=f"{cursor.rowcount} completion(s) queued again",
+                message=f"{queued} completion(s) queued again",
             ),
             {"writer"},
         )
@@ -428,8 +406,8 @@ class Intake:
                 event=request.event or "batch",
                 sent_at=request.sent_at,
             )
-            added = self.journal.add_entry(
-                db, NewEntry(completion_id, todo_id, "normal", request=p.encode(single)), now
+            added = self.journal.accept_completion(
+                db, completion_id, todo_id, p.encode(single), now
             )
             if not added:
                 # This batch was delivered before (and queued too): the same completion.
@@ -442,7 +420,6 @@ class Intake:
                     )
                 )
                 continue
-            self.journal.disarm(db, todo_id, now)
             self.journal.cancel_schedules(db, todo_id, "a completion came first", now)
             items.append(
                 p.ItemOutcome(todo_id=todo_id, outcome="accepted", completion_id=completion_id)
@@ -608,16 +585,16 @@ class Intake:
 
     def _journal_check(self, now: float) -> p.Check:
         counts = self.journal.count_by_state()
-        waiting = sum(counts.get(state, 0) for state in ("accepted", "collected", "written"))
+        waiting = sum(counts.get(state, 0) for state in UNFINISHED_STATES)
         oldest = self.journal.oldest_unfinished_at()
-        dead = counts.get("dead", 0)
+        dead = counts.get(State.DEAD, 0)
         if dead:
             return p.Check(
                 name="journal",
                 status="CRITICAL",
                 message=f"{dead} completion(s) dead after a permanent error; fix the cause, then "
                 "`completionctl retry --dead`; backlog {waiting}",
-                todo_ids=self.journal.todos_in(("dead",)),
+                todo_ids=self.journal.todos_in((State.DEAD,)),
             )
         if oldest is not None and now - oldest > STUCK_AFTER:
             return p.Check(

@@ -4,6 +4,44 @@ Every accepted request becomes a row here before the client gets its ack.  Entri
 through ``accepted -> collected -> written -> verified -> cleaned`` (``failed`` and ``dead``
 beside them); the todo table holds deadlines, heartbeats and the session mapping, so no timer
 lives only in memory.  Each process opens its own Journal; SQLite serialises the writers.
+
+This module is the only one that speaks SQL to the journal (tests/test_architecture.py fails
+otherwise).  Every state change is one method below, with its compare-and-set built in: it
+changes a row only from the state(s) it expects, so a process that lost a race changes nothing.
+
+=========================  ==========================================  ===================
+method                     change                                      called by
+=========================  ==========================================  ===================
+queue_start                new START entry, COLLECTED; arm timers      intake (parent)
+accept_completion          new NORMAL entry, ACCEPTED; disarm timers   intake
+queue_emergency            new EMERGENCY entry, ACCEPTED;              intake, monitor
+                           completion deadline fired (the only place   (fire_deadline),
+                           that sets ``completion_fired = 1``)         health
+                                                                       (force_completion)
+requeue_dead               DEAD -> COLLECTED                           intake (retry)
+heard, mark_waiting        todo timers: heartbeat, waits for a person  intake
+collected                  ACCEPTED -> COLLECTED (with the report)     collector
+written                    COLLECTED|WRITTEN -> WRITTEN                writer
+verified                   COLLECTED|WRITTEN -> VERIFIED (NORMAL,      writer
+                           EMERGENCY) or CLEANED (START, RESET)
+failed                     COLLECTED|WRITTEN -> FAILED                 writer
+dead                       COLLECTED|WRITTEN -> DEAD                   writer
+retry_later, verify_later  backoff on COLLECTED / WRITTEN              writer
+release_backoff            backoff of COLLECTED, WRITTEN reset         writer (db is back)
+disarm_refused_start       todo timers off after a refused start       writer
+fire_deadline              completion deadline -> queue_emergency      monitor
+supersede_emergencies      ACCEPTED|COLLECTED|WRITTEN|DEAD -> FAILED   monitor (reset)
+queue_reset                new RESET entry, COLLECTED                  monitor, health
+finish_timers              todo timers done (emergency deadline)       monitor
+cleaned                    VERIFIED -> CLEANED; todo done              monitor
+force_completion           queue_emergency unless one is in hand       health
+reset_if_idle              queue_reset unless an entry waits           health
+save_checks, bump_counter  health table, counters                      health
+prune                      forget CLEANED/FAILED after retention       monitor
+=========================  ==========================================  ===================
+
+The writer's transitions also accept an entry that a reset marked FAILED meanwhile: the
+writer records what the database now holds, and that wins over the supersede.
 """
 
 from __future__ import annotations
@@ -11,16 +49,55 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
+
+class State(StrEnum):
+    """Where a journal entry is on its way to the database (stored as these strings)."""
+
+    ACCEPTED = "accepted"  # journaled by intake; the collector makes its report
+    COLLECTED = "collected"  # ready for the writer
+    WRITTEN = "written"  # committed, not read back yet
+    VERIFIED = "verified"  # read back; the monitor cleans up the session dir
+    CLEANED = "cleaned"  # finished
+    FAILED = "failed"  # refused by the database, superseded, or never read back: finished
+    DEAD = "dead"  # a permanent error; waits for `completionctl retry`
+
+
+class Kind(StrEnum):
+    """What a journal entry asks the database to do (stored as these strings)."""
+
+    START = "start"
+    NORMAL = "normal"
+    EMERGENCY = "emergency"
+    RESET = "reset"
+
+
+# Entries on their way to the database (health, status and the writer count them).
+UNFINISHED_STATES = (State.ACCEPTED, State.COLLECTED, State.WRITTEN)
 # States an entry waits in for a process to act on it.
-WAITING_STATES = ("accepted", "collected", "written", "verified")
-TERMINAL_STATES = ("cleaned", "failed", "dead")
-COMPLETION_KINDS = ("normal", "emergency")
+WAITING_STATES = (*UNFINISHED_STATES, State.VERIFIED)
+# Not yet in the database and not finished: a dead entry waits for a person.
+PENDING_STATES = (*UNFINISHED_STATES, State.DEAD)
+TERMINAL_STATES = (State.CLEANED, State.FAILED, State.DEAD)
 MAX_SILENCES = 100_000  # silence samples kept for predictive recovery, newest first
+COMPLETION_KINDS = (Kind.NORMAL, Kind.EMERGENCY)
+# What the writer may find an entry in when it records a result (see the docstring).
+_WRITER_FROM = (State.COLLECTED, State.WRITTEN, State.FAILED)
+
+
+def after_verify(kind: str) -> State:
+    """Starts and resets leave no session files behind: they are finished once verified."""
+    return State.VERIFIED if kind in COMPLETION_KINDS else State.CLEANED
+
+
+def _marks(values: Sequence[object]) -> str:
+    return ", ".join("?" * len(values))
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -198,7 +275,7 @@ class NewEntry:
     completion_id: str
     todo_id: int
     kind: str
-    state: str = "accepted"
+    state: str = State.ACCEPTED
     request: bytes | None = None
     reason: str | None = None
 
@@ -252,6 +329,22 @@ class Journal:
                 with contextlib.suppress(sqlite3.Error):
                     self._db.execute("ROLLBACK")
             raise
+
+    @staticmethod
+    @contextmanager
+    def savepoint(db: sqlite3.Connection) -> Iterator[None]:
+        """Part of a transaction that an error undoes alone (one request of intake's batch)."""
+        db.execute("SAVEPOINT one")
+        try:
+            yield
+        except Exception:
+            # A failing rollback (the connection is broken) must not hide the error that matters;
+            # the enclosing transaction rolls back then.
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK TO one")
+                db.execute("RELEASE one")
+            raise
+        db.execute("RELEASE one")
 
     # ------------------------------------------------------------ intake (parent)
 
@@ -409,28 +502,134 @@ class Journal:
 
     def has_completion(self, db: sqlite3.Connection, todo_id: int) -> bool:
         row = db.execute(
-            "SELECT 1 FROM entries WHERE todo_id = ? AND kind IN ('normal', 'emergency')"
-            " AND state != 'failed' LIMIT 1",
-            (todo_id,),
+            f"SELECT 1 FROM entries WHERE todo_id = ? AND kind IN ({_marks(COMPLETION_KINDS)})"
+            " AND state != ? LIMIT 1",
+            (todo_id, *COMPLETION_KINDS, State.FAILED),
         ).fetchone()
         return row is not None
+
+    def queue_start(
+        self,
+        db: sqlite3.Connection,
+        completion_id: str,
+        todo_id: int,
+        request: bytes,
+        now: float,
+        *,
+        completion_timeout: float,
+        emergency_timeout: float,
+        session_id: str | None,
+        transcript_path: str | None,
+        cwd: str | None,
+    ) -> bool:
+        """A start: an entry for the writer (nothing to collect) and the todo's timers armed."""
+        added = self.add_entry(
+            db,
+            NewEntry(completion_id, todo_id, Kind.START, state=State.COLLECTED, request=request),
+            now,
+        )
+        self.arm(
+            db,
+            todo_id,
+            now=now,
+            completion_timeout=completion_timeout,
+            emergency_timeout=emergency_timeout,
+            session_id=session_id,
+            transcript_path=transcript_path,
+            cwd=cwd,
+        )
+        return added
+
+    def accept_completion(
+        self, db: sqlite3.Connection, completion_id: str, todo_id: int, request: bytes, now: float
+    ) -> bool:
+        """A normal completion for the collector; when it is new, it cancels both deadlines
+        (False: this completion id was journaled before, and nothing changed)."""
+        added = self.add_entry(
+            db, NewEntry(completion_id, todo_id, Kind.NORMAL, request=request), now
+        )
+        if added:
+            self.disarm(db, todo_id, now)
+        return added
+
+    def queue_emergency(
+        self,
+        db: sqlite3.Connection,
+        completion_id: str,
+        todo_id: int,
+        reason: str,
+        now: float,
+        *,
+        request: bytes | None = None,
+        deadline: float | None = None,
+        counter: str | None = None,
+    ) -> bool:
+        """The one way an emergency completion is made: an entry for the collector, and the
+        todo's completion deadline marked fired so it does not force another.
+
+        With ``deadline`` (the monitor's completion deadline) the timer is compare-and-set
+        first: a heartbeat, a completion or another emergency that came first wins, and nothing
+        is queued.  ``counter`` is bumped when the entry is new.
+        """
+        if deadline is not None and not self._fire_completion(db, todo_id, deadline):
+            return False
+        added = self.add_entry(
+            db,
+            NewEntry(completion_id, todo_id, Kind.EMERGENCY, request=request, reason=reason),
+            now,
+        )
+        if added:
+            if deadline is None:
+                self._fire_completion(db, todo_id, None)
+            if counter:
+                self.bump(db, counter)
+        return added
+
+    @staticmethod
+    def _fire_completion(db: sqlite3.Connection, todo_id: int, due_at: float | None) -> bool:
+        """The only statement that sets ``completion_fired``; with ``due_at``, only while that
+        deadline is still armed and unchanged (compare-and-set)."""
+        sql = "UPDATE todos SET completion_fired = 1 WHERE todo_id = ?"
+        args: tuple[object, ...] = (todo_id,)
+        if due_at is not None:
+            sql += (
+                " AND done = 0 AND completion_fired = 0 AND completion_due = ? AND waiting IS NULL"
+            )
+            args += (due_at,)
+        return db.execute(sql, args).rowcount > 0
+
+    def requeue_dead(
+        self, db: sqlite3.Connection, now: float, completion_id: str | None = None
+    ) -> int:
+        """DEAD -> COLLECTED with a fresh count of attempts: one entry, or all of them."""
+        sql = (
+            "UPDATE entries SET state = ?, attempts = 0, next_attempt_at = 0, updated_at = ?"
+            " WHERE state = ?"
+        )
+        args: tuple[object, ...] = (State.COLLECTED, now, State.DEAD)
+        if completion_id is not None:
+            sql += " AND completion_id = ?"
+            args += (completion_id,)
+        return db.execute(sql, args).rowcount
 
     # ------------------------------------------------------------ workers
 
     def entries_in(self, states: Iterable[str], limit: int = 1000) -> list[Entry]:
         states = tuple(states)
-        marks = ", ".join("?" * len(states))
+        marks = _marks(states)
         rows = self._db.execute(
             f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE state IN ({marks}) ORDER BY seq LIMIT ?",
             (*states, limit),
         ).fetchall()
         return [Entry(*row) for row in rows]
 
-    def heads_in(self, states: Iterable[str], limit: int = 1000) -> list[tuple]:
+    def heads_in(
+        self, states: Iterable[str], limit: int = 1000
+    ) -> list[tuple[str, int, str, float]]:
         """(completion_id, todo_id, state, next_attempt_at) of entries in ``states``, in order,
         without their payload (request, report): enough to choose which to load."""
         states = tuple(states)
-        marks = ", ".join("?" * len(states))
+        marks = _marks(states)
         return self._db.execute(
             "SELECT completion_id, todo_id, state, next_attempt_at FROM entries"
             f" WHERE state IN ({marks}) ORDER BY seq LIMIT ?",
@@ -441,15 +640,15 @@ class Journal:
         """Verified entries without their payload: what cleanup needs to know, and no more."""
         rows = self._db.execute(
             "SELECT seq, completion_id, todo_id, kind, archive_path FROM entries"
-            " WHERE state = 'verified' ORDER BY seq LIMIT ?",
-            (limit,),
+            " WHERE state = ? ORDER BY seq LIMIT ?",
+            (State.VERIFIED, limit),
         ).fetchall()
         return [FinishedHead(*row) for row in rows]
 
     def entries_by_id(self, completion_ids: list[str]) -> list[Entry]:
         if not completion_ids:
             return []
-        marks = ", ".join("?" * len(completion_ids))
+        marks = _marks(completion_ids)
         rows = self._db.execute(
             f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE completion_id IN ({marks}) ORDER BY seq",
             completion_ids,
@@ -482,27 +681,160 @@ class Journal:
         ).fetchall()
         return [Entry(*row) for row in rows]
 
-    def update_entries(self, updates: Iterable[tuple[str, dict[str, object]]], now: float) -> None:
-        """Apply several (completion_id, {column: value}) changes in one transaction."""
-        with self.transaction() as db:
-            for completion_id, values in updates:
-                self._update(db, completion_id, values, now)
-
     def update_entry(self, completion_id: str, now: float, **values: object) -> None:
-        self.update_entries([(completion_id, values)], now)
+        """Set any columns of one entry, whatever its state: for tests and manual repair only.
+        The agent moves entries through the named transitions (a test guards this)."""
+        with self.transaction() as db:
+            self._update(db, completion_id, values, now)
 
     @staticmethod
     def _update(
-        db: sqlite3.Connection, completion_id: str, values: dict[str, object], now: float
-    ) -> None:
+        db: sqlite3.Connection,
+        completion_id: str,
+        values: Mapping[str, object],
+        now: float,
+        expect: Sequence[str] = (),
+    ) -> int:
+        """One entry's columns; with ``expect``, only while it is in one of those states."""
         unknown = set(values) - set(Entry.__slots__)
         if unknown:
             raise ValueError(f"not journal columns: {sorted(unknown)}")
         assignments = ", ".join(f"{name} = ?" for name in values)
-        db.execute(
-            f"UPDATE entries SET {assignments}, updated_at = ? WHERE completion_id = ?",
-            (*values.values(), now, completion_id),
-        )
+        sql = f"UPDATE entries SET {assignments}, updated_at = ? WHERE completion_id = ?"
+        if expect:
+            sql += f" AND state IN ({_marks(expect)})"
+        return db.execute(sql, (*values.values(), now, completion_id, *expect)).rowcount
+
+    # ------------------------------------------------------------ collector
+
+    REPORT_COLUMNS = frozenset({"html", "text", "summary", "source", "problems", "archive_path"})
+
+    def collected(self, reports: Iterable[tuple[str, dict[str, object]]], now: float) -> int:
+        """ACCEPTED -> COLLECTED with each entry's report, in one transaction; how many moved.
+
+        An entry that moved on meanwhile (a reset at the emergency deadline superseded it)
+        stays what it is.
+        """
+        landed = 0
+        with self.transaction() as db:
+            for completion_id, report in reports:
+                unknown = set(report) - self.REPORT_COLUMNS
+                if unknown:
+                    raise ValueError(f"not report columns: {sorted(unknown)}")
+                values = {**report, "state": State.COLLECTED}
+                landed += self._update(db, completion_id, values, now, (State.ACCEPTED,))
+        return landed
+
+    # ------------------------------------------------------------ writer
+    # Each takes the writer's transaction (``with journal.transaction() as db``), so one batch's
+    # results are recorded with one commit.
+
+    def written(
+        self,
+        db: sqlite3.Connection,
+        completion_id: str,
+        now: float,
+        *,
+        next_attempt_at: float,
+        last_error: str | None,
+        attempts: int | None = None,
+        outcome: str | None = None,
+    ) -> int:
+        """Committed but not read back (yet): the writer verifies it at ``next_attempt_at``."""
+        values: dict[str, object] = {
+            "state": State.WRITTEN,
+            "last_error": last_error,
+            "next_attempt_at": next_attempt_at,
+        }
+        if attempts is not None:
+            values["attempts"] = attempts
+        if outcome is not None:
+            values["outcome"] = outcome
+        return self._update(db, completion_id, values, now, _WRITER_FROM)
+
+    def verified(
+        self,
+        db: sqlite3.Connection,
+        completion_id: str,
+        kind: str,
+        now: float,
+        *,
+        attempts: int | None = None,
+        outcome: str | None = None,
+    ) -> int:
+        """Read back as written: VERIFIED (a completion: cleanup follows) or CLEANED."""
+        values: dict[str, object] = {"state": after_verify(kind), "last_error": None}
+        if outcome is not None:
+            values.update(outcome=outcome, attempts=attempts, next_attempt_at=0)
+        return self._update(db, completion_id, values, now, _WRITER_FROM)
+
+    def failed(
+        self,
+        db: sqlite3.Connection,
+        completion_id: str,
+        now: float,
+        error: str | None,
+        *,
+        attempts: int | None = None,
+        outcome: str | None = None,
+    ) -> int:
+        """Finished without effect: refused by the database, or never read back as written."""
+        values: dict[str, object] = {"state": State.FAILED, "last_error": error}
+        if outcome is not None:
+            values.update(outcome=outcome, attempts=attempts)
+        return self._update(db, completion_id, values, now, _WRITER_FROM)
+
+    def dead(self, completion_id: str, now: float, error: str, attempts: int) -> int:
+        """A permanent error: the entry waits for a person (`completionctl retry`)."""
+        with self.transaction() as db:
+            values = {"state": State.DEAD, "last_error": error, "attempts": attempts}
+            return self._update(db, completion_id, values, now, _WRITER_FROM)
+
+    def retry_later(
+        self,
+        db: sqlite3.Connection,
+        completion_id: str,
+        now: float,
+        *,
+        attempts: int,
+        next_attempt_at: float,
+        error: str,
+    ) -> int:
+        """A transient error: the entry stays COLLECTED, tried again at ``next_attempt_at``."""
+        values = {"attempts": attempts, "next_attempt_at": next_attempt_at, "last_error": error}
+        return self._update(db, completion_id, values, now, _WRITER_FROM)
+
+    def verify_later(
+        self,
+        db: sqlite3.Connection,
+        completion_id: str,
+        now: float,
+        *,
+        attempts: int,
+        next_attempt_at: float,
+    ) -> int:
+        """A WRITTEN entry that did not read back yet is read again at ``next_attempt_at``."""
+        values = {"attempts": attempts, "next_attempt_at": next_attempt_at}
+        return self._update(db, completion_id, values, now, _WRITER_FROM)
+
+    def release_backoff(self) -> None:
+        """The database answers again: everything waiting for it may go now."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE entries SET next_attempt_at = 0 WHERE state IN (?, ?)",
+                (State.COLLECTED, State.WRITTEN),
+            )
+
+    def disarm_refused_start(self, starts: Iterable[tuple[int, float, str]]) -> None:
+        """(todo id, start's created_at, reason): a start the database refused leaves no
+        deadlines behind; only the timers that start armed (a later start re-armed them)."""
+        with self.transaction() as db:
+            for todo_id, started_at, reason in starts:
+                db.execute(
+                    "UPDATE todos SET done = 1, completion_due = NULL, emergency_due = NULL,"
+                    " note = ? WHERE todo_id = ? AND started_at = ?",
+                    (f"start refused: {reason}", todo_id, started_at),
+                )
 
     def count_by_state(self) -> dict[str, int]:
         rows = self._db.execute("SELECT state, COUNT(*) FROM entries GROUP BY state").fetchall()
@@ -510,7 +842,7 @@ class Journal:
 
     def todos_in(self, states: tuple[str, ...]) -> list[int]:
         """The todos with an entry in one of ``states``, in id order."""
-        marks = ", ".join("?" * len(states))
+        marks = _marks(states)
         rows = self._db.execute(
             f"SELECT DISTINCT todo_id FROM entries WHERE state IN ({marks}) ORDER BY todo_id",
             states,
@@ -519,22 +851,26 @@ class Journal:
 
     def oldest_unfinished_at(self) -> float | None:
         """When the oldest entry still on its way to the database was made."""
-        return self._db.execute(
-            "SELECT MIN(created_at) FROM entries WHERE state IN ('accepted','collected','written')"
-        ).fetchone()[0]
+        row = self._db.execute(
+            f"SELECT MIN(created_at) FROM entries WHERE state IN ({_marks(UNFINISHED_STATES)})",
+            UNFINISHED_STATES,
+        ).fetchone()
+        return row[0]  # type: ignore[no-any-return]
 
     def next_attempt_at(self) -> float | None:
         """The earliest time an entry waiting for the writer may be tried (or verified) again."""
-        return self._db.execute(
-            "SELECT MIN(next_attempt_at) FROM entries WHERE state IN ('collected', 'written')"
-        ).fetchone()[0]
+        row = self._db.execute(
+            "SELECT MIN(next_attempt_at) FROM entries WHERE state IN (?, ?)",
+            (State.COLLECTED, State.WRITTEN),
+        ).fetchone()
+        return row[0]  # type: ignore[no-any-return]
 
     def refused(self, limit: int = 50) -> list[tuple[int, str | None]]:
         """(todo id, reason) of the latest requests the database refused, newest first."""
         return self._db.execute(
-            "SELECT todo_id, last_error FROM entries WHERE state = 'failed' AND outcome = 'refused'"
+            "SELECT todo_id, last_error FROM entries WHERE state = ? AND outcome = 'refused'"
             " ORDER BY seq DESC LIMIT ?",
-            (limit,),
+            (State.FAILED, limit),
         ).fetchall()
 
     def waiting_for_person(self) -> list[tuple[int, str]]:
@@ -562,12 +898,123 @@ class Journal:
         ).fetchall()
         return [TodoTimers(*row) for row in rows]
 
-    def set_timer_fields(self, db: sqlite3.Connection, todo_id: int, **values: object) -> None:
-        unknown = set(values) - set(TodoTimers.__slots__)
-        if unknown:
-            raise ValueError(f"not timer columns: {sorted(unknown)}")
-        assignments = ", ".join(f"{name} = ?" for name in values)
-        db.execute(f"UPDATE todos SET {assignments} WHERE todo_id = ?", (*values.values(), todo_id))
+    def timer_in(self, db: sqlite3.Connection, todo_id: int) -> TodoTimers | None:
+        """One todo's timers, read inside the caller's transaction."""
+        row = db.execute(
+            f"SELECT {_TIMER_COLUMNS} FROM todos WHERE todo_id = ?", (todo_id,)
+        ).fetchone()
+        return TodoTimers(*row) if row else None
+
+    def completions_since_start(self, db: sqlite3.Connection, todo_id: int) -> list[Entry]:
+        """The todo's completions (normal, emergency) not failed, since its latest start here."""
+        rows = db.execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE todo_id = ?"
+            f" AND kind IN ({_marks(COMPLETION_KINDS)}) AND state != ? AND seq > COALESCE("
+            "(SELECT MAX(seq) FROM entries WHERE todo_id = ? AND kind = ?), 0) ORDER BY seq",
+            (todo_id, *COMPLETION_KINDS, State.FAILED, todo_id, Kind.START),
+        ).fetchall()
+        return [Entry(*row) for row in rows]
+
+    def has_pending(self, db: sqlite3.Connection, todo_id: int) -> bool:
+        """Whether an entry of the todo waits to reach the database (or for a person)."""
+        row = db.execute(
+            f"SELECT 1 FROM entries WHERE todo_id = ? AND state IN ({_marks(PENDING_STATES)})"
+            " LIMIT 1",
+            (todo_id, *PENDING_STATES),
+        ).fetchone()
+        return row is not None
+
+    def fire_deadline(
+        self, todo_id: int, due_at: float, completion_id: str, reason: str, now: float
+    ) -> bool:
+        """The completion deadline passed: queue an emergency completion, compare-and-set on
+        the timer (whatever came first wins, and this stands down)."""
+        with self.transaction() as db:
+            return self.queue_emergency(
+                db,
+                completion_id,
+                todo_id,
+                reason,
+                now,
+                deadline=due_at,
+                counter="deadline_emergencies",
+            )
+
+    def finish_timers(self, db: sqlite3.Connection, todo_id: int) -> None:
+        """The emergency deadline was acted on: the todo's timers are done."""
+        db.execute("UPDATE todos SET emergency_fired = 1, done = 1 WHERE todo_id = ?", (todo_id,))
+
+    def supersede_emergencies(
+        self, db: sqlite3.Connection, completion_ids: Iterable[str], now: float
+    ) -> int:
+        """Emergency completions that never landed, replaced by a reset: -> FAILED."""
+        moved = 0
+        values: dict[str, object] = {
+            "state": State.FAILED,
+            "outcome": "superseded",
+            "last_error": "superseded by the reset at the emergency deadline",
+        }
+        for completion_id in completion_ids:
+            moved += self._update(db, completion_id, values, now, PENDING_STATES)
+        return moved
+
+    def queue_reset(
+        self,
+        db: sqlite3.Connection,
+        completion_id: str,
+        todo_id: int,
+        reason: str,
+        now: float,
+        *,
+        counter: str,
+    ) -> bool:
+        """A reset to 'offen' for the writer (nothing to collect); ``counter`` bumped if new."""
+        added = self.add_entry(
+            db,
+            NewEntry(completion_id, todo_id, Kind.RESET, state=State.COLLECTED, reason=reason),
+            now,
+        )
+        if added:
+            self.bump(db, counter)
+        return added
+
+    def cleaned(self, heads: Sequence[FinishedHead], now: float, sessions_deleted: int) -> None:
+        """VERIFIED -> CLEANED after the cleanup; the todo's remaining deadline (the reset) has
+        nothing left to guard, for a completion of the todo's current run."""
+        with self.transaction() as db:
+            for head in heads:
+                self._update(
+                    db, head.completion_id, {"state": State.CLEANED}, now, (State.VERIFIED,)
+                )
+            for head in heads:
+                db.execute(
+                    "UPDATE todos SET done = 1, emergency_due = NULL, waiting = NULL"
+                    " WHERE todo_id = ? AND done = 0 AND ? > COALESCE((SELECT MAX(seq)"
+                    " FROM entries WHERE todo_id = ? AND kind = ?), 0)",
+                    (head.todo_id, head.seq, head.todo_id, Kind.START),
+                )
+            if sessions_deleted:
+                self.bump(db, "sessions_cleaned", sessions_deleted)
+
+    # ------------------------------------------------------------ health's recovery actions
+
+    def force_completion(self, todo_id: int, completion_id: str, reason: str, now: float) -> bool:
+        """An emergency completion for a hanging todo, unless one is in hand since its start."""
+        with self.transaction() as db:
+            if self.completions_since_start(db, todo_id):
+                return False
+            return self.queue_emergency(
+                db, completion_id, todo_id, reason, now, counter="forced_completions"
+            )
+
+    def reset_if_idle(self, todo_id: int, completion_id: str, reason: str, now: float) -> bool:
+        """A reset to 'offen', unless an entry of the todo still waits to be written."""
+        with self.transaction() as db:
+            if self.has_pending(db, todo_id):
+                return False
+            return self.queue_reset(
+                db, completion_id, todo_id, reason, now, counter="status_resets"
+            )
 
     # ------------------------------------------------------------ health and counters
 
@@ -595,6 +1042,10 @@ class Journal:
             (name, by),
         )
 
+    def bump_counter(self, name: str, by: int = 1) -> None:
+        with self.transaction() as db:
+            self.bump(db, name, by)
+
     def counters(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT name, value FROM counters").fetchall())
 
@@ -602,8 +1053,8 @@ class Journal:
         """Forget finished entries and old request ids after the retention time."""
         with self.transaction() as db:
             gone = db.execute(
-                "DELETE FROM entries WHERE state IN ('cleaned', 'failed') AND updated_at < ?",
-                (older_than,),
+                "DELETE FROM entries WHERE state IN (?, ?) AND updated_at < ?",
+                (State.CLEANED, State.FAILED, older_than),
             ).rowcount
             db.execute("DELETE FROM requests WHERE received_at < ?", (older_than,))
             db.execute(

@@ -12,11 +12,17 @@ import socket
 import sqlite3
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import zmq
 
 from .memory import Trimmer
+
+if TYPE_CHECKING:
+    from protocol.config import Config
+
+    from .doorbell import Bells
+    from .journal import Journal
 
 JOURNAL_RETRY_FIRST = 0.5  # seconds before work is tried again after the journal failed
 JOURNAL_RETRY_MAX = 10.0
@@ -110,15 +116,22 @@ class ChildBase:
     name = "child"
     rings: tuple[str, ...] = ()
 
-    def __init__(self, config, *, parent_pid: int | None = None, clock=time.time) -> None:
+    journal: Journal  # set by initialize(), before open()
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        parent_pid: int | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.config = config
         self.parent_pid = parent_pid
         self.clock = clock
         self.poller = zmq.Poller()
-        self.ctx: zmq.Context | None = None
-        self.bell: zmq.Socket | None = None
-        self.bells = None
-        self.journal = None
+        self.ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self.bell: zmq.Socket[bytes] | None = None
+        self.bells: Bells | None = None
         self.sweep = config.behavior.sweep_interval
         self.trimmer = Trimmer()
         self.journal_failures = 0  # in a row; see _journal_failed
@@ -205,7 +218,7 @@ class ChildBase:
                 )
             if self.ctx is not None:
                 self.ctx.term()
-            if self.journal is not None:
+            if getattr(self, "journal", None) is not None:
                 self.journal.close()
 
     def open(self) -> None:

@@ -18,12 +18,11 @@ import os
 from loguru import logger
 
 import protocol as p
-from protocol.config import Config
+from protocol.config import Config, read_todo_hint
 
 SEND_TIMEOUT = 1.0  # the parent acks within milliseconds; this bounds the monitor's wait
 RETRY_MIN = 1.0
 RETRY_MAX = 10.0
-TODO_ID_MAX = 2**63 - 1
 
 
 class MarkerBridge:
@@ -92,12 +91,7 @@ class MarkerBridge:
         self._forget(None)
 
     def _read_hint(self) -> str | None:
-        with (
-            contextlib.suppress(OSError),
-            open(self.config.marker.current_todo_file, encoding="utf-8", errors="replace") as f,
-        ):
-            return f.read(64).strip() or None
-        return None
+        return read_todo_hint(self.config)
 
     def _consume(self, key: tuple[int, int], todo_id: int) -> list[str]:
         """Remove the marker files this completion came from, and only those: a session that
@@ -132,7 +126,4 @@ class MarkerBridge:
 
 
 def _todo_id(hint: str | None) -> int | None:
-    if not hint or not (hint.isascii() and hint.isdecimal()):
-        return None
-    value = int(hint)
-    return value if 1 <= value <= TODO_ID_MAX else None
+    return p.parse_todo_id(hint)

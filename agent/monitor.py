@@ -17,8 +17,8 @@ from pathlib import Path
 from loguru import logger
 
 from .archive import STAGING_MAX_AGE, archive_session, remove_stale_staging
-from .health import CheckResult, HealthChecker, completions_since_start
-from .journal import NewEntry, ScheduledCompletion, TodoTimers
+from .health import CheckResult, HealthChecker
+from .journal import PENDING_STATES, Kind, NewEntry, ScheduledCompletion, State, TodoTimers
 from .loop import ChildBase
 from .marker import MarkerBridge
 from .predict import SilenceModel, predict, shortened_due
@@ -29,9 +29,9 @@ RECHECK = 0.25  # how soon a due-but-held deadline is looked at again
 # A reset waits at most this long for a completion in flight to settle before superseding it.
 RESET_SETTLE_MAX = 120.0
 # A normal completion in these states is in hand: the emergency deadline never resets its todo.
-NORMAL_HELD = ("accepted", "collected", "written", "dead")
+NORMAL_HELD = PENDING_STATES
 # Emergency completions in these states never landed; a reset replaces them.
-EMERGENCY_SUPERSEDED = ("accepted", "collected", "written", "dead")
+EMERGENCY_SUPERSEDED = PENDING_STATES
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ class Monitor(ChildBase):
     def _fire_schedule(self, scheduled: ScheduledCompletion, now: float) -> None:
         """A scheduled completion's time has come: journal it as the user's completion."""
         completion_id = f"sched-{scheduled.request_id}"
-        entry = NewEntry(completion_id, scheduled.todo_id, "normal", request=scheduled.request)
+        entry = NewEntry(completion_id, scheduled.todo_id, Kind.NORMAL, request=scheduled.request)
         if not self.journal.fire_schedule(scheduled, entry, now):
             return  # cancelled, or fired by another pass, since it was read
         logger.bind(todo_id=scheduled.todo_id, completion_id=completion_id).info(
@@ -298,7 +298,8 @@ class Monitor(ChildBase):
         completion_id = f"emg-{due.todo_id}-{int(due.due_at)}"
         timeout = self._timeout_of(due.todo_id)
         reason = f"no completion and no heartbeat for {timeout:.0f} s (completion deadline passed)"
-        [timer] = self.journal.timers(due.todo_id) or [None]
+        timers = self.journal.timers(due.todo_id)
+        timer = timers[0] if timers else None
         if timer is not None and timer.last_heard_at is not None:
             silent = due.due_at - timer.last_heard_at
             if silent < timeout - 0.5:
@@ -308,21 +309,9 @@ class Monitor(ChildBase):
                     f"history allows (predict.act = shorten; the configured timeout is "
                     f"{timeout:.0f} s)"
                 )
-        with self.journal.transaction() as db:
-            # Compare-and-set on the timer: a heartbeat, a completion, a person's emergency or
-            # the health round's auto-recovery that came first wins, and this stands down.
-            fired = db.execute(
-                "UPDATE todos SET completion_fired = 1 WHERE todo_id = ? AND done = 0"
-                " AND completion_fired = 0 AND completion_due = ? AND waiting IS NULL",
-                (due.todo_id, due.due_at),
-            ).rowcount
-            if not fired:
-                return
-            added = self.journal.add_entry(
-                db, NewEntry(completion_id, due.todo_id, "emergency", reason=reason), now
-            )
-            if added:
-                self.journal.bump(db, "deadline_emergencies")
+        # Compare-and-set on the timer: a heartbeat, a completion, a person's emergency or the
+        # health round's auto-recovery that came first wins, and this stands down.
+        added = self.journal.fire_deadline(due.todo_id, due.due_at, completion_id, reason, now)
         if not added:
             return
         log.bind(completion_id=completion_id, emergency=True).warning(
@@ -351,24 +340,27 @@ class Monitor(ChildBase):
           completion that arrives later is written after it and wins.
         """
         completion_id = f"reset-{due.todo_id}-{int(due.due_at)}"
-        with self.journal.transaction() as db:
-            row = db.execute(
-                "SELECT done, emergency_fired, emergency_due, waiting FROM todos WHERE todo_id = ?",
-                (due.todo_id,),
-            ).fetchone()
-            if row is None or row[0] or row[1] or row[2] != due.due_at:
+        journal = self.journal
+        with journal.transaction() as db:
+            timer = journal.timer_in(db, due.todo_id)
+            if (
+                timer is None
+                or timer.done
+                or timer.emergency_fired
+                or timer.emergency_due != due.due_at
+            ):
                 return  # completed, restarted or already handled since we looked
-            waiting_for = row[3]
-            entries = completions_since_start(db, due.todo_id)
-            if any(e.kind == "normal" and e.state in NORMAL_HELD for e in entries):
-                self.journal.set_timer_fields(db, due.todo_id, emergency_fired=1, done=1)
+            waiting_for = timer.waiting
+            entries = journal.completions_since_start(db, due.todo_id)
+            if any(e.kind == Kind.NORMAL and e.state in NORMAL_HELD for e in entries):
+                journal.finish_timers(db, due.todo_id)
                 log.warning(
                     "emergency deadline passed, but a completion is waiting in the journal; "
                     "no reset (a real result is never thrown away)"
                 )
                 return
-            if any(e.state in ("verified", "cleaned") for e in entries):
-                self.journal.set_timer_fields(db, due.todo_id, emergency_fired=1, done=1)
+            if any(e.state in (State.VERIFIED, State.CLEANED) for e in entries):
+                journal.finish_timers(db, due.todo_id)
                 log.info("emergency deadline passed; the todo is already completed")
                 return
             # A collected completion the writer has not tried yet gets the time of one attempt;
@@ -377,34 +369,23 @@ class Monitor(ChildBase):
             settling = [
                 e
                 for e in entries
-                if e.state in ("accepted", "written")
-                or (e.state == "collected" and not e.attempts and now - e.updated_at < grace)
+                if e.state in (State.ACCEPTED, State.WRITTEN)
+                or (e.state == State.COLLECTED and not e.attempts and now - e.updated_at < grace)
             ]
             since = max([due.due_at, *(e.created_at for e in settling)])
             if settling and now - since < RESET_SETTLE_MAX:
                 return  # looked at again on the next pass
             superseded = [e.completion_id for e in entries if e.state in EMERGENCY_SUPERSEDED]
-            for cid in superseded:
-                db.execute(
-                    "UPDATE entries SET state = 'failed', outcome = 'superseded',"
-                    " last_error = 'superseded by the reset at the emergency deadline',"
-                    " updated_at = ? WHERE completion_id = ?",
-                    (now, cid),
-                )
-            self.journal.set_timer_fields(db, due.todo_id, emergency_fired=1, done=1)
-            added = self.journal.add_entry(
+            journal.supersede_emergencies(db, superseded, now)
+            journal.finish_timers(db, due.todo_id)
+            added = journal.queue_reset(
                 db,
-                NewEntry(
-                    completion_id,
-                    due.todo_id,
-                    "reset",
-                    state="collected",
-                    reason="emergency deadline passed without a completion in the database",
-                ),
+                completion_id,
+                due.todo_id,
+                "emergency deadline passed without a completion in the database",
                 now,
+                counter="deadline_resets",
             )
-            if added:
-                self.journal.bump(db, "deadline_resets")
         if not added:
             return
         session = Path(self.config.session_dir_for(due.todo_id))
@@ -448,13 +429,12 @@ class Monitor(ChildBase):
         entries = self.journal.finished_heads(limit=500)
         if not entries:
             return
-        updates = []
         deleted = 0
         for entry in entries:
             log = logger.bind(todo_id=entry.todo_id, completion_id=entry.completion_id)
             session = Path(self.config.session_dir_for(entry.todo_id))
             if self.config.collect.cleanup and session.is_dir():
-                if entry.kind != "normal":
+                if entry.kind != Kind.NORMAL:
                     log.info("kept session dir {} after a forced completion", session)
                 elif entry.archive_path and (Path(entry.archive_path) / "session").is_dir():
                     # Only a dir whose copy is in the archive may go.
@@ -463,22 +443,4 @@ class Monitor(ChildBase):
                     log.info("deleted session dir {} (archived in {})", session, entry.archive_path)
                 else:
                     log.warning("kept session dir {}: it was not archived", session)
-            updates.append((entry.completion_id, {"state": "cleaned"}))
-        with self.journal.transaction() as db:
-            for completion_id, values in updates:
-                db.execute(
-                    "UPDATE entries SET state = ?, updated_at = ? WHERE completion_id = ?"
-                    " AND state = 'verified'",
-                    (values["state"], now, completion_id),
-                )
-            for entry in entries:
-                # The todo is completed in the database: its remaining deadline (the reset) has
-                # nothing left to guard.  Only for a completion of the todo's current run.
-                db.execute(
-                    "UPDATE todos SET done = 1, emergency_due = NULL, waiting = NULL"
-                    " WHERE todo_id = ? AND done = 0 AND ? > COALESCE((SELECT MAX(seq)"
-                    " FROM entries WHERE todo_id = ? AND kind = 'start'), 0)",
-                    (entry.todo_id, entry.seq, entry.todo_id),
-                )
-            if deleted:
-                self.journal.bump(db, "sessions_cleaned", deleted)
+        self.journal.cleaned(entries, now, deleted)

@@ -220,7 +220,7 @@ _MARKDOWN_RULES = (
     *("reference", "autolink", "backticks", "emphasis", "entity", "escape", "image", "link"),
     *("newline", "table", "strikethrough"),
 )
-_MARKDOWN = FastMarkdown("zero").enable_many(list(_MARKDOWN_RULES))
+_MARKDOWN = FastMarkdown("zero").enable_many(list(_MARKDOWN_RULES))  # type: ignore[arg-type]
 # An image would load from outside (a tracking pixel where no CSP applies): its alt text is shown
 # instead. The renderer escapes attribute values, so a quote cannot end one early.
 _IMAGE_RE = re.compile(r'<img src="[^"]*" alt="([^"]*)"[^>]*>')

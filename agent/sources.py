@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import overload
 
 from agent import transcript as transcript_reader
+from protocol.config import tmux_socket_args
 
 DEFAULT_MAX_SOURCE_BYTES = 8 * 1024 * 1024
 NOTE_RESERVE = 64  # bytes kept free in a budget for the omission note itself
@@ -270,13 +271,6 @@ def _from_database(todo_id: int, load_todo: Callable[[int], TodoFacts | None]) -
 
 
 # --- reading and shaping raw output ---
-
-
-def tmux_socket_args(socket: str | None) -> list[str]:
-    """``-S path`` for a socket path, ``-L name`` for a socket name, nothing for the default."""
-    if not socket:
-        return []
-    return ["-S", socket] if "/" in socket else ["-L", socket]
 
 
 def _run_bounded(argv: list[str], timeout: float) -> tuple[bytes, bytes, int]:

@@ -18,7 +18,7 @@ from loguru import logger
 
 from .dbroute import DbRoute
 from .fleet import Beacon, worst
-from .journal import Entry
+from .journal import COMPLETION_KINDS, UNFINISHED_STATES, Entry, Kind, State
 from .loop import ChildBase
 from .store import (
     PermanentError,
@@ -171,15 +171,13 @@ class Writer(ChildBase):
         written: list[str] = []
         blocked: set[int] = set()
         more = False
-        for cid, todo_id, state, next_at in self.journal.heads_in(
-            ("accepted", "collected", "written"), limit=5000
-        ):
+        for cid, todo_id, state, next_at in self.journal.heads_in(UNFINISHED_STATES, limit=5000):
             if todo_id in blocked:
                 continue
-            if state == "accepted" or next_at > now:
+            if state == State.ACCEPTED or next_at > now:
                 blocked.add(todo_id)
                 continue
-            if state == "written":
+            if state == State.WRITTEN:
                 written.append(cid)
                 continue
             if len(chosen) >= BATCH:
@@ -274,8 +272,7 @@ class Writer(ChildBase):
         outcomes: list[WriteOutcome],
         now: float,
     ) -> None:
-        updates = []
-        refused_starts: list[tuple[Entry, str]] = []
+        refused_starts: list[tuple[int, float, str]] = []
         verified_any = False
         unreadable: StoreError | None = None
         checked: list[bool] | StoreError
@@ -283,51 +280,70 @@ class Writer(ChildBase):
             checked = self._store().verify_many(writes, outcomes)
         except StoreError as exc:
             checked = exc
-        for index, (entry, outcome) in enumerate(zip(entries, outcomes, strict=True)):
-            log = logger.bind(todo_id=entry.todo_id, completion_id=entry.completion_id)
-            values: dict[str, object] = {"outcome": outcome.outcome, "attempts": entry.attempts + 1}
-            if outcome.outcome == "refused":
-                log.warning("database refused the {}: {}", entry.kind, outcome.reason)
-                values.update(state="failed", last_error=outcome.reason)
-                updates.append((entry.completion_id, values))
-                if entry.kind == "start":
-                    refused_starts.append((entry, outcome.reason))
-                continue
-            if outcome.outcome == "duplicate":
-                log.info("recorded as a duplicate: {}", outcome.reason)
-            elif outcome.outcome == "already":
-                log.info(
-                    "{} was already in the database (a commit whose acknowledgement was lost); "
-                    "not applied again",
-                    entry.kind,
-                )
-            else:
-                log.info("{} {}{}", entry.kind, outcome.outcome, _because(outcome.reason))
-            ok, problem = False, None
-            if isinstance(checked, TransientError):
-                unreadable = checked
-            elif isinstance(checked, PermanentError):
-                problem = f"verification failed: {checked}"
-            else:
-                ok = checked[index]
-            if unreadable is not None:
-                problem = f"committed, but not read back yet: {unreadable}"
-            elif not ok and problem is None:
-                problem = "verification did not read the write back"
-            if problem is not None:
-                log.warning("{}", problem)
-            verified_any |= ok
-            values.update(
-                state=_after_verify(entry.kind) if ok else "written",
-                last_error=problem,
-                next_attempt_at=0 if ok else now + PROBE_INTERVAL,
-            )
-            updates.append((entry.completion_id, values))
-        self.journal.update_entries(updates, now)
+        with self.journal.transaction() as db:
+            for index, (entry, outcome) in enumerate(zip(entries, outcomes, strict=True)):
+                log = logger.bind(todo_id=entry.todo_id, completion_id=entry.completion_id)
+                attempts = entry.attempts + 1
+                if outcome.outcome == "refused":
+                    log.warning("database refused the {}: {}", entry.kind, outcome.reason)
+                    self.journal.failed(
+                        db,
+                        entry.completion_id,
+                        now,
+                        outcome.reason,
+                        attempts=attempts,
+                        outcome=outcome.outcome,
+                    )
+                    if entry.kind == Kind.START:
+                        refused_starts.append((entry.todo_id, entry.created_at, outcome.reason))
+                    continue
+                if outcome.outcome == "duplicate":
+                    log.info("recorded as a duplicate: {}", outcome.reason)
+                elif outcome.outcome == "already":
+                    log.info(
+                        "{} was already in the database (a commit whose acknowledgement was "
+                        "lost); not applied again",
+                        entry.kind,
+                    )
+                else:
+                    log.info("{} {}{}", entry.kind, outcome.outcome, _because(outcome.reason))
+                ok, problem = False, None
+                if isinstance(checked, TransientError):
+                    unreadable = checked
+                elif isinstance(checked, StoreError):
+                    problem = f"verification failed: {checked}"
+                else:
+                    ok = checked[index]
+                if unreadable is not None:
+                    problem = f"committed, but not read back yet: {unreadable}"
+                elif not ok and problem is None:
+                    problem = "verification did not read the write back"
+                if problem is not None:
+                    log.warning("{}", problem)
+                verified_any |= ok
+                if ok:
+                    self.journal.verified(
+                        db,
+                        entry.completion_id,
+                        entry.kind,
+                        now,
+                        attempts=attempts,
+                        outcome=outcome.outcome,
+                    )
+                else:
+                    self.journal.written(
+                        db,
+                        entry.completion_id,
+                        now,
+                        next_attempt_at=now + PROBE_INTERVAL,
+                        last_error=problem,
+                        attempts=attempts,
+                        outcome=outcome.outcome,
+                    )
         started = [
             e.todo_id
             for e, o in zip(entries, outcomes, strict=True)
-            if e.kind == "start" and o.outcome == "applied"
+            if e.kind == Kind.START and o.outcome == "applied"
         ]
         if started and (error := self.beacon.claim(self._store(), started)) is not None:
             logger.warning("fleet claims for {} not recorded: {}", started, error)
@@ -338,25 +354,14 @@ class Writer(ChildBase):
         if unreadable is not None:
             self._went_down(now, unreadable)
 
-    def _disarm(self, starts: list[tuple[Entry, str]]) -> None:
+    def _disarm(self, starts: list[tuple[int, float, str]]) -> None:
         """A start the database refused (no such todo, blocked, already completed) must not
         leave deadlines behind that later force a completion nobody can write."""
-        with self.journal.transaction() as db:
-            for entry, reason in starts:
-                # Only the timers this start armed: a later start re-armed them at its own time.
-                db.execute(
-                    "UPDATE todos SET done = 1, completion_due = NULL, emergency_due = NULL,"
-                    " note = ? WHERE todo_id = ? AND started_at = ?",
-                    (
-                        f"start refused: {reason}",
-                        entry.todo_id,
-                        entry.created_at,
-                    ),
-                )
+        self.journal.disarm_refused_start(starts)
         self.ring("monitor")
 
     def _verify_written(self, entries: list[Entry], now: float) -> None:
-        updates = []
+        results: list[tuple[Entry, bool]] = []
         unreadable: StoreError | None = None
         for entry in entries:
             try:
@@ -376,62 +381,60 @@ class Writer(ChildBase):
                     "verification failed: {}", exc
                 )
                 ok = False
-            if ok:
-                updates.append(
-                    (entry.completion_id, {"state": _after_verify(entry.kind), "last_error": None})
-                )
-            elif entry.attempts >= VERIFY_TRIES + 1:
-                updates.append(
-                    (
-                        entry.completion_id,
-                        {
-                            "state": "failed",
-                            "last_error": "written, but the row never read back as expected "
+            results.append((entry, ok))
+        if results:
+            with self.journal.transaction() as db:
+                for entry, ok in results:
+                    if ok:
+                        self.journal.verified(db, entry.completion_id, entry.kind, now)
+                    elif entry.attempts >= VERIFY_TRIES + 1:
+                        self.journal.failed(
+                            db,
+                            entry.completion_id,
+                            now,
+                            "written, but the row never read back as expected "
                             "(changed by someone else?)",
-                        },
-                    )
-                )
-            else:
-                updates.append(
-                    (
-                        entry.completion_id,
-                        {"attempts": entry.attempts + 1, "next_attempt_at": now + PROBE_INTERVAL},
-                    )
-                )
-        if updates:
-            self.journal.update_entries(updates, now)
+                        )
+                    else:
+                        self.journal.verify_later(
+                            db,
+                            entry.completion_id,
+                            now,
+                            attempts=entry.attempts + 1,
+                            next_attempt_at=now + PROBE_INTERVAL,
+                        )
             self.ring("monitor")
         if unreadable is not None:
             self._went_down(now, unreadable)
 
     def _retry_later(self, batch: list[Entry], now: float, exc: StoreError) -> None:
         behavior = self.config.behavior
-        updates = []
-        for entry in batch:
-            attempts = entry.attempts + 1
-            if attempts <= behavior.max_retries:
-                delay = min(2.0**attempts, behavior.retry_max_delay)
-            else:
-                delay = behavior.retry_max_delay
-                if attempts == behavior.max_retries + 1:
-                    logger.bind(todo_id=entry.todo_id, completion_id=entry.completion_id).warning(
-                        "{} attempts failed; it stays in the journal and is retried every {:.0f} s",
-                        attempts,
-                        delay,
-                    )
-            delay *= self._rng.uniform(0.8, 1.2)
-            updates.append(
-                (
-                    entry.completion_id,
-                    {
-                        "attempts": attempts,
-                        "next_attempt_at": now + delay,
-                        "last_error": str(exc),
-                    },
-                )
-            )
         logger.warning("could not write {} completion(s), will retry: {}", len(batch), exc)
-        self.journal.update_entries(updates, now)
+        with self.journal.transaction() as db:
+            for entry in batch:
+                attempts = entry.attempts + 1
+                if attempts <= behavior.max_retries:
+                    delay = min(2.0**attempts, behavior.retry_max_delay)
+                else:
+                    delay = behavior.retry_max_delay
+                    if attempts == behavior.max_retries + 1:
+                        logger.bind(
+                            todo_id=entry.todo_id, completion_id=entry.completion_id
+                        ).warning(
+                            "{} attempts failed; it stays in the journal and is retried every "
+                            "{:.0f} s",
+                            attempts,
+                            delay,
+                        )
+                delay *= self._rng.uniform(0.8, 1.2)
+                self.journal.retry_later(
+                    db,
+                    entry.completion_id,
+                    now,
+                    attempts=attempts,
+                    next_attempt_at=now + delay,
+                    error=str(exc),
+                )
 
     def _dead(self, entry: Entry, now: float, error: str) -> None:
         logger.bind(todo_id=entry.todo_id, completion_id=entry.completion_id).error(
@@ -439,13 +442,7 @@ class Writer(ChildBase):
             error,
             entry.completion_id,
         )
-        self.journal.update_entry(
-            entry.completion_id,
-            now,
-            state="dead",
-            last_error=error,
-            attempts=entry.attempts + 1,
-        )
+        self.journal.dead(entry.completion_id, now, error, entry.attempts + 1)
 
     # ------------------------------------------------------------ outages
 
@@ -476,23 +473,15 @@ class Writer(ChildBase):
         logger.info("database reachable again after {:.0f} s; draining", now - self.down_since)
         self.down_since = None
         # Everything that waited for the database may go now, not at its backoff time.
-        with self.journal.transaction() as db:
-            db.execute(
-                "UPDATE entries SET next_attempt_at = 0 WHERE state IN ('collected', 'written')"
-            )
-
-
-def _after_verify(kind: str) -> str:
-    # Starts and resets leave no session files behind: they are finished once verified.
-    return "verified" if kind in ("normal", "emergency") else "cleaned"
+        self.journal.release_backoff()
 
 
 def _log_kind(kind: str, outcome: str) -> str | None:
     """The completion_log kind `apply` recorded for this outcome (see store.base.decide)."""
     if outcome == "applied":
-        return None if kind == "start" else kind
+        return None if kind == Kind.START else kind
     if outcome == "duplicate":
-        return "duplicate" if kind in ("normal", "emergency") else None
+        return "duplicate" if kind in COMPLETION_KINDS else None
     return None
 
 

@@ -11,7 +11,8 @@ import stat
 import subprocess
 import sys
 
-from protocol.config import Config, mask_url
+from protocol.config import Config, tmux_socket_args
+from protocol.dburl import mask_url
 
 from . import AgentUnavailable, Client
 
@@ -258,9 +259,14 @@ def _check(args: argparse.Namespace, config: Config) -> int:
     if tmux is None:
         results.append(("tmux", not config.collect.tmux_target, "tmux is not installed"))
     elif config.collect.tmux_target:
-        socket_args = ["-S", config.collect.tmux_socket] if config.collect.tmux_socket else []
         probe = subprocess.run(
-            [tmux, *socket_args, "has-session", "-t", config.collect.tmux_target],
+            [
+                tmux,
+                *tmux_socket_args(config.collect.tmux_socket),
+                "has-session",
+                "-t",
+                config.collect.tmux_target,
+            ],
             capture_output=True,
             timeout=5,
         )

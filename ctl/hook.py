@@ -14,7 +14,7 @@ from typing import TypedDict
 import msgspec
 
 import protocol as p
-from protocol.config import Config, ConfigError, load_for_client
+from protocol.config import Config, ConfigError, load_for_client, read_todo_hint
 
 from . import AgentUnavailable, Client, CommandRefused
 
@@ -47,18 +47,15 @@ def _todo_id() -> int | None:
     raw = os.environ.get("TODO_ID", "").strip()
     if not raw:
         return None
-    if raw.isdigit() and 0 < int(raw) < 2**63:
-        return int(raw)
+    todo_id = p.parse_todo_id(raw)
+    if todo_id is not None:
+        return todo_id
     print(f"completionctl hook: ignoring $TODO_ID={raw[:40]!r} (not a todo id)", file=sys.stderr)
     return None
 
 
 def _hint(config: Config) -> str | None:
-    try:
-        with open(config.marker.current_todo_file, encoding="utf-8", errors="replace") as f:
-            return f.read(64).strip() or None
-    except OSError:
-        return None
+    return read_todo_hint(config)
 
 
 def _config_path(argv: list[str]) -> str | None:

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import protocol as p
+
 
 class UsageError(Exception):
     """argparse refused the command line; the message says why."""
@@ -19,11 +21,8 @@ class UsageError(Exception):
 
 def todo_id(text: str) -> int:
     """A todo id as the database knows them: a whole number from 1 up."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value < 2**63:
+    value = p.parse_todo_id(text)
+    if value is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a todo id (a whole number from 1 up)")
     return value
 

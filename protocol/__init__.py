@@ -19,7 +19,8 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # Room for the envelope and the other fields around a capped output.
 MAX_FRAME_BYTES = MAX_MESSAGE_BYTES + 64 * 1024
 
-TodoId = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+TODO_ID_MAX = 2**63 - 1
+TodoId = Annotated[int, msgspec.Meta(ge=1, le=TODO_ID_MAX)]
 ShortText = Annotated[str, msgspec.Meta(max_length=4096)]
 # Short enough that derived journal ids ("start-<request id>") fit the 64-character log column.
 RequestId = Annotated[str, msgspec.Meta(max_length=48, pattern=r"^[A-Za-z0-9_.:-]*$")]
@@ -30,6 +31,16 @@ Seconds = Annotated[float, msgspec.Meta(gt=0, le=30 * 24 * 3600)]
 MAX_BATCH = 10_000
 # The journal keeps each todo's copy of a batch's output: their sum may not exceed this.
 MAX_BATCH_JOURNAL_BYTES = 64 * 1024 * 1024
+
+
+def parse_todo_id(text: str | None) -> int | None:
+    """A todo id written as text ($TODO_ID, the CURRENT_TODO_ID file, a command line): ASCII
+    digits around which blanks are ignored, from 1 to TODO_ID_MAX; anything else is None."""
+    text = (text or "").strip()
+    if not (text.isascii() and text.isdecimal()):
+        return None
+    value = int(text)
+    return value if 1 <= value <= TODO_ID_MAX else None
 
 
 class ErrorCode(enum.IntEnum):

@@ -14,9 +14,11 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
+
+from .dburl import is_mysql, parse_url
+from .dburl import mask_url as mask_url  # re-exported: tests and older callers
 
 IPC_PATH_MAX = 107  # sockaddr_un.sun_path minus the terminating NUL
 
@@ -76,7 +78,7 @@ class Behavior(_Section, frozen=True, kw_only=True):
 class Collect(_Section, frozen=True, kw_only=True):
     session_dir: str = "/tmp/claude_session_{todo_id}"
     tmux_target: str = ""
-    tmux_socket: str = ""  # tmux -S path; "" = the user's default server
+    tmux_socket: str = ""  # tmux -S path or -L name; "" = the user's default server
     transcript_wait: Annotated[float, msgspec.Meta(ge=0)] = 2.0
     tmux_timeout: Positive = 3.0
     cleanup: bool = True  # delete the session dir after a verified, archived completion
@@ -314,25 +316,11 @@ def _complete(config: Config, path: Path | None) -> Config:
     endpoint = config.endpoint or f"ipc://{state_dir / 'completiond.sock'}"
     validate_endpoint(endpoint)
     url = config.database.url
-    if url and not (url.startswith("sqlite:///") or url.startswith("mysql://")):
-        raise ConfigError(
-            f"database.url: {mask_url(url)!r} is not supported; "
-            "use sqlite:///ABSOLUTE/PATH or mysql://USER:PASS@HOST:PORT/DB"
-        )
-    if url.startswith("mysql://"):
-        parts = urlsplit(url)
-        userinfo, at, hostlist = parts.netloc.rpartition("@")
-        nodes = [f"{userinfo}{at}{h}" for h in hostlist.split(",")]  # h1:p1,h2:p2: a cluster
+    if url:
         try:
-            for node in nodes:
-                urlsplit(f"mysql://{node}").port  # noqa: B018 - ValueError for a bad port
-        except ValueError:
-            raise ConfigError(f"database.url: {mask_url(url)!r} has an invalid port") from None
-        if not parts.username or not all(hostlist.split(",")) or not parts.path.strip("/"):
-            raise ConfigError(
-                f"database.url: {mask_url(url)!r} needs a user, a host and a database: "
-                "mysql://USER:PASS@HOST:PORT/DB"
-            )
+            parse_url(url)
+        except ValueError as exc:
+            raise ConfigError(f"database.url: {exc}") from None
     _check_ssh_tls(config.database, url)
     if config.database.table == "completion_log":
         raise ConfigError(
@@ -367,7 +355,7 @@ def parse_ssh(value: str) -> tuple[str, str, int]:
 
 
 def _check_ssh_tls(db: Database, url: str) -> None:
-    if (db.ssh or db.tls != "off") and not url.startswith("mysql://"):
+    if (db.ssh or db.tls != "off") and not is_mysql(url):
         key = "database.ssh" if db.ssh else "database.tls"
         raise ConfigError(f"{key} needs a MySQL database: set database.url to mysql://...")
     if db.hosts and not url.startswith("mysql://"):
@@ -403,14 +391,20 @@ def validate_endpoint(endpoint: str) -> None:
         raise ConfigError(f"endpoint: {endpoint!r} must start with ipc:// or tcp://")
 
 
-def mask_url(url: str) -> str:
-    """The database URL with its password replaced, for logs and status."""
+def tmux_socket_args(socket: str | None) -> list[str]:
+    """tmux's server arguments for collect.tmux_socket: ``-S path`` for a socket path, ``-L
+    name`` for a socket name, nothing for the user's default server.  Everyone running tmux
+    for the agent builds them here."""
+    if not socket:
+        return []
+    return ["-S", socket] if "/" in socket else ["-L", socket]
+
+
+def read_todo_hint(config: Config) -> str | None:
+    """What the CURRENT_TODO_ID file (marker.current_todo_file) holds, stripped; None when it
+    is missing, unreadable or empty.  ``protocol.parse_todo_id`` tells whether it is an id."""
     try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = netloc[0].split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+        with open(config.marker.current_todo_file, encoding="utf-8", errors="replace") as f:
+            return f.read(64).strip() or None
+    except OSError:
+        return None
