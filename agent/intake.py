@@ -319,8 +319,6 @@ class Intake:
         completion_id = request.request_id
         self._record(db, request, todo_id, now, completion_id)
         self.journal.accept_completion(db, completion_id, todo_id, p.encode(request), now)
-        if self.journal.cancel_schedules(db, todo_id, "a completion came first", now):
-            logger.bind(todo_id=todo_id).info("scheduled completion cancelled: completed first")
         logger.bind(todo_id=todo_id, completion_id=completion_id).info(
             "completion accepted ({})", request.event or "cli"
         )
@@ -420,7 +418,6 @@ class Intake:
                     )
                 )
                 continue
-            self.journal.cancel_schedules(db, todo_id, "a completion came first", now)
             items.append(
                 p.ItemOutcome(todo_id=todo_id, outcome="accepted", completion_id=completion_id)
             )

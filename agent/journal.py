@@ -38,6 +38,17 @@ force_completion           queue_emergency unless one is in hand       health
 reset_if_idle              queue_reset unless an entry waits           health
 save_checks, bump_counter  health table, counters                      health
 prune                      forget CLEANED/FAILED after retention       monitor
+schedule                   new PENDING schedule (replaces a pending    intake
+                           one of the todo)
+cancel_schedules           PENDING -> CANCELLED (also done by          intake (cancel),
+                           accept_completion: a completion came first) accept_completion
+fire_schedule              PENDING -> FIRED + accept_completion        monitor
+record_silence             a silence sample (heard, disarm)            intake
+set_projects               todo -> project_id, for prediction          health
+shorten_deadline           completion deadline earlier (predict.act    monitor
+                           = "shorten"): only an armed, unfired one,
+                           unheard since, and only earlier
+prune_history              forget settled schedules, old samples       monitor
 =========================  ==========================================  ===================
 
 The writer's transitions also accept an entry that a reset marked FAILED meanwhile: the
@@ -248,13 +259,15 @@ class ScheduledCompletion:
     updated_at: float
 
 
-class ScheduleState:
+class ScheduleState(StrEnum):
+    """Where a scheduled completion is (stored as these strings)."""
+
     PENDING = "pending"
     FIRED = "fired"
     CANCELLED = "cancelled"
 
 
-class SilenceKind:
+class SilenceKind(StrEnum):
     """What a silence sample measures: the gap between two events of a session, or a session's
     whole duration from its start to its completion."""
 
@@ -543,13 +556,15 @@ class Journal:
     def accept_completion(
         self, db: sqlite3.Connection, completion_id: str, todo_id: int, request: bytes, now: float
     ) -> bool:
-        """A normal completion for the collector; when it is new, it cancels both deadlines
-        (False: this completion id was journaled before, and nothing changed)."""
+        """A normal completion for the collector; when it is new, it cancels both deadlines and
+        a pending scheduled completion of the todo (False: this completion id was journaled
+        before, and nothing changed)."""
         added = self.add_entry(
             db, NewEntry(completion_id, todo_id, Kind.NORMAL, request=request), now
         )
         if added:
             self.disarm(db, todo_id, now)
+            self.cancel_schedules(db, todo_id, "a completion came first", now)
         return added
 
     def queue_emergency(
@@ -1107,16 +1122,17 @@ class Journal:
         ).fetchall()
         return [ScheduledCompletion(*row) for row in rows]
 
-    def fire_schedule(self, scheduled: ScheduledCompletion, entry: NewEntry, now: float) -> bool:
-        """The monitor's one move for a due schedule: pending -> fired and its completion
-        journaled, in one transaction; False when it was cancelled or fired meanwhile."""
+    def fire_schedule(self, scheduled: ScheduledCompletion, completion_id: str, now: float) -> bool:
+        """The monitor's one move for a due schedule: PENDING -> FIRED and its completion
+        accepted like a user's, in one transaction; False when it was cancelled or fired
+        meanwhile."""
         with self.transaction() as db:
             fired = db.execute(
                 "UPDATE schedules SET state = ?, reason = ?, updated_at = ?"
                 " WHERE request_id = ? AND state = ?",
                 (
                     ScheduleState.FIRED,
-                    f"completion {entry.completion_id}",
+                    f"completion {completion_id}",
                     now,
                     scheduled.request_id,
                     ScheduleState.PENDING,
@@ -1124,8 +1140,7 @@ class Journal:
             ).rowcount
             if not fired:
                 return False
-            self.add_entry(db, entry, now)
-            self.disarm(db, scheduled.todo_id, now)
+            self.accept_completion(db, completion_id, scheduled.todo_id, scheduled.request, now)
             self.bump(db, "scheduled_completions")
         return True
 

@@ -18,7 +18,7 @@ from loguru import logger
 
 from .archive import STAGING_MAX_AGE, archive_session, remove_stale_staging
 from .health import CheckResult, HealthChecker
-from .journal import PENDING_STATES, Kind, NewEntry, ScheduledCompletion, State, TodoTimers
+from .journal import PENDING_STATES, Kind, ScheduledCompletion, State, TodoTimers
 from .loop import ChildBase
 from .marker import MarkerBridge
 from .predict import SilenceModel, predict, shortened_due
@@ -182,8 +182,7 @@ class Monitor(ChildBase):
     def _fire_schedule(self, scheduled: ScheduledCompletion, now: float) -> None:
         """A scheduled completion's time has come: journal it as the user's completion."""
         completion_id = f"sched-{scheduled.request_id}"
-        entry = NewEntry(completion_id, scheduled.todo_id, Kind.NORMAL, request=scheduled.request)
-        if not self.journal.fire_schedule(scheduled, entry, now):
+        if not self.journal.fire_schedule(scheduled, completion_id, now):
             return  # cancelled, or fired by another pass, since it was read
         logger.bind(todo_id=scheduled.todo_id, completion_id=completion_id).info(
             "scheduled completion fired (due {:.0f}, {:.1f} s late)",
