@@ -45,6 +45,14 @@ def build(name: str, config: Config, parent_pid: int):
         from .monitor import Monitor
 
         return Monitor(config, parent_pid=parent_pid)
+    if name == "web":
+        from .web import Web
+
+        return Web(config, parent_pid=parent_pid)
+    if name == "notify":
+        from .notify import Notifier
+
+        return Notifier(config, parent_pid=parent_pid)
     raise SystemExit(f"unknown child {name!r}")
 
 

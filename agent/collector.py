@@ -46,6 +46,8 @@ CRASH_RETRY_MAX = 60.0  # a collection that crashed is tried again after a backo
 class Result:
     entry: Entry
     values: dict[str, object]
+    # (source, seconds, found) per source tried: recorded as stage timings with the result
+    tried: tuple[tuple[str, float, bool], ...] = ()
 
 
 class TodoFactsReader:
@@ -167,6 +169,7 @@ class Collector(ChildBase):
         self.crashes: dict[str, tuple[int, float]] = {}  # completion id -> (count, retry at)
         # Collected results not yet in the journal (its write failed): written on the next try.
         self.unrecorded: dict[str, dict[str, object]] = {}
+        self.tried: dict[str, tuple[tuple[str, float, bool], ...]] = {}
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._wake_lock = threading.Lock()
@@ -246,12 +249,14 @@ class Collector(ChildBase):
             self.crashes.pop(cid, None)
             updates.append((cid, result.values))
             self.unrecorded[cid] = result.values
+            self.tried[cid] = result.tried
         if not updates:
             return
         # Compare-and-set: an entry superseded meanwhile (a reset at the emergency deadline
         # marks waiting emergency completions failed) stays what it is.
-        landed = self.journal.collected(updates, self.clock())
+        landed = self.journal.collected(updates, self.clock(), tried=self.tried)
         self.unrecorded.clear()
+        self.tried.clear()
         if landed < len(updates):
             logger.info("{} collected entr(ies) had moved on meanwhile", len(updates) - landed)
         if landed:
@@ -336,7 +341,7 @@ class Collector(ChildBase):
         for problem in collected.problems:
             log.info("collection problem: {}", problem)
         log.info("collected from {}", collected.source)
-        return Result(entry, values)
+        return Result(entry, values, collected.tried)
 
     def _archive(self, entry: Entry, session_dir, transcript, report_html, now, log) -> str | None:
         session = Path(session_dir) if session_dir and os.path.isdir(session_dir) else None

@@ -25,7 +25,7 @@ from protocol import outbox
 from protocol.config import Config
 from protocol.dburl import mask_url
 
-from .doorbell import CHILDREN, Bells
+from .doorbell import CHILDREN, Bells, children_for
 from .intake import ChildInfo, Intake
 from .journal import Journal
 from .memory import Trimmer
@@ -33,7 +33,7 @@ from .sdnotify import Notifier
 from .supervisor import Supervisor
 
 BATCH = 512  # requests journaled in one transaction (group commit)
-STOP_ORDER = ("monitor", "collector", "writer")
+STOP_ORDER = ("web", "notify", "monitor", "collector", "writer")
 STOP_BUDGET = 8.0  # seconds for all children; the whole stop stays under 10 s
 
 
@@ -103,7 +103,7 @@ class Parent:
         self.clock = clock
         self.poller = zmq.Poller()
         self.started_at = clock()
-        self.supervisor = Supervisor(CHILDREN, msgspec.json.encode(config))
+        self.supervisor = Supervisor(children_for(config), msgspec.json.encode(config))
         self._ctx: zmq.Context | None = None
         self._router: zmq.Socket | None = None
         self._bells: Bells | None = None
@@ -126,6 +126,7 @@ class Parent:
         self._bells = Bells(self._ctx, config.state_path, CHILDREN)
         self._ingest_outbox(self.clock())
         self.intake.wait_for_lock()  # the children may hold the journal's lock from now on
+        self._event("started", pid=os.getpid())
         self.supervisor.start_all(self.clock())
         for child in self.supervisor.children.values():
             self.poller.register(child.pidfd, zmq.POLLIN)
@@ -196,7 +197,10 @@ class Parent:
                 self.intake.stopping = True
             self._router.close(linger=500)
             self._router = None
-        self.supervisor.stop_all(STOP_ORDER, STOP_BUDGET)
+        self.supervisor.stop_all(
+            tuple(name for name in STOP_ORDER if name in self.supervisor.children), STOP_BUDGET
+        )
+        self._event("stopped", pid=os.getpid())
         if self._bells is not None:
             self._bells.close()
         if self._ctx is not None:
@@ -251,8 +255,19 @@ class Parent:
                 if child.pidfd is not None:
                     self.poller.unregister(child.pidfd)
                 self.supervisor.reap(child, now)
+                self._event("child restarted", child=child.name, exit=child.exits[-1])
         for child in self.supervisor.restart_due(now):
             self.poller.register(child.pidfd, zmq.POLLIN)
+
+    def _event(self, what: str, **details: object) -> None:
+        """An ``agent`` event for the notifications (start, stop, a child's restart)."""
+        if self.journal is None:
+            return
+        try:
+            with self.journal.transaction() as db:
+                self.journal.add_event(db, "agent", self.clock(), {"what": what, **details})
+        except sqlite3.Error as exc:
+            logger.warning("could not record the agent event {!r}: {}", what, exc)
 
     def _children_info(self) -> dict[str, ChildInfo]:
         return {

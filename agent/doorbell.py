@@ -14,7 +14,25 @@ from pathlib import Path
 import zmq
 
 CHILDREN = ("collector", "writer", "monitor")
-_FILES = {"collector": "bell-c.sock", "writer": "bell-w.sock", "monitor": "bell-m.sock"}
+# Started only when configured: web (metrics.listen or web.listen), notify ([[notify]] targets).
+OPTIONAL = ("web", "notify")
+_FILES = {
+    "collector": "bell-c.sock",
+    "writer": "bell-w.sock",
+    "monitor": "bell-m.sock",
+    "web": "bell-x.sock",
+    "notify": "bell-n.sock",
+}
+
+
+def children_for(config) -> tuple[str, ...]:
+    """The children this configuration runs."""
+    extra = []
+    if config.metrics.listen or config.web.listen:
+        extra.append("web")
+    if config.notify:
+        extra.append("notify")
+    return (*CHILDREN, *extra)
 
 
 def bell_path(state_dir: Path, name: str) -> Path:

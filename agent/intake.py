@@ -91,6 +91,7 @@ class Intake:
             p.Health: lambda request, now: self.health(now),
             p.Status: lambda request, now: self.status(request, now),  # type: ignore[arg-type]
             p.Outcomes: lambda request, now: self.outcomes(request),  # type: ignore[arg-type]
+            p.Metrics: lambda request, now: self.metrics(request, now),  # type: ignore[arg-type]
         }
 
     # ------------------------------------------------------------ batches
@@ -249,6 +250,15 @@ class Intake:
         if request.session_id:
             self.journal.map_session(db, request.session_id, todo_id, now)
 
+    def _sent(
+        self, db: sqlite3.Connection, completion_id: str, request: p.TodoRequest, now: float
+    ) -> None:
+        """When the client sent it (the hook's clock): where end-to-end latency starts."""
+        if request.sent_at is not None and 0 <= now - request.sent_at < 30 * 86400:
+            self.journal.record_stages(
+                db, [(completion_id, "sent", request.sent_at, now - request.sent_at, None)]
+            )
+
     def _ack(
         self, request: p.Request, todo_id: int, completion_id: str | None = None, **kw: Any
     ) -> p.Ack:
@@ -319,6 +329,7 @@ class Intake:
         completion_id = request.request_id
         self._record(db, request, todo_id, now, completion_id)
         self.journal.accept_completion(db, completion_id, todo_id, p.encode(request), now)
+        self._sent(db, completion_id, request, now)
         logger.bind(todo_id=todo_id, completion_id=completion_id).info(
             "completion accepted ({})", request.event or "cli"
         )
@@ -332,6 +343,7 @@ class Intake:
         self.journal.queue_emergency(
             db, completion_id, todo_id, request.reason, now, request=p.encode(request)
         )
+        self._sent(db, completion_id, request, now)
         logger.bind(todo_id=todo_id, completion_id=completion_id, emergency=True).warning(
             "emergency completion requested: {}", request.reason
         )
@@ -531,7 +543,7 @@ class Intake:
             checks["children"] = p.Check(
                 name="children",
                 status="WARNING" if restarts else "OK",
-                message="collector, writer and monitor are running"
+                message=f"{', '.join(children)} are running"
                 + (f"; restarts so far: {restarts}" if restarts else ""),
             )
         checks["journal"] = self._journal_check(now)
@@ -626,6 +638,11 @@ class Intake:
             todo_ids=[row[0] for row in rows],
         )
 
+    def metrics(self, request: p.Metrics, now: float) -> p.MetricsReport:
+        from .metrics import report
+
+        return report(self.journal, now, request.since)
+
     def status(self, request: p.Status, now: float) -> p.StatusReport:
         if request.todo_id is None:
             children = self.children()
@@ -653,6 +670,9 @@ class Intake:
                 f"the agent knows nothing about todo {request.todo_id} "
                 "(never started or completed here, or pruned)",
             )
+        from .metrics import timings_by_completion
+
+        timings = timings_by_completion(self.journal, [e.completion_id for e in entries])
         deadlines: list[p.Deadline] = []
         timer = timers[0] if timers else None
         if timer is not None:
@@ -686,6 +706,7 @@ class Intake:
                         outcome=e.outcome,
                         created_at=e.created_at,
                         updated_at=e.updated_at,
+                        timings=timings.get(e.completion_id, {}),
                     )
                     for e in entries
                 ],

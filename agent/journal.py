@@ -58,7 +58,9 @@ writer records what the database now holds, and that wins over the supersede.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -194,6 +196,86 @@ CREATE TABLE IF NOT EXISTS projects (
     todo_id INTEGER PRIMARY KEY,
     project_id INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS stages (
+    completion_id TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    at REAL NOT NULL,
+    seconds REAL,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS stages_completion ON stages(completion_id);
+CREATE INDEX IF NOT EXISTS stages_at ON stages(at);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    event TEXT NOT NULL,
+    todo_id INTEGER,
+    completion_id TEXT,
+    at REAL NOT NULL,
+    body TEXT NOT NULL,
+    fanned INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS events_fanned ON events(fanned, seq);
+CREATE TABLE IF NOT EXISTS deliveries (
+    msg_id TEXT PRIMARY KEY,
+    event_seq INTEGER NOT NULL,
+    target TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL DEFAULT 0,
+    sent_as TEXT,
+    last_error TEXT,
+    delivered_at REAL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, next_at);
+CREATE TABLE IF NOT EXISTS health_seen (
+    name TEXT PRIMARY KEY,
+    status TEXT NOT NULL
+);
+-- Every change of an entry's state is timed in the same transaction that makes it, and the
+-- changes a person may want to hear about become events (notifications) in that transaction too.
+CREATE TRIGGER IF NOT EXISTS stage_on_insert AFTER INSERT ON entries BEGIN
+    INSERT INTO stages (completion_id, stage, at, detail)
+    VALUES (new.completion_id, new.state, new.created_at, new.kind);
+END;
+CREATE TRIGGER IF NOT EXISTS stage_on_state AFTER UPDATE OF state ON entries
+WHEN new.state != old.state BEGIN
+    INSERT INTO stages (completion_id, stage, at, detail)
+    VALUES (new.completion_id, new.state, new.updated_at, new.last_error);
+END;
+CREATE TRIGGER IF NOT EXISTS stage_on_attempt AFTER UPDATE OF attempts ON entries
+WHEN new.attempts > old.attempts BEGIN
+    INSERT INTO stages (completion_id, stage, at, detail)
+    VALUES (new.completion_id, 'attempt', new.updated_at, new.last_error);
+END;
+CREATE TRIGGER IF NOT EXISTS event_on_state AFTER UPDATE OF state ON entries
+WHEN new.state != old.state AND (
+    (new.state = 'verified' AND new.kind IN ('normal', 'emergency')
+        AND COALESCE(new.outcome, '') != 'duplicate')
+    OR (new.state = 'cleaned' AND new.kind = 'reset' AND new.outcome = 'applied')
+    OR (new.state = 'failed' AND new.kind != 'reset'
+        AND COALESCE(new.outcome, '') != 'superseded')
+    OR new.state = 'dead'
+) BEGIN
+    INSERT INTO events (event_id, event, todo_id, completion_id, at, body)
+    VALUES (
+        'evt_' || lower(hex(randomblob(12))),
+        CASE
+            WHEN new.state = 'verified' AND new.kind = 'normal' THEN 'completed'
+            WHEN new.state = 'verified' THEN 'forced'
+            WHEN new.state = 'cleaned' THEN 'reset'
+            ELSE new.state
+        END,
+        new.todo_id, new.completion_id, new.updated_at,
+        json_object(
+            'kind', new.kind, 'source', new.source, 'outcome', new.outcome,
+            'summary', substr(COALESCE(new.summary, ''), 1, 500),
+            'reason', new.reason, 'error', new.last_error,
+            'accepted_at', new.created_at, 'attempts', new.attempts
+        )
+    );
+END;
 """
 
 
@@ -293,7 +375,58 @@ class NewEntry:
     reason: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class EntryHead:
+    completion_id: str
+    todo_id: int
+    kind: str
+    state: str
+    outcome: str | None
+    source: str | None
+    attempts: int
+    last_error: str | None
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class StageRow:
+    rowid: int
+    completion_id: str
+    stage: str
+    at: float
+    seconds: float | None
+    detail: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    seq: int
+    event_id: str
+    event: str
+    todo_id: int | None
+    completion_id: str | None
+    at: float
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRow:
+    msg_id: str
+    event_seq: int
+    target: str
+    state: str
+    attempts: int
+    next_at: float
+    sent_as: str | None
+    last_error: str | None
+    created_at: float
+
+
 _ENTRY_COLUMNS = ", ".join(Entry.__slots__)
+_HEAD_COLUMNS = ", ".join(EntryHead.__slots__)
+_EVENT_COLUMNS = ", ".join(EventRow.__slots__)
+_DELIVERY_COLUMNS = ", ".join(DeliveryRow.__slots__)
 _TIMER_COLUMNS = ", ".join(TodoTimers.__slots__)
 _SCHEDULE_COLUMNS = ", ".join(ScheduledCompletion.__slots__)
 
@@ -309,6 +442,17 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+
+    @classmethod
+    def open_readonly(cls, path: Path) -> Journal:
+        """A connection that can only read (the web process): it never takes the write lock."""
+        journal = cls.__new__(cls)
+        journal.path = path
+        journal._db = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+        )
+        journal._db.execute("PRAGMA busy_timeout=2000")
+        return journal
 
     @classmethod
     def create(cls, path: Path) -> Journal:
@@ -724,11 +868,18 @@ class Journal:
 
     REPORT_COLUMNS = frozenset({"html", "text", "summary", "source", "problems", "archive_path"})
 
-    def collected(self, reports: Iterable[tuple[str, dict[str, object]]], now: float) -> int:
+    def collected(
+        self,
+        reports: Iterable[tuple[str, dict[str, object]]],
+        now: float,
+        *,
+        tried: Mapping[str, Iterable[tuple[str, float, bool]]] | None = None,
+    ) -> int:
         """ACCEPTED -> COLLECTED with each entry's report, in one transaction; how many moved.
 
         An entry that moved on meanwhile (a reset at the emergency deadline superseded it)
-        stays what it is.
+        stays what it is.  ``tried``: per completion id, (source, seconds, found) of each source
+        the collector tried, kept as stage timings with the entry that moved.
         """
         landed = 0
         with self.transaction() as db:
@@ -737,7 +888,16 @@ class Journal:
                 if unknown:
                     raise ValueError(f"not report columns: {sorted(unknown)}")
                 values = {**report, "state": State.COLLECTED}
-                landed += self._update(db, completion_id, values, now, (State.ACCEPTED,))
+                moved = self._update(db, completion_id, values, now, (State.ACCEPTED,))
+                landed += moved
+                if moved and tried:
+                    self.record_stages(
+                        db,
+                        (
+                            (completion_id, f"source:{name}", now, seconds, "found" if ok else None)
+                            for name, seconds, ok in tried.get(completion_id, ())
+                        ),
+                    )
         return landed
 
     # ------------------------------------------------------------ writer
@@ -1071,6 +1231,20 @@ class Journal:
                 "DELETE FROM entries WHERE state IN (?, ?) AND updated_at < ?",
                 (State.CLEANED, State.FAILED, older_than),
             ).rowcount
+            db.execute(
+                "DELETE FROM stages WHERE at < ? AND completion_id NOT IN"
+                " (SELECT completion_id FROM entries)",
+                (older_than,),
+            )
+            db.execute(
+                "DELETE FROM deliveries WHERE created_at < ? AND state IN ('delivered', 'dropped')",
+                (older_than,),
+            )
+            db.execute(
+                "DELETE FROM events WHERE at < ? AND seq NOT IN (SELECT event_seq FROM deliveries"
+                " WHERE state IN ('pending', 'sending'))",
+                (older_than,),
+            )
             db.execute("DELETE FROM requests WHERE received_at < ?", (older_than,))
             db.execute(
                 "DELETE FROM todos WHERE done = 1 AND COALESCE(last_heard_at, 0) < ?",
@@ -1216,3 +1390,205 @@ class Journal:
                 "DELETE FROM projects WHERE todo_id NOT IN (SELECT todo_id FROM silences)"
                 " AND todo_id NOT IN (SELECT todo_id FROM todos)"
             )
+
+    # ------------------------------------------------------------ stage timings (metrics)
+
+    def record_stages(
+        self,
+        db: sqlite3.Connection,
+        rows: Iterable[tuple[str, str, float, float | None, str | None]],
+    ) -> None:
+        """(completion id, stage, at, seconds, detail) rows beside the state changes the
+        triggers record: the hook's send time, each source the collector tried."""
+        db.executemany(
+            "INSERT INTO stages (completion_id, stage, at, seconds, detail) VALUES (?, ?, ?, ?, ?)",
+            list(rows),
+        )
+
+    def entry_heads_since(self, since: float) -> list[EntryHead]:
+        """Entries made since ``since``, without their payload, oldest first."""
+        rows = self._db.execute(
+            f"SELECT {_HEAD_COLUMNS} FROM entries WHERE created_at >= ? ORDER BY seq", (since,)
+        ).fetchall()
+        return [EntryHead(*row) for row in rows]
+
+    def stages_of(self, completion_ids: list[str]) -> list[StageRow]:
+        rows: list[StageRow] = []
+        for start in range(0, len(completion_ids), 500):
+            chunk = completion_ids[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            rows.extend(
+                StageRow(*row)
+                for row in self._db.execute(
+                    "SELECT rowid, completion_id, stage, at, seconds, detail FROM stages"
+                    f" WHERE completion_id IN ({marks}) ORDER BY rowid",
+                    chunk,
+                ).fetchall()
+            )
+        return rows
+
+    def stages_after(self, rowid: int, limit: int = 5000) -> list[StageRow]:
+        rows = self._db.execute(
+            "SELECT rowid, completion_id, stage, at, seconds, detail FROM stages"
+            " WHERE rowid > ? ORDER BY rowid LIMIT ?",
+            (rowid, limit),
+        ).fetchall()
+        return [StageRow(*row) for row in rows]
+
+    def kinds_and_outcomes(self, completion_ids: list[str]) -> dict[str, tuple[str, str | None]]:
+        found: dict[str, tuple[str, str | None]] = {}
+        for start in range(0, len(completion_ids), 500):
+            chunk = completion_ids[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            for cid, kind, outcome in self._db.execute(
+                "SELECT completion_id, kind, outcome FROM entries"
+                f" WHERE completion_id IN ({marks})",
+                chunk,
+            ).fetchall():
+                found[cid] = (kind, outcome)
+        return found
+
+    def armed_count(self) -> int:
+        return int(
+            self._db.execute(
+                "SELECT COUNT(*) FROM todos WHERE done = 0 AND"
+                " ((completion_due IS NOT NULL AND completion_fired = 0)"
+                "  OR (emergency_due IS NOT NULL AND emergency_fired = 0))"
+            ).fetchone()[0]
+        )
+
+    # ------------------------------------------------------------ events and their deliveries
+
+    def add_event(
+        self,
+        db: sqlite3.Connection,
+        event: str,
+        at: float,
+        body: dict[str, object],
+        *,
+        todo_id: int | None = None,
+        completion_id: str | None = None,
+    ) -> str:
+        """An event a person may want to hear about, queued with the change it reports."""
+        event_id = "evt_" + os.urandom(12).hex()
+        db.execute(
+            "INSERT INTO events (event_id, event, todo_id, completion_id, at, body)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (event_id, event, todo_id, completion_id, at, json.dumps(body)),
+        )
+        return event_id
+
+    def health_changes(
+        self, checks: Iterable[tuple[str, str, str]], now: float
+    ) -> list[tuple[str, str, str, str]]:
+        """Record each check's status; a change to WARNING or CRITICAL, or back to OK, becomes
+        a ``health`` event in the same transaction.  Returns (name, before, after, message)."""
+        changes: list[tuple[str, str, str, str]] = []
+        with self.transaction() as db:
+            for name, status, message in checks:
+                if status not in ("OK", "WARNING", "CRITICAL"):
+                    continue
+                row = db.execute(
+                    "SELECT status FROM health_seen WHERE name = ?", (name,)
+                ).fetchone()
+                before = row[0] if row else "OK"
+                db.execute(
+                    "INSERT INTO health_seen (name, status) VALUES (?, ?)"
+                    " ON CONFLICT(name) DO UPDATE SET status = excluded.status",
+                    (name, status),
+                )
+                if before == status:
+                    continue
+                self.add_event(
+                    db,
+                    "health",
+                    now,
+                    {"check": name, "before": before, "status": status, "message": message},
+                )
+                changes.append((name, before, status, message))
+        return changes
+
+    def events_to_fan_out(self, limit: int = 200) -> list[EventRow]:
+        rows = self._db.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE fanned = 0 ORDER BY seq LIMIT ?", (limit,)
+        ).fetchall()
+        return [EventRow(*row) for row in rows]
+
+    def events_by_seq(self, seqs: list[int]) -> dict[int, EventRow]:
+        if not seqs:
+            return {}
+        marks = ", ".join("?" * len(seqs))
+        rows = self._db.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq IN ({marks})", seqs
+        ).fetchall()
+        return {row[0]: EventRow(*row) for row in rows}
+
+    def fan_out(self, plan: list[tuple[EventRow, list[str]]], now: float) -> int:
+        """Queue one delivery per (event, target); the delivery's id is stable for retries."""
+        queued = 0
+        with self.transaction() as db:
+            for event, targets in plan:
+                for target in targets:
+                    queued += db.execute(
+                        "INSERT OR IGNORE INTO deliveries (msg_id, event_seq, target, created_at)"
+                        " VALUES (?, ?, ?, ?)",
+                        (delivery_id(event.event_id, target), event.seq, target, now),
+                    ).rowcount
+                db.execute("UPDATE events SET fanned = 1 WHERE seq = ?", (event.seq,))
+        return queued
+
+    def deliveries_due(self, now: float, limit: int = 500) -> list[DeliveryRow]:
+        rows = self._db.execute(
+            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE state IN ('pending', 'sending')"
+            " AND next_at <= ? ORDER BY event_seq LIMIT ?",
+            (now, limit),
+        ).fetchall()
+        return [DeliveryRow(*row) for row in rows]
+
+    def next_delivery_at(self) -> float | None:
+        return self._db.execute(
+            "SELECT MIN(next_at) FROM deliveries WHERE state IN ('pending', 'sending')"
+        ).fetchone()[0]
+
+    def claim_deliveries(self, msg_ids: list[str], sent_as: str, now: float) -> None:
+        """Before a send: these deliveries go out as one message with id ``sent_as``; a
+        delivering process killed mid-send sends the same message, same id, after its restart."""
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE deliveries SET state = 'sending', sent_as = ?, attempts = attempts + 1"
+                " WHERE msg_id = ?",
+                [(sent_as, m) for m in msg_ids],
+            )
+
+    def deliveries_done(self, msg_ids: list[str], now: float) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE deliveries SET state = 'delivered', delivered_at = ?, last_error = NULL"
+                " WHERE msg_id = ?",
+                [(now, m) for m in msg_ids],
+            )
+
+    def deliveries_retry(self, msg_ids: list[str], error: str, next_at: float) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE deliveries SET next_at = ?, last_error = ? WHERE msg_id = ?",
+                [(next_at, error, m) for m in msg_ids],
+            )
+
+    def deliveries_drop(self, msg_ids: list[str]) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE deliveries SET state = 'dropped' WHERE msg_id = ?", [(m,) for m in msg_ids]
+            )
+
+    def delivery_counts(self) -> dict[tuple[str, str], int]:
+        rows = self._db.execute(
+            "SELECT target, state, COUNT(*) FROM deliveries GROUP BY target, state"
+        ).fetchall()
+        return {(t, s): n for t, s, n in rows}
+
+
+def delivery_id(event_id: str, target: str) -> str:
+    """The id a delivery keeps across retries and restarts (webhook-id)."""
+    digest = hashlib.sha256(f"{event_id}\0{target}".encode()).hexdigest()[:24]
+    return f"msg_{digest}"

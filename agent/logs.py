@@ -17,6 +17,8 @@ FILES_BY_PROCESS = {
     "collector": "completion.log",
     "writer": "completion.log",
     "monitor": "monitor.log",
+    "web": "agent.log",
+    "notify": "agent.log",
 }
 EMERGENCY_FILE = "emergency.log"
 LOG_FILES = ("agent.log", "completion.log", "monitor.log", "emergency.log")

@@ -88,6 +88,8 @@ class Collected:
     problems: tuple[str, ...]  # one sentence per source tried and failed, in order
     is_markdown: bool  # Claude's messages and output.md are markdown
     is_html: bool  # the text was extracted from output.html; it is plain text now
+    # (source, seconds, found) for every source tried, in order: the stage timings' detail
+    tried: tuple[tuple[str, float, bool], ...] = ()
 
 
 class _SourceFailed(Exception):
@@ -109,14 +111,21 @@ def collect(
 ) -> Collected:
     """Walk the fallback chain for one completion (normal or emergency alike)."""
     problems: list[str] = []
+    tried: list[tuple[str, float, bool]] = []
 
     def attempt(name: str, source: Callable[[], Collected | None]) -> Collected | None:
+        began = time.monotonic()
         try:
-            return source()
+            found = source()
         except _SourceFailed as failure:
             problems.append(f"{name}: {failure}")
         except Exception as error:  # a bug or surprise in one source must not stop the chain
             problems.append(f"{name}: unexpected {type(error).__name__}: {error}")
+        else:
+            if found is not None:
+                tried.append((name, time.monotonic() - began, True))
+            return found
+        tried.append((name, time.monotonic() - began, False))
         return None
 
     chain: list[tuple[str, Callable[[], Collected | None]]] = [
@@ -145,9 +154,16 @@ def collect(
         found = attempt(name, source)
         if found is not None:
             return Collected(
-                found.text, found.source, tuple(problems), found.is_markdown, found.is_html
+                found.text,
+                found.source,
+                tuple(problems),
+                found.is_markdown,
+                found.is_html,
+                tuple(tried),
             )
-    return Collected("", "none", tuple(problems), is_markdown=False, is_html=False)
+    return Collected(
+        "", "none", tuple(problems), is_markdown=False, is_html=False, tried=tuple(tried)
+    )
 
 
 # --- the sources; each returns None when not asked for, raises _SourceFailed when it failed ---

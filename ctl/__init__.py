@@ -397,6 +397,11 @@ class Client:
     def status(self, todo_id: int | None = None) -> p.StatusReport:
         return self._read(p.Status(request_id=p.new_request_id(), todo_id=todo_id), p.StatusReport)
 
+    def metrics(self, since: float = 3600.0) -> p.MetricsReport:
+        """Counts, stage latencies (p50/p95/p99), backlog and recoveries of the last ``since``
+        seconds, and per hour for the last 24 h."""
+        return self._read(p.Metrics(request_id=p.new_request_id(), since=since), p.MetricsReport)
+
     def ping(self) -> p.Pong:
         return self._read(p.Ping(request_id=p.new_request_id()), p.Pong)
 

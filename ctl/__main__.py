@@ -101,6 +101,8 @@ def run(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"completionctl: configuration error: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE if args.command == "health" else EXIT_USAGE
+    if args.command == "notify":
+        return _notify(args, config)
     if args.command in ADMIN or fleet:
         from . import admin
 
@@ -380,6 +382,82 @@ def _status(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _metrics(client: Client, args: argparse.Namespace) -> int:
+    report = client.metrics(args.since)
+    if args.json:
+        print(json.dumps(p.to_builtins(report)))
+        return EXIT_OK
+    print(f"completiond metrics, last {_span(report.since)}")
+    for kind, outcomes in sorted(report.counts.items()):
+        shown = ", ".join(f"{name} {n}" for name, n in sorted(outcomes.items()))
+        print(f"  {kind:<9} {shown}")
+    if not report.counts:
+        print("  no journal entries in this window")
+    print(
+        f"  backlog {report.backlog}, dead now {report.dead_now}; in the window: retries "
+        f"{report.retries}, dead {report.dead}, deadline fires {report.deadline_fires}, "
+        f"recoveries {report.recoveries}, revisions {report.revisions}"
+    )
+    if report.oldest_waiting_age is not None:
+        print(f"  the oldest waiting entry is {_span(report.oldest_waiting_age)} old")
+    if report.stages:
+        print(f"  {'stage':<22} {'count':>6} {'p50':>9} {'p95':>9} {'p99':>9}")
+        for name, q in report.stages.items():
+            cells = " ".join(f"{_secs(v):>9}" for v in (q.p50, q.p95, q.p99))
+            print(f"  {name:<22} {q.count:>6} {cells}")
+    return EXIT_OK
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _secs(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def _notify(args: argparse.Namespace, config) -> int:
+    if args.notify_command != "test":
+        print("completionctl: notify needs a subcommand: test", file=sys.stderr)
+        return EXIT_USAGE
+    from protocol.config import mask_secret_url
+
+    targets = [t for t in config.notify if args.name is None or t.name == args.name]
+    if not targets:
+        which = f"named {args.name!r} " if args.name else ""
+        print(
+            f"completionctl: no [[notify]] target {which}in {config.source or 'the config'}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    from agent.notify import test_message
+
+    failed = 0
+    results = []
+    for target in targets:
+        result = test_message(target)
+        failed += not result.ok
+        results.append(
+            {
+                "name": target.name,
+                "url": mask_secret_url(target.url),
+                "ok": result.ok,
+                "detail": result.detail,
+            }
+        )
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for r in results:
+            print(f"{r['name']} ({r['url']}): {'ok' if r['ok'] else 'FAILED'} — {r['detail']}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 def _when(ts: float) -> str:
     from datetime import UTC, datetime
 
@@ -396,6 +474,7 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "retry": _retry,
     "health": _health,
     "status": _status,
+    "metrics": _metrics,
 }
 
 

@@ -184,6 +184,41 @@ def _add_retry(sub, parents) -> None:
     retry.add_argument("--dead", action="store_true", help="all dead completions")
 
 
+def duration(text: str) -> float:
+    """ "90", "90s", "30m", "1h", "2d" -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    value, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(value) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration like 90s, 30m, 1h or 2d"
+        ) from None
+    if not 0 < seconds <= 30 * 86400:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a duration up to 30d")
+    return seconds
+
+
+def _add_metrics(sub, parents) -> None:
+    metrics = sub.add_parser(
+        "metrics",
+        parents=parents,
+        help="counts, stage latencies (p50/p95/p99), backlog and recoveries",
+    )
+    metrics.add_argument(
+        "--since", type=duration, default=3600.0, help="the window: 90s, 30m, 1h (default), 2d"
+    )
+
+
+def _add_notify(sub, parents) -> None:
+    notify = sub.add_parser("notify", parents=parents, help="notification targets")
+    notify_sub = notify.add_subparsers(dest="notify_command", metavar="SUBCOMMAND")
+    test = notify_sub.add_parser(
+        "test", parents=parents, help="send a test message to each target (or NAME)"
+    )
+    test.add_argument("name", nargs="?", help="only this [[notify]] entry")
+
+
 def _add_check(sub, parents) -> None:
     sub.add_parser(
         "check", parents=parents, help="preflight: config, state dir, socket, database, tmux"
@@ -216,6 +251,8 @@ SUBPARSERS: dict[str, Callable[[Any, list[argparse.ArgumentParser]], None]] = {
     "health": _add_health,
     "status": _add_status,
     "retry": _add_retry,
+    "metrics": _add_metrics,
+    "notify": _add_notify,
     "check": _add_check,
     "db": _add_db,
     "hook": _add_hook,

@@ -166,6 +166,12 @@ class Retry(Request, frozen=True, kw_only=True, tag="retry"):
     all_dead: bool = False
 
 
+class Metrics(Request, frozen=True, kw_only=True, tag="metrics"):
+    """Counts and stage latencies of the entries made in the last ``since`` seconds."""
+
+    since: Seconds = 3600.0
+
+
 AnyRequest = (
     Start
     | Heartbeat
@@ -180,6 +186,7 @@ AnyRequest = (
     | Schedule
     | Cancel
     | Outcomes
+    | Metrics
 )
 # Requests that are queued in the outbox when the agent does not answer.
 QUEUEABLE = (Start, Heartbeat, Waiting, Complete, Emergency, BatchComplete, Schedule, Cancel)
@@ -258,6 +265,8 @@ class Entry(msgspec.Struct, frozen=True, kw_only=True):
     outcome: str | None
     created_at: float
     updated_at: float
+    # Seconds per stage (intake, collect, write, verify, clean, end_to_end, source:NAME)
+    timings: dict[str, float] = {}
 
 
 class Scheduled(msgspec.Struct, frozen=True, kw_only=True):
@@ -301,7 +310,40 @@ class StatusReport(Reply, frozen=True, kw_only=True, tag="status"):
     todo: TodoStatus | None = None
 
 
-AnyReply = Ack | Error | Pong | HealthReport | StatusReport | OutcomeReport
+class Percentiles(msgspec.Struct, frozen=True, kw_only=True):
+    count: int
+    p50: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+
+
+class HourBucket(msgspec.Struct, frozen=True, kw_only=True):
+    start: float  # the hour's first second (epoch)
+    completions: int  # normal and emergency completions accepted in that hour
+    verified: int
+    failed: int
+    dead: int
+    p50_end_to_end: float | None = None
+    p95_end_to_end: float | None = None
+
+
+class MetricsReport(Reply, frozen=True, kw_only=True, tag="metrics"):
+    since: float  # the window, seconds
+    now: float
+    counts: dict[str, dict[str, int]]  # kind -> outcome (or "pending") -> entries
+    stages: dict[str, Percentiles]  # intake, collect, write, verify, clean, end_to_end, source:*
+    backlog: int  # entries on their way to the database now
+    dead_now: int  # dead entries now, of any age
+    retries: int
+    dead: int
+    deadline_fires: int
+    recoveries: int
+    revisions: int
+    oldest_waiting_age: float | None = None
+    hourly: list[HourBucket] = []  # the last 24 h, oldest first
+
+
+AnyReply = Ack | Error | Pong | HealthReport | StatusReport | OutcomeReport | MetricsReport
 
 
 # ---------------------------------------------------------------- framing

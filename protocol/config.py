@@ -119,6 +119,35 @@ class Predict(_Section, frozen=True, kw_only=True):
     history_days: Positive = 90.0  # samples older than this are forgotten
 
 
+class Metrics(_Section, frozen=True, kw_only=True):
+    listen: str = ""  # "HOST:PORT" serves /metrics (Prometheus) from the web process; "" = off
+
+
+class Web(_Section, frozen=True, kw_only=True):
+    listen: str = ""  # "HOST:PORT" serves the dashboard from the web process; "" = off
+    language: Literal["en", "de"] = "en"
+    tls_cert: str = ""
+    tls_key: str = ""
+
+
+NOTIFY_EVENTS = ("completed", "forced", "reset", "failed", "dead", "health", "agent")
+NotifyEvent = Literal["completed", "forced", "reset", "failed", "dead", "health", "agent"]
+
+
+class Notify(_Section, frozen=True, kw_only=True):
+    """One notification target: an Apprise URL, or json:// / jsons:// for a signed webhook."""
+
+    url: str
+    name: str = ""  # "" = notify-N (its place in the list, from 1)
+    events: list[NotifyEvent] = msgspec.field(
+        default_factory=lambda: ["completed", "forced", "reset", "failed", "dead", "health"]
+    )
+    min_interval: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # coalesce what comes sooner
+    language: Literal["en", "de"] = "en"
+    secret: str = ""  # Standard Webhooks secret, "whsec_" + base64; json:// and jsons:// only
+    timeout: Positive = 10.0
+
+
 class Config(_Section, frozen=True, kw_only=True):
     state_dir: str = ""
     endpoint: str = ""
@@ -132,6 +161,9 @@ class Config(_Section, frozen=True, kw_only=True):
     journal: Journal = Journal()
     predict: Predict = Predict()
     fleet: Fleet = Fleet()
+    metrics: Metrics = Metrics()
+    web: Web = Web()
+    notify: list[Notify] = []
     source: str = ""  # the file this came from; set by load(), not by the user
 
     @property
@@ -330,8 +362,48 @@ def _complete(config: Config, path: Path | None) -> Config:
         raise ConfigError(
             "behavior.emergency_timeout must not be shorter than behavior.completion_timeout"
         )
+    for key, listen in (
+        ("metrics.listen", config.metrics.listen),
+        ("web.listen", config.web.listen),
+    ):
+        if listen:
+            split_listen(listen, key)
+    web = config.web
+    if (
+        web.listen
+        and not is_loopback(split_listen(web.listen, "web.listen")[0])
+        and not (web.tls_cert and web.tls_key)
+    ):
+        raise ConfigError(
+            f"web.listen: {config.web.listen!r} is not a loopback address; the dashboard "
+            "shows private todo output, so set web.tls_cert and web.tls_key (or listen on "
+            "127.0.0.1)"
+        )
+    notify = []
+    names: set[str] = set()
+    for index, target in enumerate(config.notify, 1):
+        name = target.name or f"notify-{index}"
+        if name in names:
+            raise ConfigError(f"notify[{index}].name: {name!r} is used twice")
+        names.add(name)
+        scheme = target.url.split("://", 1)[0].lower() if "://" in target.url else ""
+        if not scheme:
+            raise ConfigError(f"notify[{index}].url: {mask_secret_url(target.url)!r} has no scheme")
+        if target.secret:
+            if scheme not in ("json", "jsons"):
+                raise ConfigError(
+                    f"notify[{index}].secret: only json:// and jsons:// webhooks are signed"
+                )
+            if not _valid_whsec(target.secret):
+                raise ConfigError(
+                    f"notify[{index}].secret: must be whsec_ followed by base64 (the Standard "
+                    'Webhooks form), e.g. from `python3 -c "import base64,os; '
+                    "print('whsec_' + base64.b64encode(os.urandom(24)).decode())\"`"
+                )
+        notify.append(msgspec.structs.replace(target, name=name))
     return msgspec.structs.replace(
         config,
+        notify=notify,
         state_dir=str(state_dir),
         endpoint=endpoint,
         source=str(path) if path else "",
@@ -408,3 +480,51 @@ def read_todo_hint(config: Config) -> str | None:
             return f.read(64).strip() or None
     except OSError:
         return None
+
+
+def split_listen(listen: str, key: str = "listen") -> tuple[str, int]:
+    """ "HOST:PORT" (IPv6 as "[::1]:PORT") -> (host, port); ConfigError names ``key``."""
+    host, sep, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: {listen!r} must be HOST:PORT, e.g. 127.0.0.1:9464")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _valid_whsec(secret: str) -> bool:
+    import base64
+    import binascii
+
+    if not secret.startswith("whsec_"):
+        return False
+    try:
+        return len(base64.b64decode(secret[len("whsec_") :], validate=True)) >= 16
+    except (binascii.Error, ValueError):
+        return False
+
+
+def mask_secret_url(url: str) -> str:
+    """A notification URL as logs and status show it: scheme and host, nothing that may be a
+    token (Apprise URLs carry tokens in the user, the password, the path and the query)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<unparseable url>"
+    scheme = parts.scheme or "?"
+    rest = "/***" if (parts.path.strip("/") or parts.query or parts.username) else ""
+    return f"{scheme}://{host}{port}{rest}"

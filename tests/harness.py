@@ -56,16 +56,30 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return json.dumps(str(value))
 
 
+def _is_table_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
 def render_toml(config: dict[str, Any]) -> str:
-    top = [f"{k} = {_toml_value(v)}" for k, v in config.items() if not isinstance(v, dict)]
+    top = [
+        f"{k} = {_toml_value(v)}"
+        for k, v in config.items()
+        if not isinstance(v, dict) and not _is_table_list(v)
+    ]
     sections = []
     for key, value in config.items():
         if isinstance(value, dict):
             sections.append(f"[{key}]")
             sections.extend(f"{k} = {_toml_value(v)}" for k, v in value.items())
+        elif _is_table_list(value):  # [[key]] for each table, e.g. [[notify]]
+            for table in value:
+                sections.append(f"[[{key}]]")
+                sections.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
     return "\n".join(top + sections) + "\n"
 
 
