@@ -96,7 +96,7 @@ def run(argv: list[str]) -> int:
         # so they read the config through the cached copy that spares them the TOML parser.
         # export reads the database itself: it needs the password the client's copy lacks.
         fleet = args.command == "health" and getattr(args, "fleet", False)
-        full = args.command in ADMIN or args.command == "export" or fleet
+        full = args.command in ADMIN or args.command in ("export", "notify") or fleet
         config = (load if full else load_for_client)(args.config)
     except ConfigError as exc:
         print(f"completionctl: configuration error: {exc}", file=sys.stderr)

@@ -268,7 +268,8 @@ def load_for_client(explicit: str | None = None) -> Config:
     ctime (and this module's own mtime, so an upgrade with new fields is not served a stale
     shape): any edit, replacement or touch of the file reads it afresh. The copy has no
     database password: the client never talks to the database, so the returned config's
-    ``database.url`` is masked. Where the cache cannot be used, the file is simply parsed.
+    ``database.url`` is masked (and the ``[[notify]]`` targets, tokens and secrets, left out).
+    Where the cache cannot be used, the file is simply parsed.
     """
     path = find_config_file(explicit)
     if path is None or path.suffix.lower() != ".toml":
@@ -302,6 +303,7 @@ def load_for_client(explicit: str | None = None) -> Config:
     client_view = msgspec.structs.replace(
         config,
         database=msgspec.structs.replace(config.database, url=mask_url(config.database.url)),
+        notify=[],  # notification URLs and secrets stay in the file only
     )
     record = _Cached(path=os.path.abspath(path), stamp=stamp, config=client_view)
     _write_cache(cache, msgspec.json.encode(record))

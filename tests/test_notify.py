@@ -149,6 +149,9 @@ def test_events_arrive_signed_with_the_todo_and_secrets_stay_hidden(make_agent, 
     seen = agent.output() + out
     for name in os.listdir(agent.state / "logs"):
         seen += (agent.state / "logs" / name).read_text()
+    cached = list((agent.root / "xdg_cache_home").rglob("*.json"))
+    assert cached  # the client's config cache was written: it must not hold the secrets either
+    seen += "".join(path.read_text() for path in cached)
     assert "json://127.0.0.1" in seen  # the target is named ...
     assert TOKEN not in seen and SECRET not in seen  # ... its secrets never
 
