@@ -298,3 +298,21 @@ def test_an_apprise_ntfy_target_works_end_to_end(make_agent, receiver) -> None:
     out = result.stdout.decode() + result.stderr.decode()
     assert result.returncode == 0, out
     assert "phone (ntfy://127.0.0.1" in out
+
+
+@pytest.mark.slow
+def test_a_check_entering_warning_is_a_health_event(make_agent, receiver) -> None:
+    r = receiver(secret=SECRET)
+    agent = webhook_agent(make_agent, r.port, events=["health"])
+    # A completion for a todo the database does not have is refused: the refused check warns.
+    assert agent.ctl("complete", "999999", "--output", "x").returncode == 0
+
+    def refused() -> dict[str, Any] | None:
+        return next(
+            (e for e in r.events() if e["event"] == "health" and e["check"] == "refused"), None
+        )
+
+    event = wait_for(refused, 30, what="the health event")
+    assert (event["before"], event["status"]) == ("OK", "WARNING")
+    assert "refused" in event["message"]
+    assert all(req.verified for req in r.requests)
