@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 
 import msgspec
@@ -30,9 +30,10 @@ from .archive import archive_session
 from .dbroute import DbRoute
 from .journal import Entry, Kind, State, TodoTimers
 from .loop import ChildBase
-from .report import Report, render_report, sanitize_capped
+from .report import Report, _first_lines, one_line, render_report, sanitize_capped
+from .report_markdown import md_code_block
 from .sources import Collected, CollectRequest, TodoFacts, collect
-from .store import Store, StoreError, open_store
+from .store import SiteProfile, Store, StoreError, open_store
 from .system_status import describe_system
 
 WORKERS = 4
@@ -60,16 +61,49 @@ class TodoFactsReader:
     """
 
     def __init__(
-        self, url: str, table: str, timeout: float, clock=time.monotonic, route=None
+        self,
+        url: str,
+        table: str,
+        timeout: float,
+        clock=time.monotonic,
+        route=None,
+        profile: SiteProfile | None = None,
     ) -> None:
         self.url, self.table, self.timeout, self.clock = url, table, timeout, clock
         self.route = route  # a DbRoute (ssh tunnel, TLS), or None for a direct connection
+        self.profile = profile
+        self._zone: tzinfo | None = None
         self.queries = 0
         self._quiet_until = 0.0
         self._lock = threading.Lock()
         self._store: Store | None = None
         self._wanted: set[int] = set()
         self._read: dict[int, TodoFacts | None] = {}  # the last query's answers, each used once
+
+    def _open_store(self) -> None:
+        if self._store is None and self.route is not None:
+            self._store = self.route.open(timeout=self.timeout)
+        elif self._store is None:
+            self._store = open_store(
+                self.url, table=self.table, timeout=self.timeout, profile=self.profile
+            )
+
+    def zone(self) -> tzinfo:
+        """The site's zone for the report's times: asked once; UTC (and a log line) while the
+        database cannot say, without asking again during the quiet time after a failure."""
+        with self._lock:
+            if self._zone is None:
+                if self.clock() < self._quiet_until:
+                    return UTC
+                try:
+                    self._open_store()
+                    assert self._store is not None
+                    self._zone = self._store.site_zone()
+                except (StoreError, ValueError) as exc:
+                    self._quiet_until = self.clock() + DB_QUIET_AFTER_FAILURE
+                    logger.warning("the site's time zone is unknown ({}); times shown in UTC", exc)
+                    return UTC
+            return self._zone
 
     def want(self, todo_ids: list[int]) -> None:
         """These todos' facts will be asked for soon: read them with the next query."""
@@ -96,10 +130,7 @@ class TodoFactsReader:
                 raise StoreError("the database did not answer recently; not asked again yet")
             batch = [*sorted(self._wanted - {todo_id})[: FACTS_BATCH - 1], todo_id]
             try:
-                if self._store is None and self.route is not None:
-                    self._store = self.route.open(timeout=self.timeout)
-                elif self._store is None:
-                    self._store = open_store(self.url, table=self.table, timeout=self.timeout)
+                self._open_store()
                 self.queries += 1
                 todos = self._store.get_todos(batch)
             except (StoreError, ValueError) as exc:
@@ -180,6 +211,7 @@ class Collector(ChildBase):
             self.config.database.table,
             min(DB_READ_TIMEOUT, self.config.behavior.database_timeout),
             route=DbRoute(self.config, "collector"),
+            profile=SiteProfile.of_config(self.config.database),
         )
 
     def close(self) -> None:
@@ -323,13 +355,16 @@ class Collector(ChildBase):
                 completed_at=completed,
                 reason=entry.reason,
                 system_status=system_status,
+                zone=self.facts.zone(),
+                language=self.config.report.language,
+                db_format=self.config.report.db_format,
             )
         except Exception:
             # A bug in the renderer must not keep the completion from the database.
             log.exception("rendering the report failed; storing a plain one instead")
             report = plain_report(entry.todo_id, collected, completed)
         values: dict[str, object] = {
-            "html": report.html,
+            "html": report.for_database,
             "text": report.text,
             "summary": report.summary,
             "source": collected.source,
@@ -377,7 +412,9 @@ def plain_report(todo_id: int, collected: Collected, completed: datetime) -> Rep
         f"{html.escape(collected.source)} (the full report could not be rendered).</p>\n"
         f"<pre>{html.escape(text, quote=False)}</pre>\n</body>\n</html>\n"
     )
-    return Report(html=page, text=text, summary=" ".join(text[:300].split()))
+    # Markdown for the plugin whatever db_format says: it is inert on every path it is shown.
+    db = f"Todo #{todo_id}\n\n## Output\n\n{md_code_block(text)}\n"
+    return Report(html=page, text=text, summary=one_line(_first_lines(text), warning=False), db=db)
 
 
 def _decode(frame: bytes | None) -> p.Request | None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from protocol.config import Config, parse_ssh
 
-from .store import SshSettings, SshTunnel, Store, open_store, parse_url
+from .store import SiteProfile, SshSettings, SshTunnel, Store, open_store, parse_url
 from .store.tunnel import known_host_problem
 from .store.url import MysqlTarget, node_name, with_nodes
 
@@ -73,6 +73,7 @@ class DbRoute:
             tls=self.tls,
             nodes=list(db.hosts) or None,
             failback_after=db.failback_after,
+            profile=SiteProfile.of_config(db),
         )
 
     def describe(self) -> str:

@@ -20,12 +20,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from html import escape
 
 import nh3
 from markdown_it_pyrs import MarkdownIt as FastMarkdown
 
+from agent.report_markdown import report_markdown
 from agent.sources import (
     NOTE_RESERVE,
     Collected,
@@ -35,13 +36,14 @@ from agent.sources import (
     split_for_cap,
     strip_escape_sequences,
 )
+from agent.store.profile import zone_label
 
 # default-src does not cover base-uri and form-action, so they are closed by name.
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 )
 MARKDOWN_MAX_BYTES = 128 * 1024  # a bound on hostile input (set for markdown-it-py's ~100 KB/s)
-SUMMARY_MAX_CHARS = 500
+SUMMARY_MAX_CHARS = 150  # the plugin's limit for claude_summary
 MIN_REPORT_BYTES = 64 * 1024  # room for the page's fixed parts and every capped field
 
 _TITLE_MAX_BYTES = 1000
@@ -60,9 +62,81 @@ _BIDI_RE = re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
 
 @dataclass(frozen=True)
 class Report:
-    html: str  # the page, for claude_html_output
+    html: str  # the standalone page, for the archive's report.html
     text: str  # the sanitized, capped plain output, for claude_text_output
-    summary: str  # a short sanitized summary, for claude_summary
+    summary: str  # one plain line of at most SUMMARY_MAX_CHARS, for claude_summary
+    db: str = ""  # what goes into claude_html_output, in `report.db_format`
+
+    @property
+    def for_database(self) -> str:
+        return self.db or self.html
+
+
+# Every fixed string of the report and the summary, per `report.language`.
+STRINGS: dict[str, dict[str, str]] = {
+    "de": {
+        "done": "erledigt",
+        "forced": "zwangsweise abgeschlossen",
+        "todo": "Todo",
+        "completion": "Abschluss",
+        "kind": "Art",
+        "kind_normal": "normal",
+        "kind_emergency": "Notabschluss (erzwungen)",
+        "started": "Gestartet",
+        "completed": "Abgeschlossen",
+        "source": "Quelle der Ausgabe",
+        "html_reduced": "HTML auf Text reduziert",
+        "workdir": "Arbeitsverzeichnis",
+        "summary": "Zusammenfassung",
+        "description": "Beschreibung",
+        "output": "Ausgabe",
+        "no_output": "Es wurde keine Ausgabe gesammelt.",
+        "problems": "Probleme beim Sammeln",
+        "no_problems": "Keine.",
+        "more_problems": "… und {n} weitere, nicht gezeigt.",
+        "forced_title": "Erzwungener Abschluss",
+        "forced_text": (
+            "Dieses Todo wurde erzwungen abgeschlossen, nicht von seiner Sitzung. Grund:"
+        ),
+        "no_reason": "kein Grund angegeben",
+        "system": "Systemzustand",
+        "unknown": "unbekannt",
+        "db_only": "Keine Sitzungsausgabe gefunden; das Todo so, wie die Datenbank es kennt.",
+        "emergency_lead": "Notabschluss",
+        "report": "Abschlussbericht",
+        "too_large": "[… zu groß zum Anzeigen …]",
+    },
+    "en": {
+        "done": "done",
+        "forced": "completed by force",
+        "todo": "Todo",
+        "completion": "Completion",
+        "kind": "Kind",
+        "kind_normal": "normal",
+        "kind_emergency": "emergency (forced)",
+        "started": "Started",
+        "completed": "Completed",
+        "source": "Output source",
+        "html_reduced": "HTML reduced to plain text",
+        "workdir": "Working directory",
+        "summary": "Summary",
+        "description": "Description",
+        "output": "Output",
+        "no_output": "No output was collected.",
+        "problems": "Collection problems",
+        "no_problems": "There were none.",
+        "more_problems": "… and {n} more, not shown.",
+        "forced_title": "Forced completion",
+        "forced_text": "This todo was completed by force, not by its session. Reason:",
+        "no_reason": "no reason given",
+        "system": "System status",
+        "unknown": "unknown",
+        "db_only": "No session output was found; the todo is shown as the database knows it.",
+        "emergency_lead": "Forced completion",
+        "report": "completion report",
+        "too_large": "[… too large to show …]",
+    },
+}
 
 
 def render_report(
@@ -77,12 +151,20 @@ def render_report(
     system_status: str | None = None,
     max_output_bytes: int = 1_000_000,
     max_report_bytes: int = 2 * 1024 * 1024,
+    zone: tzinfo | None = None,
+    language: str = "de",
+    db_format: str = "markdown",
 ) -> Report:
     """Build the report for one completion. ``kind`` is "normal" or "emergency".
 
     ``collected.text`` may also be bytes (decoded with replacement here). Naive datetimes are
-    taken as UTC. Raises ValueError only for a ``max_report_bytes`` below ``MIN_REPORT_BYTES``.
+    taken as UTC and shown in ``zone`` (None: UTC) with the zone's name. ``db_format`` picks
+    what ``Report.db`` holds: "markdown" (what the todo plugin renders), "html_fragment" or
+    "page"; ``Report.html`` is always the standalone page for the archive. Raises ValueError
+    only for a ``max_report_bytes`` below ``MIN_REPORT_BYTES``.
     """
+    words = STRINGS.get(language, STRINGS["de"])
+    zone = zone if zone is not None else UTC
     # Any other kind the journal may carry is reported as normal: a report must not fail on it.
     kind = "emergency" if kind == "emergency" else "normal"
     if max_report_bytes < MIN_REPORT_BYTES:
@@ -90,7 +172,7 @@ def render_report(
     field_budget = max_report_bytes // 16  # description, system status, problems: each
 
     text = sanitize_capped(collected.text, max_output_bytes)
-    summary = _summary(text, kind=kind, reason=reason, source=collected.source)
+    summary = _summary(text, kind=kind, reason=reason, source=collected.source, words=words)
 
     if todo is not None and todo.title.strip():
         title = " ".join(sanitize_capped(todo.title, _TITLE_MAX_BYTES).split())
@@ -100,37 +182,58 @@ def render_report(
     workdir = sanitize_capped(todo.working_directory, _WORKDIR_MAX_BYTES) if todo else ""
     problems = [sanitize_capped(problem, _PROBLEM_MAX_BYTES) for problem in collected.problems]
 
-    sections = [
-        _header(todo_id, title, kind),
-        _facts(
-            todo_id=todo_id,
-            workdir=workdir,
-            kind=kind,
-            started_at=started_at,
-            completed_at=completed_at,
-            collected=collected,
-        ),
-    ]
+    facts = _fact_rows(
+        todo_id=todo_id,
+        workdir=workdir,
+        kind=kind,
+        started_at=started_at,
+        completed_at=completed_at,
+        collected=collected,
+        zone=zone,
+        words=words,
+    )
+    sections = [_header(todo_id, title, kind, words), _facts(facts, words)]
     if kind == "emergency":
-        sections.append(_emergency(reason, system_status, field_budget))
-    sections.append(f'<section><h2>Summary</h2><p class="summary">{escape(summary)}</p></section>')
+        sections.append(_emergency(reason, system_status, field_budget, words))
+    sections.append(
+        f'<section><h2>{words["summary"]}</h2><p class="summary">{escape(summary)}</p></section>'
+    )
     if description.strip():
         sections.append(
-            "<section><h2>Description</h2>"
+            f"<section><h2>{words['description']}</h2>"
             + _fit_html(description, field_budget, _pre)
             + "</section>"
         )
-    sections.append(_problems(problems, field_budget))
+    sections.append(_problems(problems, field_budget, words))
     output_at = len(sections) - 1  # the output goes before the problems section
 
     # The output gets whatever room the rest of the page leaves (16: its joining newline).
-    room = max_report_bytes - _utf8_len(_page(title, todo_id, sections)) - 16
-    sections.insert(output_at, _output_section(text, collected, room))
-    page = _page(title, todo_id, sections)
+    room = max_report_bytes - _utf8_len(_page(title, todo_id, sections, language, words)) - 16
+    sections.insert(output_at, _output_section(text, collected, room, words))
+    page = _page(title, todo_id, sections, language, words)
     # Every part above is fitted to its budget; this guards the arithmetic, not the input.
     if _utf8_len(page) > max_report_bytes:
         raise AssertionError("report exceeds max_report_bytes")
-    return Report(html=page, text=text, summary=summary)
+    if db_format == "page":
+        db = page
+    elif db_format == "html_fragment":
+        db = _fragment(sections, language)
+    else:
+        db = report_markdown(
+            todo_id=todo_id,
+            title=title,
+            kind=kind,
+            facts=facts,
+            summary=summary,
+            description=description,
+            text=text,
+            reason=sanitize_capped(reason, _REASON_MAX_BYTES) if reason else None,
+            system_status=sanitize_capped(system_status, field_budget) if system_status else None,
+            problems=problems,
+            max_bytes=max_report_bytes,
+            words=words,
+        )
+    return Report(html=page, text=text, summary=summary, db=db)
 
 
 # --- the untrusted-text pipeline ---
@@ -164,22 +267,44 @@ def sanitize_capped(data: str | bytes, max_bytes: int) -> str:
     return cap_text(text, max_bytes) if _utf8_len(text) > max_bytes else text
 
 
-def _summary(text: str, *, kind: str, reason: str | None, source: str) -> str:
+def _summary(
+    text: str, *, kind: str, reason: str | None, source: str, words: dict[str, str]
+) -> str:
+    """One plain line of at most SUMMARY_MAX_CHARS: "✅ " (or "⚠️ " when forced) and what
+    was done, with markup, links and line breaks taken out."""
     if kind == "emergency":
-        said = " ".join(sanitize_capped(reason or "no reason given", _REASON_MAX_BYTES).split())
-        lead = f"Forced completion (emergency): {said}."
-    else:
-        lead = ""
-    if source == "none":
-        body = "No output was collected."
+        said = plain_line(sanitize_capped(reason or words["no_reason"], _REASON_MAX_BYTES))
+        return one_line(f"{words['emergency_lead']}: {said}", warning=True)
+    if source == "none" or not text.strip():
+        body = words["no_output"]
     elif source == "database":
-        body = "No session output was found; the todo is shown as the database knows it."
+        body = words["db_only"]
     else:
         body = _first_lines(text)
-    summary = f"{lead} {body}".strip()
-    if len(summary) > SUMMARY_MAX_CHARS:
-        summary = summary[: SUMMARY_MAX_CHARS - 1].rstrip() + "…"
-    return summary
+    return one_line(body, warning=False)
+
+
+_MD_LINK_RE = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")
+_TAG_RE = re.compile(r"</?[A-Za-z!?/][^>]*>")
+_MARKS_RE = re.compile(r"(\*\*|__|`+|~~)")
+
+
+def plain_line(text: str) -> str:
+    """`text` as one line without markup: links as their text, tags and emphasis marks gone."""
+    text = _MD_LINK_RE.sub(lambda m: m.group(1), text)
+    text = _TAG_RE.sub(" ", text)
+    text = _MARKS_RE.sub("", text)
+    text = text.replace("<", "\u2039").replace(">", "\u203a")  # single angle quotes
+    return " ".join(text.split())
+
+
+def one_line(body: str, *, warning: bool) -> str:
+    """The summary's form: the plugin's ✅/⚠️ prefix, one plain line, ≤ SUMMARY_MAX_CHARS."""
+    prefix = "⚠️ " if warning else "✅ "
+    line = prefix + plain_line(body)
+    if len(line) > SUMMARY_MAX_CHARS:
+        line = line[: SUMMARY_MAX_CHARS - 1].rstrip() + "…"
+    return line
 
 
 def _first_lines(text: str) -> str:
@@ -302,28 +427,36 @@ border-radius:4px}code{font-family:ui-monospace,monospace}
 """.strip()
 
 
-def _page(title: str, todo_id: int, sections: list[str]) -> str:
+def _page(
+    title: str, todo_id: int, sections: list[str], language: str, words: dict[str, str]
+) -> str:
     return (
         "<!DOCTYPE html>\n"
-        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f'<html lang="{language}">\n<head>\n<meta charset="utf-8">\n'
         f'<meta http-equiv="Content-Security-Policy" content="{CONTENT_SECURITY_POLICY}">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>Todo {todo_id}: {escape(title)} — completion report</title>\n"
+        f"<title>{words['todo']} {todo_id}: {escape(title)} — {words['report']}</title>\n"
         f"<style>{_STYLE}</style>\n</head>\n<body>\n"
         + "\n".join(section for section in sections if section)
         + "\n</body>\n</html>\n"
     )
 
 
-def _header(todo_id: int, title: str, kind: str) -> str:
-    label = "Forced completion (emergency)" if kind == "emergency" else "Completed"
+def _fragment(sections: list[str], language: str) -> str:
+    """The page's sections without document, head or style: for a page that embeds it."""
+    body = "\n".join(section for section in sections if section)
+    return f'<div class="completion-report" lang="{language}">\n{body}\n</div>\n'
+
+
+def _header(todo_id: int, title: str, kind: str, words: dict[str, str]) -> str:
+    label = words["kind_emergency"] if kind == "emergency" else words["done"]
     return (
         f'<header class="{kind}"><h1>{escape(title)}</h1>'
-        f'<p>Todo {todo_id} · <span class="kind">{label}</span></p></header>'
+        f'<p>{words["todo"]} {todo_id} · <span class="kind">{label}</span></p></header>'
     )
 
 
-def _facts(
+def _fact_rows(
     *,
     todo_id: int,
     workdir: str,
@@ -331,42 +464,50 @@ def _facts(
     started_at: datetime | None,
     completed_at: datetime,
     collected: Collected,
-) -> str:
+    zone: tzinfo,
+    words: dict[str, str],
+) -> list[tuple[str, str]]:
     source = collected.source
     if collected.is_html:
-        source += " (HTML reduced to plain text)"
+        source += f" ({words['html_reduced']})"
     rows = [
-        ("Todo", str(todo_id)),
-        ("Kind", "emergency (forced)" if kind == "emergency" else "normal"),
-        ("Started", _utc(started_at)),
-        ("Completed", _utc(completed_at)),
-        ("Output source", source),
+        (words["todo"], str(todo_id)),
+        (words["kind"], words["kind_emergency"] if kind == "emergency" else words["kind_normal"]),
+        (words["started"], when(started_at, zone, words)),
+        (words["completed"], when(completed_at, zone, words)),
+        (words["source"], source),
     ]
     if workdir.strip():
-        rows.append(("Working directory", workdir))
+        rows.append((words["workdir"], workdir))
+    return rows
+
+
+def _facts(rows: list[tuple[str, str]], words: dict[str, str]) -> str:
     items = "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in rows)
-    return f"<section><h2>Completion</h2><dl>{items}</dl></section>"
+    return f"<section><h2>{words['completion']}</h2><dl>{items}</dl></section>"
 
 
-def _emergency(reason: str | None, system_status: str | None, budget: int) -> str:
-    said = sanitize_capped(reason, _REASON_MAX_BYTES) if reason else "no reason given"
+def _emergency(
+    reason: str | None, system_status: str | None, budget: int, words: dict[str, str]
+) -> str:
+    said = sanitize_capped(reason, _REASON_MAX_BYTES) if reason else words["no_reason"]
     parts = [
-        '<section class="emergency"><h2>Forced completion</h2>',
-        f"<p>This todo was completed by force, not by its session. Reason: {escape(said)}</p>",
+        f'<section class="emergency"><h2>{words["forced_title"]}</h2>',
+        f"<p>{words['forced_text']} {escape(said)}</p>",
     ]
     if system_status:
         status = sanitize_capped(system_status, budget)
-        parts.append("<h3>System status</h3>" + _fit_html(status, budget, _pre))
+        parts.append(f"<h3>{words['system']}</h3>" + _fit_html(status, budget, _pre))
     parts.append("</section>")
     return "".join(parts)
 
 
-def _output_section(text: str, collected: Collected, room: int) -> str:
-    head = "<section><h2>Output</h2>"
+def _output_section(text: str, collected: Collected, room: int, words: dict[str, str]) -> str:
+    head = f"<section><h2>{words['output']}</h2>"
     tail = "</section>"
-    room -= len(head) + len(tail)
+    room -= len(head.encode()) + len(tail)
     if not text.strip():
-        return head + '<p class="none">No output was collected.</p>' + tail
+        return head + f'<p class="none">{words["no_output"]}</p>' + tail
     if collected.is_markdown and _utf8_len(text) <= MARKDOWN_MAX_BYTES:
         rendered = _markdown(text)
         if _utf8_len(rendered) <= room:
@@ -374,28 +515,30 @@ def _output_section(text: str, collected: Collected, room: int) -> str:
     return head + _fit_html(text, room, _pre) + tail
 
 
-def _problems(problems: list[str], budget: int) -> str:
-    head = "<section><h2>Collection problems</h2>"
+def _problems(problems: list[str], budget: int, words: dict[str, str]) -> str:
+    head = f"<section><h2>{words['problems']}</h2>"
     if not problems:
-        return head + '<p class="none">There were none.</p></section>'
+        return head + f'<p class="none">{words["no_problems"]}</p></section>'
     items: list[str] = []
     used = 0
     for index, problem in enumerate(problems):
         item = f"<li>{escape(problem, quote=False)}</li>"
         if used + len(item.encode("utf-8")) > budget - 200:
-            items.append(f"<li>… and {len(problems) - index} more, not shown.</li>")
+            more = words["more_problems"].format(n=len(problems) - index)
+            items.append(f"<li>{more}</li>")
             break
         items.append(item)
         used += len(item.encode("utf-8"))
     return head + "<ul>" + "".join(items) + "</ul></section>"
 
 
-def _utc(moment: datetime | None) -> str:
+def when(moment: datetime | None, zone: tzinfo, words: dict[str, str]) -> str:
+    """A moment on the site's clock with the zone's name: '2026-12-02 03:20:00 Europe/Berlin'."""
     if moment is None:
-        return "unknown"
+        return words["unknown"]
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S UTC")
+    return f"{moment.astimezone(zone):%Y-%m-%d %H:%M:%S} {zone_label(zone, moment)}"
 
 
 def _utf8_len(text: str) -> int:

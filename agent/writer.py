@@ -139,14 +139,15 @@ class Writer(ChildBase):
             logger.warning("fleet registry not updated: {}", error)
 
     def _prepare(self, now: float) -> None:
-        """Create completion_log (and on SQLite the todo table) where missing.
+        """Create the audit table (and on SQLite the todo table) where missing.
 
         Until that worked nothing is written ("pending"), except after a permanent error
         ("broken"): then the writes go ahead and those that fail on it become dead with the
         error, since a wrong password or table needs a person, not a retry loop.
         """
         try:
-            self._store().ensure_schema(create_todo_table=self.sqlite)
+            store = self._store()
+            store.ensure_schema(create_todo_table=self.sqlite)
         except TransientError as exc:
             self.schema_retry_at = now + PROBE_INTERVAL
             if self._contention(exc):
@@ -160,6 +161,13 @@ class Writer(ChildBase):
             self.schema, self.schema_error = "broken", str(exc)
             self.schema_retry_at = now + self.config.behavior.retry_max_delay
             return
+        moved = getattr(store, "moved_log_rows", 0)
+        if moved:
+            logger.info(
+                "moved {} row(s) of this table's todos from completion_log into {}",
+                moved,
+                getattr(store, "log_table", "the prefixed audit table"),
+            )
         if self.schema_error is not None:
             logger.info("database schema ready")
         self.schema, self.schema_error = "ready", None

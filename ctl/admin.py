@@ -76,7 +76,14 @@ def _add(args: argparse.Namespace, config: Config) -> int:
         if config.database_url.startswith("sqlite:"):
             # The embedded default has no WordPress in front of it to create the table.
             store.ensure_schema(create_todo_table=True)
-        todo_id = store.add_todo(args.title, args.description, args.working_directory)
+        todo_id = store.add_todo(
+            args.title,
+            args.description,
+            args.working_directory,
+            priority=args.priority,
+            project_id=args.project_id,
+            queued=args.queue,
+        )
     finally:
         store.close()
     if args.json:
@@ -103,7 +110,12 @@ def _db_init(args: argparse.Namespace, config: Config) -> int:
         what = "exists and was left as it is" if existed else "was created"
         print(
             f"schema ready in {mask_url(config.database_url)}: table {table} {what}, "
-            "completion_log is there"
+            f"its audit table {store.log_table} is there"
+        )
+    if store.moved_log_rows and not args.json:
+        print(
+            f"moved {store.moved_log_rows} row(s) of this table's todos from the unprefixed "
+            f"completion_log into {store.log_table}"
         )
     return EXIT_FAILED if problems else EXIT_OK
 
@@ -233,12 +245,14 @@ def _check(args: argparse.Namespace, config: Config) -> int:
         results.append(("socket", False, str(exc)))
 
     problems: list[str] = []
+    mapping: list[str] = []
     if _transport_steps(config, results):
         try:
             store = _open(config)
             try:
                 store.ping()
                 problems = store.check_schema()
+                mapping = store.describe_profile()
             finally:
                 store.close()
             if problems:
@@ -248,6 +262,8 @@ def _check(args: argparse.Namespace, config: Config) -> int:
                 results.append(
                     ("database", True, f"{mask_url(config.database_url)}{via} schema ok")
                 )
+            # What the agent will write where, and what it cannot fill: information only.
+            results.append(("columns", True, "\n".join(mapping)))
         except StoreError as exc:
             results.append(("database", False, str(exc)))
         except ValueError as exc:  # a database.url or table the store cannot use
@@ -292,6 +308,7 @@ def _check(args: argparse.Namespace, config: Config) -> int:
                         for n, g, m in results
                     ],
                     "schema_problems": problems,
+                    "columns": mapping,
                 }
             )
         )

@@ -63,6 +63,16 @@ def _add_add(sub, parents) -> None:
     add.add_argument("title")
     add.add_argument("--description", default="")
     add.add_argument("--dir", dest="working_directory", default="")
+    add.add_argument(
+        "--priority", help="one of the priority column's values (the plugin: niedrig..kritisch)"
+    )
+    add.add_argument("--project-id", dest="project_id", type=int, help="the plugin's project id")
+    add.add_argument(
+        "--queue",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="put it into the plugin's queue (bearbeiten=1; default) or not (--no-queue)",
+    )
 
 
 def _add_start(sub, parents) -> None:

@@ -34,6 +34,28 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     pass
 
 
+ColumnName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_]{0,64}$")]
+ColumnNames = ColumnName | list[ColumnName]  # a name, a list of names, or "" for none
+
+
+class Columns(_Section, frozen=True, kw_only=True):
+    """The site profile: which column of the todo table gets what (see the README)."""
+
+    started: ColumnNames = msgspec.field(
+        default_factory=lambda: ["started_at", "execution_started_at"]
+    )
+    completed: ColumnNames = msgspec.field(
+        default_factory=lambda: ["completed_at", "completed_date"]
+    )
+    updated: ColumnNames = "updated_at"
+    report: ColumnNames = "claude_html_output"
+    text: ColumnNames = "claude_text_output"
+    summary: ColumnNames = "claude_summary"
+    queue_flag: ColumnNames = "bearbeiten"
+    project: ColumnNames = "project_id"
+    priority: ColumnNames = "priority"
+
+
 class Database(_Section, frozen=True, kw_only=True):
     url: str = ""  # "" = sqlite:///<state_dir>/todos.db
     table: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_]{1,64}$")] = "stage_project_todos"
@@ -51,6 +73,14 @@ class Database(_Section, frozen=True, kw_only=True):
     hosts: list[str] = []
     # After a failover, go back to the first node that answers this many seconds later.
     failback_after: Positive = 60.0
+    # "SYSTEM": the database server's zone (MySQL), the machine's zone (SQLite); or an IANA name.
+    time_zone: str = "SYSTEM"
+    columns: Columns = Columns()
+
+
+class Report(_Section, frozen=True, kw_only=True):
+    db_format: Literal["markdown", "html_fragment", "page"] = "markdown"
+    language: Literal["de", "en"] = "de"
 
 
 class Behavior(_Section, frozen=True, kw_only=True):
@@ -164,6 +194,7 @@ class Config(_Section, frozen=True, kw_only=True):
     metrics: Metrics = Metrics()
     web: Web = Web()
     notify: list[Notify] = []
+    report: Report = Report()
     source: str = ""  # the file this came from; set by load(), not by the user
 
     @property
@@ -360,6 +391,17 @@ def _complete(config: Config, path: Path | None) -> Config:
         raise ConfigError(
             "database.table: completion_log is the agent's own audit table; name the todo table"
         )
+    if config.database.time_zone != "SYSTEM":
+        # Imported here: the hook's hot path loads this module and rarely needs a zone.
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(config.database.time_zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(
+                f"database.time_zone: {config.database.time_zone!r} is not an IANA zone name "
+                "(e.g. Europe/Berlin) or SYSTEM"
+            ) from None
     if config.behavior.emergency_timeout < config.behavior.completion_timeout:
         raise ConfigError(
             "behavior.emergency_timeout must not be shorter than behavior.completion_timeout"

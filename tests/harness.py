@@ -279,6 +279,6 @@ class Agent:
             return [
                 dict(r)
                 for r in db.execute(
-                    "SELECT * FROM completion_log WHERE todo_id = ? ORDER BY id", (todo_id,)
+                    "SELECT * FROM stage_completion_log WHERE todo_id = ? ORDER BY id", (todo_id,)
                 )
             ]

@@ -143,6 +143,11 @@ def wait_cleaned(agent: Agent, *completion_ids: str, timeout: float = 30.0) -> N
     )
 
 
+# These tests read the whole report page from the database: they ask for it ("page", English).
+# The default (Markdown, German) is tested in tests/test_todo_plugin.py.
+PAGE = {"report": {"db_format": "page", "language": "en"}}
+
+
 def html_bytes(agent: Agent, todo: int) -> bytes:
     with contextlib.closing(sqlite3.connect(agent.sqlite_path)) as db:
         (raw,) = db.execute(
@@ -196,7 +201,7 @@ def assert_safe_page(raw: bytes) -> str:
 
 
 def test_each_source_wins_in_turn(make_agent, tmux_for) -> None:
-    agent = make_agent().start()
+    agent = make_agent(PAGE).start()
     tmux = tmux_for(agent)
     tmux.session("work", "hello from the pane\\n\\033[31mcoloured line\\033[0m\\n")
     transcript = agent.root / "transcript.jsonl"
@@ -280,7 +285,7 @@ def test_each_source_wins_in_turn(make_agent, tmux_for) -> None:
 
 
 def test_each_failing_source_hands_over_to_the_next_and_is_listed(make_agent, tmux_for) -> None:
-    agent = make_agent().start()
+    agent = make_agent(PAGE).start()
     tmux = tmux_for(agent)
     tmux.session("work", "the pane after all\\n")
     missing = str(agent.root / "no-such-transcript.jsonl")
@@ -328,7 +333,7 @@ def test_each_failing_source_hands_over_to_the_next_and_is_listed(make_agent, tm
 def test_late_transcript_line_is_polled_for_and_delays_only_its_own_completion(
     make_agent,
 ) -> None:
-    agent = make_agent({"collect": {"transcript_wait": 20}}).start()
+    agent = make_agent({**PAGE, "collect": {"transcript_wait": 20}}).start()
     lines = FIXTURE_TRANSCRIPT.read_text().splitlines(keepends=True)
     transcript = agent.root / "transcript.jsonl"
     transcript.write_text("".join(lines[:-2]))  # the Stop hook fired before the last lines
@@ -351,7 +356,7 @@ def test_late_transcript_line_is_polled_for_and_delays_only_its_own_completion(
 
 
 def test_stuck_tmux_is_cut_off_and_delays_only_its_own_completion(make_agent, tmux_for) -> None:
-    agent = make_agent({"collect": {"tmux_timeout": 4}}).start()
+    agent = make_agent({**PAGE, "collect": {"tmux_timeout": 4}}).start()
     tmux = tmux_for(agent)
     tmux.session("work", "never captured\\n")
     tmux.stop()  # a tmux server that accepts the connection and never answers
@@ -389,7 +394,7 @@ def _hostile_block() -> bytes:
 
 @pytest.mark.slow
 def test_hostile_output_yields_a_strict_utf8_report_without_active_content(make_agent) -> None:
-    agent = make_agent().start()
+    agent = make_agent(PAGE).start()
     block = _hostile_block()
     huge = agent.root / "huge-hostile.bin"
     huge.write_bytes(block * (12 * MiB // len(block)))
@@ -489,12 +494,16 @@ def test_session_files_are_archived_and_deleted_only_after_verification(
     assert not session.exists()
     assert transcript.exists()  # Claude Code's transcript is copied, never deleted
     assert (archive / "session" / "output.md").exists()
-    assert (archive / "report.html").read_bytes() == html_bytes(agent, todo)
+    # The archive keeps the standalone page; the database holds the Markdown the plugin shows.
+    page = (archive / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "Content-Security-Policy" in page
+    assert "Archive me" in page
+    assert html_bytes(agent, todo).decode().startswith(f"✅ Todo #{todo} erledigt: Archive me\n")
     assert agent.todo_row(todo)["status"] == "completed"
 
 
 def test_stop_does_not_wait_for_a_slow_source_and_the_restart_redoes_it(make_agent) -> None:
-    agent = make_agent({"collect": {"transcript_wait": 60}}).start()
+    agent = make_agent({**PAGE, "collect": {"transcript_wait": 60}}).start()
     lines = FIXTURE_TRANSCRIPT.read_text().splitlines(keepends=True)
     transcript = agent.root / "transcript.jsonl"
     transcript.write_text("".join(lines[:-2]))
@@ -599,7 +608,10 @@ def test_a_renderer_failure_still_yields_a_safe_report(collector, monkeypatch) -
     collector.work(time.time())
     entry = collector.journal.entry("n-1")
     assert entry.state == "collected"
-    assert_safe_page(entry.html.encode())
+    # The last-resort report is Markdown whatever the format: inert in every plugin view.
+    assert entry.html.startswith("Todo #1\n\n## Output\n\n")
+    assert all(line.startswith("    ") or not line.strip() for line in entry.html.split("\n")[4:])
+    assert entry.summary and entry.summary.startswith("✅ ") and "\n" not in entry.summary
 
 
 # ---------------------------------------------------------------- the todo facts, read in batches

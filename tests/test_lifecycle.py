@@ -32,7 +32,7 @@ def completed(agent: Agent) -> dict[int, int]:
     with contextlib.closing(sqlite3.connect(agent.sqlite_path)) as db:
         rows = db.execute(
             "SELECT t.id, COUNT(l.id) FROM stage_project_todos t"
-            " JOIN completion_log l ON l.todo_id = t.id"
+            " JOIN stage_completion_log l ON l.todo_id = t.id"
             " WHERE t.status = 'completed' GROUP BY t.id"
         ).fetchall()
     return dict(rows)

@@ -97,8 +97,8 @@ def test_past_its_completion_deadline_a_todo_is_emergency_completed_once(make_ag
     assert "completion deadline passed" in emergency["reason"]
     row = agent.todo_row(todo)
     assert row["status"] == "completed"
-    assert row["claude_summary"].startswith("Forced completion (emergency)")
-    assert "Forced completion" in row["claude_html_output"]
+    assert row["claude_summary"].startswith("⚠️ Notabschluss: ")
+    assert "## Erzwungener Abschluss" in row["claude_html_output"]
     assert "no completion and no heartbeat for 2 s" in row["claude_html_output"]
     assert "half of the work" in row["claude_text_output"]
     assert [r["kind"] for r in agent.log_rows(todo)] == ["emergency"]
@@ -199,7 +199,8 @@ def test_completionctl_emergency_forces_a_completion_now(make_agent) -> None:
     wait_kinds(agent, todo, [("start", "cleaned"), ("emergency", "cleaned")])
     row = agent.todo_row(todo)
     assert row["status"] == "completed"
-    assert "stuck on a prompt &lt;b&gt;" in row["claude_html_output"]
+    # Markdown: the "<" is followed by a zero-width space, so it opens no tag in any view.
+    assert "stuck on a prompt <\u200bb>" in row["claude_html_output"]
     assert [r["kind"] for r in agent.log_rows(todo)] == ["emergency"]
     assert timers(agent, todo)["completion_fired"] == 1  # the deadline will not add another
     assert "emergency completion requested: stuck on a prompt" in emergency_log(agent)

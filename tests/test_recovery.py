@@ -37,7 +37,7 @@ def status_of(url: str, todo_id: int) -> str:
 
 def log_kinds(url: str, todo_id: int) -> list[str]:
     rows = raw_execute(
-        url, "SELECT kind FROM completion_log WHERE todo_id = ? ORDER BY id", (todo_id,)
+        url, "SELECT kind FROM stage_completion_log WHERE todo_id = ? ORDER BY id", (todo_id,)
     )
     return [str(r[0]) for r in rows]
 

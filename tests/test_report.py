@@ -38,6 +38,7 @@ def report(text, *, source="transcript", is_markdown=True, problems=(), **kwargs
         kind="normal",
         started_at=STARTED,
         completed_at=COMPLETED,
+        language="en",
     )
     args.update(kwargs)
     return render_report(**args)
@@ -144,12 +145,12 @@ def test_page_says_what_happened():
     assert_safe(page)
     assert "Login-Formular validieren" in page
     assert "E-Mail &amp; Passwort &lt;prüfen&gt;" in page
-    assert "2026-11-28T09:00:00 UTC" in page and "2026-11-28T09:01:32 UTC" in page
+    assert "2026-11-28 09:00:00 UTC" in page and "2026-11-28 09:01:32 UTC" in page
     assert "transcript" in page
     assert "<h2>Fertig</h2>" in page
     assert "Collection problems" in page
     assert "<li>message: the message carried only empty output</li>" in page
-    assert result.summary == "Fertig Alle Tests laufen."
+    assert result.summary == "✅ Fertig Alle Tests laufen."
 
 
 def test_no_problems_is_said():
@@ -171,14 +172,14 @@ def test_unknown_todo_is_named_by_its_id():
     assert "unknown" in result.html
 
 
-def test_times_are_shown_in_utc():
+def test_times_are_shown_in_utc_without_a_zone():
     berlin = timezone(timedelta(hours=1))
     page = report(
         "out",
         started_at=datetime(2026, 11, 28, 10, 0, 0, tzinfo=berlin),
         completed_at=datetime(2026, 11, 28, 9, 5, 0),  # naive: taken as UTC
     ).html
-    assert "2026-11-28T09:00:00 UTC" in page and "2026-11-28T09:05:00 UTC" in page
+    assert "2026-11-28 09:00:00 UTC" in page and "2026-11-28 09:05:00 UTC" in page
 
 
 def test_emergency_report_says_it_was_forced_and_why():
@@ -197,9 +198,7 @@ def test_emergency_report_says_it_was_forced_and_why():
     assert "completion timeout after 300 s" in page
     assert "<pre>load: 0.5\nclaude process: gone &lt;pid 123&gt;</pre>" in page
     assert "database" in page
-    assert result.summary.startswith(
-        "Forced completion (emergency): completion timeout after 300 s."
-    )
+    assert result.summary == "⚠️ Forced completion: completion timeout after 300 s"
 
 
 def test_html_source_is_marked_as_reduced_to_text():
@@ -210,9 +209,9 @@ def test_html_source_is_marked_as_reduced_to_text():
 def test_summary_is_short_and_skips_markup():
     text = "# Heading\n\n---\n\n```\ncode\n```\n\n" + "word " * 500
     summary = report(text).summary
-    assert summary.startswith("Heading word word")
+    assert summary.startswith("✅ Heading word word")
     assert "```" not in summary and "---" not in summary
-    assert len(summary) <= 500
+    assert len(summary) <= 150 and "\n" not in summary
 
 
 def test_markdown_too_big_to_render_in_time_is_shown_preformatted():

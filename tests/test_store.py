@@ -30,6 +30,7 @@ from agent.store import (
 )
 from agent.store.base import TRUNCATION_NOTE, fit_text
 from agent.store.mysql import _Limits, _wire_size, _wire_size_bound, classify
+from agent.store.profile import SiteProfile, resolve
 from tests.dbfixtures import (
     backend_of,
     fetch_row,
@@ -109,7 +110,7 @@ def test_start_then_complete(store: Store, store_url: str) -> None:
     assert store.logged_kinds(tid) == [("c-1", "normal")]
     (log,) = raw_execute(
         store_url,
-        "SELECT todo_id, kind, sources, attempts, created_at FROM completion_log "
+        "SELECT todo_id, kind, sources, attempts, created_at FROM stage_completion_log "
         "WHERE completion_id = ?",
         ("c-1",),
     )
@@ -205,7 +206,9 @@ def test_reset_is_compare_and_set(store: Store, store_url: str) -> None:
     assert (reset.outcome, reset.log_kind) == ("applied", "reset")
     row = fetch_row(store_url, tid)
     assert row is not None
-    assert (row["status"], when(row["started_at"]), when(row["updated_at"])) == ("offen", T0, T2)
+    # Back in the queue as not started, as the plugin's own reset leaves it.
+    assert (row["status"], row["started_at"], row["execution_started_at"]) == ("offen", None, None)
+    assert when(row["updated_at"]) == T2
 
     apply_one(store, W("c-1", tid, "normal"))
     done = apply_one(store, W("r-2", tid, "reset"))
@@ -275,7 +278,7 @@ def test_verify_reads_the_database_back(store: Store, store_url: str) -> None:
     assert store.verify(write, outcome)
     set_status(store_url, tid, "offen")  # someone undid it behind our back
     assert not store.verify(write, outcome)
-    raw_execute(store_url, "DELETE FROM completion_log WHERE completion_id = ?", ("c-1",))
+    raw_execute(store_url, "DELETE FROM stage_completion_log WHERE completion_id = ?", ("c-1",))
     assert not store.verify(write, WriteOutcome("c-1", "already", log_kind="normal"))
 
 
@@ -323,9 +326,19 @@ def test_check_schema_names_what_is_missing(store_url: str) -> None:
     assert len(s.check_schema()) == 1  # completion_log only; the todo table was not asked for
     s.ensure_schema(create_todo_table=True)
     assert s.check_schema() == []
+    # A column of the profile the table lacks is skipped, and `check` says so...
     raw_execute(store_url, "ALTER TABLE stage_project_todos DROP COLUMN claude_summary")
+    fresh = open_store(store_url, timeout=5)
+    assert fresh.check_schema() == []
+    assert any(
+        line.startswith("summary") and "no claude_summary" in line and "not written" in line
+        for line in fresh.describe_profile()
+    )
+    fresh.close()
+    # ...a column the agent needs is a problem.
+    raw_execute(store_url, "ALTER TABLE stage_project_todos DROP COLUMN title")
     (problem,) = s.check_schema()
-    assert "`claude_summary` is missing" in problem and "ALTER TABLE" in problem
+    assert "`title` is missing" in problem and "ALTER TABLE" in problem
     s.close()
 
 
@@ -394,7 +407,7 @@ def test_db_init_creates_the_mysql_todo_table(mysql_url: str) -> None:
     ddl = show_create_table(mysql_url)
     assert "enum('offen','in_progress','completed','blocked','cancelled','cron')" in ddl
     assert "longtext" in ddl.lower()
-    assert "InnoDB" in show_create_table(mysql_url, "completion_log")
+    assert "InnoDB" in show_create_table(mysql_url, "stage_completion_log")
     assert s.check_schema() == []
     s.close()
 
@@ -445,6 +458,10 @@ def test_outputs_are_cut_to_fit_one_packet() -> None:
     big = "'" * 300_000  # escapes to twice its size on the wire
     store._limits = _Limits(  # type: ignore[attr-defined]
         {c: (2**32 - 1, 2**32 - 1, "utf8mb4") for c in ("claude_html_output",)}, packet=1 << 20
+    )
+    store._resolved = resolve(  # type: ignore[attr-defined]
+        SiteProfile(),
+        {"claude_html_output": "longtext", "claude_text_output": "text", "claude_summary": "text"},
     )
     write = W("c", 1, "normal", html=big, text="t" * 600_000, summary="s")
     html, text, summary = store._fit_outputs(None, write)  # type: ignore[attr-defined]
@@ -614,7 +631,7 @@ def test_cut_mid_transaction_rolls_back_and_a_fresh_connection_succeeds(
     proxied.ensure_schema(create_todo_table=True)
     ids = [proxied.add_todo(f"t{i}") for i in range(3)]
     writes = [W(f"c-{i}", tid, "normal", html="x") for i, tid in enumerate(ids)]
-    fired = tcp_proxy.cut_on_client_data(b"INSERT INTO `completion_log`")
+    fired = tcp_proxy.cut_on_client_data(b"INSERT INTO `stage_completion_log`")
     with pytest.raises(TransientError) as info:
         proxied.apply(writes)
     assert fired.is_set() and info.value.errno in (2013, 2006)

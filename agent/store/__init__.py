@@ -2,7 +2,8 @@
 
 `open_store(url)` is the only constructor the agent's processes use; each process builds its own
 store from plain arguments after it starts. This package imports nothing else from `agent` and
-no logging library: callers log what it raises. Datetimes in and out are naive UTC.
+no logging library: callers log what it raises. Datetimes in and out are naive UTC; what the
+columns hold follows the site profile (`profile.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .base import (
     WriteOutcome,
     check_table_name,
 )
+from .profile import SiteProfile
 from .tunnel import SshSettings, SshTunnel, TunnelError
 from .url import MysqlTarget, SqliteTarget, parse_url, redact_url, with_nodes
 
@@ -27,6 +29,7 @@ __all__ = [
     "STATUSES",
     "MysqlTarget",
     "PermanentError",
+    "SiteProfile",
     "SqliteTarget",
     "SshSettings",
     "SshTunnel",
@@ -52,6 +55,7 @@ def open_store(
     tls: ssl.SSLContext | None = None,
     nodes: list[str] | None = None,
     failback_after: float = 60.0,
+    profile: SiteProfile | None = None,
 ) -> Store:
     """A store for `url` (sqlite:///ABS/PATH.db or mysql://USER[:PASS]@HOST[:PORT]/DB).
 
@@ -69,12 +73,18 @@ def open_store(
     if isinstance(target, SqliteTarget):
         from .sqlite import SqliteStore
 
-        return SqliteStore(target.path, table=table, timeout=timeout)
+        return SqliteStore(target.path, table=table, timeout=timeout, profile=profile)
     # PyMySQL is imported only when a MySQL URL is used.
     from .mysql import MysqlStore
 
     if nodes:
         target = with_nodes(target, nodes)
     return MysqlStore(
-        target, table=table, timeout=timeout, tunnel=tunnel, tls=tls, failback_after=failback_after
+        target,
+        table=table,
+        timeout=timeout,
+        tunnel=tunnel,
+        tls=tls,
+        failback_after=failback_after,
+        profile=profile,
     )

@@ -8,8 +8,13 @@ This module owns:
 - `SqlStore`: the transaction body of `apply`/`verify` and the plain reads, written once with `?`
   placeholders; a backend supplies connections, quoting, error classification and DDL.
 
-Times: every datetime that goes in or comes out is *naive UTC*. An aware datetime passed in is
-converted to UTC first. Columns hold 'YYYY-MM-DD HH:MM:SS' (whole seconds, like MySQL DATETIME).
+Times: every datetime that goes in or comes out of the store's methods is *naive UTC*. An aware
+datetime passed in is converted to UTC first. What the columns hold follows the site profile
+(`profile.py`): DATETIME columns the site's wall-clock time of the event, MySQL TIMESTAMP columns
+the instant (written in UTC through a `+00:00` session); whole seconds.
+
+Which column gets what is the site profile, resolved once against the table's real columns: a
+column the table lacks is skipped, and `describe_profile()` says so.
 """
 
 from __future__ import annotations
@@ -19,14 +24,27 @@ import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any, Protocol, runtime_checkable
+
+from .profile import (
+    OUTPUT_ROLES,
+    ROLES,
+    Column,
+    Resolved,
+    SiteProfile,
+    from_wall_time,
+    local_zone,
+    resolve,
+    wall_time,
+    zone_of,
+)
 
 STATUSES = ("offen", "in_progress", "completed", "blocked", "cancelled", "cron")
 KINDS = ("start", "normal", "emergency", "reset")
 LOG_KINDS = ("normal", "emergency", "reset", "duplicate")
 OUTCOMES = ("applied", "duplicate", "refused", "already")
-LOG_TABLE = "completion_log"
+LOG_TABLE = "completion_log"  # the audit table's name without a prefix (and before prefixes)
 MAX_COMPLETION_ID = 64
 MAX_SOURCES = 255
 
@@ -128,9 +146,23 @@ class PermanentError(StoreError):
 class Store(Protocol):
     """What the agent's processes need from a todo database."""
 
+    log_table: str  # the audit table beside the todo table
+    moved_log_rows: int  # rows ensure_schema took over from an unprefixed completion_log
+
     def ensure_schema(self, *, create_todo_table: bool) -> None: ...
     def check_schema(self) -> list[str]: ...
-    def add_todo(self, title: str, description: str = "", working_directory: str = "") -> int: ...
+    def describe_profile(self) -> list[str]: ...
+    def site_zone(self) -> tzinfo: ...
+    def add_todo(
+        self,
+        title: str,
+        description: str = "",
+        working_directory: str = "",
+        *,
+        priority: str | None = None,
+        project_id: int | None = None,
+        queued: bool = True,
+    ) -> int: ...
     def get_todo(self, todo_id: int) -> Todo | None: ...
     def get_todos(self, todo_ids: Sequence[int]) -> dict[int, Todo]: ...
     def todos_with_status(self, status: str, limit: int = 10000) -> list[Todo]: ...
@@ -155,9 +187,25 @@ def check_table_name(table: str) -> str:
         raise ValueError(
             f"table name {table!r} is not allowed: use 1-64 letters, digits or underscores"
         )
-    if table == LOG_TABLE:
+    if table == LOG_TABLE or table == log_table_for(table):
         raise ValueError(f"table name {table!r} is the agent's own audit table, not a todo table")
     return table
+
+
+def log_table_for(table: str) -> str:
+    """The audit table beside `table`, named with its prefix.
+
+    `stage_project_todos` -> `stage_completion_log`; `wp_todos` -> `wp_completion_log`;
+    `project_todos` and `todos` (no prefix) -> `completion_log`. The prefix is what comes before
+    `project_todos`, else up to the first underscore.
+    """
+    if table.endswith("project_todos"):
+        prefix = table[: -len("project_todos")]
+    elif "_" in table:
+        prefix = table[: table.index("_") + 1]
+    else:
+        prefix = ""
+    return f"{prefix}{LOG_TABLE}"
 
 
 def to_utc_naive(at: datetime) -> datetime:
@@ -234,7 +282,8 @@ class Decision:
     """What to do with one write once the todo's status is known.
 
     `status` is the status to write (None: leave the todo row alone). `started`/`completed`
-    set those columns to the write's time; `outputs` writes the three output columns.
+    set those columns to the write's time; `outputs` writes the three output columns; a reset
+    (status "offen") clears the start columns, as the plugin's own reset does.
     """
 
     outcome: str
@@ -269,7 +318,11 @@ def decide(
         if status == "offen":
             return Decision("applied", status="in_progress", started=True)
         if status == "in_progress":
-            return Decision("applied", f"todo {tid} was already in_progress")
+            # Started by someone else (the plugin's CLI sets no start time): fill the start
+            # columns that are still NULL, so the plugin's stuck-task cleanup leaves it alone.
+            return Decision(
+                "applied", f"todo {tid} was already in_progress", status=status, started=True
+            )
         return Decision("refused", f"todo {tid} is {status}, only an offen todo can be started")
     if kind == "reset":
         if status == "in_progress":
@@ -301,19 +354,21 @@ def decide(
 
 # --------------------------------------------------------------------------- shared SQL engine
 
-# Required columns of the todo table and the category of type each needs.
-TODO_COLUMNS: dict[str, str] = {
-    "id": "int",
-    "title": "text",
-    "description": "text",
-    "working_directory": "text",
-    "status": "status",
-    "started_at": "datetime",
-    "completed_at": "datetime",
-    "updated_at": "datetime",
-    "claude_html_output": "text",
-    "claude_text_output": "text",
-    "claude_summary": "text",
+# Columns the agent cannot work without, and the category of type each needs.
+REQUIRED_COLUMNS: dict[str, str] = {"id": "int", "title": "text", "status": "status"}
+# Read for the reports when the table has them.
+DETAIL_COLUMNS = ("description", "working_directory")
+# The category of type each role's columns need.
+ROLE_CATEGORIES = {
+    "started": "datetime",
+    "completed": "datetime",
+    "updated": "datetime",
+    "report": "text",
+    "text": "text",
+    "summary": "text",
+    "queue_flag": "int",
+    "project": "int",
+    "priority": "priority",
 }
 LOG_COLUMNS = (
     "id",
@@ -325,19 +380,6 @@ LOG_COLUMNS = (
     "created_at",
     "logged_at",
 )
-_TODO_SELECT = "id, title, description, working_directory, status, started_at, completed_at"
-
-
-def _todo(row: Sequence[Any]) -> Todo:
-    return Todo(
-        id=int(row[0]),
-        title=row[1] or "",
-        description=row[2] or "",
-        working_directory=row[3] or "",
-        status=row[4] or "",
-        started_at=parse_db_time(row[5]),
-        completed_at=parse_db_time(row[6]),
-    )
 
 
 class SqlStore:
@@ -351,13 +393,19 @@ class SqlStore:
 
     placeholder = "?"
     lock_clause = ""  # MySQL: " FOR UPDATE"
+    # MySQL: TIMESTAMP columns go through the session's +00:00, and "SYSTEM" is the server's zone.
+    server_zone = False
 
-    def __init__(self, table: str, timeout: float) -> None:
+    def __init__(self, table: str, timeout: float, profile: SiteProfile | None = None) -> None:
         self.table = check_table_name(table)
         self.timeout = float(timeout)
+        self.profile = profile if profile is not None else SiteProfile()
+        self.log_table = log_table_for(self.table)
+        self.moved_log_rows = 0  # rows taken over from an unprefixed completion_log at start
         self._lock = threading.RLock()
         self._t = self._q(self.table)
-        self._log = self._q(LOG_TABLE)
+        self._log = self._q(self.log_table)
+        self._resolved: Resolved | None = None
 
     # ---- backend hooks
     def _q(self, name: str) -> str:
@@ -390,12 +438,108 @@ class SqlStore:
         cur.execute(self._sql(text), tuple(params))
         return cur
 
+    def _profile(self, cur: Any) -> Resolved:
+        """The profile against the table's real columns, read once (the table never changes)."""
+        if self._resolved is None:
+            columns = self._columns(cur, self.table)
+            if not columns:  # no table yet: resolved again once it exists
+                return resolve(self.profile, columns)
+            self._resolved = resolve(self.profile, columns)
+        return self._resolved
+
+    def _output_names(self, cur: Any) -> tuple[str | None, ...]:
+        """The column each output is fitted to (the first of its role), None when it has none."""
+        r = self._profile(cur)
+        return tuple(c.name if (c := r.first(role)) else None for role in OUTPUT_ROLES)
+
+    def _zone(self) -> tzinfo | None:
+        """The site's zone; None only for "SYSTEM" on MySQL (the server converts)."""
+        zone = zone_of(self.profile.time_zone)
+        if zone is None and not self.server_zone:
+            return local_zone()
+        return zone
+
+    def site_zone(self) -> tzinfo:
+        """The zone the site's times are shown in (for "SYSTEM" on MySQL: asked of the server,
+        as a fixed offset named after the server's zone)."""
+        zone = self._zone()
+        if zone is not None:
+            return zone
+        with self._lock, self._transaction(write=False) as cur:
+            cur.execute(
+                "SELECT @@global.time_zone, @@system_time_zone, TIMESTAMPDIFF(SECOND, "
+                "UTC_TIMESTAMP(), CONVERT_TZ(UTC_TIMESTAMP(), '+00:00', @@global.time_zone))"
+            )
+            configured, system, offset = cur.fetchone()
+        name = str(system if str(configured).upper() == "SYSTEM" else configured)
+        offset_td = timedelta(seconds=int(offset or 0))
+        return timezone(offset_td, name) if name else timezone(offset_td)
+
+    def _write_time(self, col: Column, at: datetime) -> tuple[str, str]:
+        """SQL expression and parameter that put the moment `at` into `col`."""
+        if self.server_zone and col.is_timestamp:
+            return "?", db_time(at)
+        zone = self._zone()
+        if zone is None:
+            return "CONVERT_TZ(?, '+00:00', @@global.time_zone)", db_time(at)
+        return "?", wall_time(to_utc_naive(at), zone)
+
+    def _read_time_expr(self, col: Column | None) -> str:
+        if col is None:
+            return "NULL"
+        name = self._q(col.name)
+        if self.server_zone and not col.is_timestamp and self._zone() is None:
+            return f"CONVERT_TZ({name}, @@global.time_zone, '+00:00')"
+        return name
+
+    def _read_time(self, col: Column | None, value: Any) -> datetime | None:
+        parsed = parse_db_time(value)
+        if parsed is None or col is None:
+            return parsed
+        zone = self._zone()
+        if zone is None or (self.server_zone and col.is_timestamp):
+            return parsed  # already UTC
+        return from_wall_time(parsed, zone)
+
+    def _todo_select(self, cur: Any) -> tuple[str, Callable[[Sequence[Any]], Todo]]:
+        r = self._profile(cur)
+        details = [self._q(c) if r.has(c) else "''" for c in DETAIL_COLUMNS]
+        started, completed = r.first("started"), r.first("completed")
+        select = ", ".join(
+            [
+                "id",
+                self._q("title"),
+                *details,
+                "status",
+                self._read_time_expr(started),
+                self._read_time_expr(completed),
+            ]
+        )
+
+        def todo(row: Sequence[Any]) -> Todo:
+            return Todo(
+                id=int(row[0]),
+                title=row[1] or "",
+                description=row[2] or "",
+                working_directory=row[3] or "",
+                status=row[4] or "",
+                started_at=self._read_time(started, row[5]),
+                completed_at=self._read_time(completed, row[6]),
+            )
+
+        return select, todo
+
     # ---- Store
     def check_schema(self) -> list[str]:
-        """Sentences naming each problem with the todo table and completion_log; [] = fine."""
+        """Sentences naming each problem with the todo table and the audit table; [] = fine.
+
+        Only what stops the agent is a problem: a missing required column, a column of the
+        profile whose type cannot hold its value. Columns the table lacks are skipped and
+        named by `describe_profile`.
+        """
         with self._lock, self._transaction(write=False) as cur:
             todo_cols = self._columns(cur, self.table)
-            log_cols = self._columns(cur, LOG_TABLE)
+            log_cols = self._columns(cur, self.log_table)
         t = self.table
         never = "the agent never changes the structure of an existing table"
         if not todo_cols:
@@ -405,7 +549,7 @@ class SqlStore:
             ]
         else:
             problems = []
-            for name, category in TODO_COLUMNS.items():
+            for name, category in REQUIRED_COLUMNS.items():
                 decl = todo_cols.get(name)
                 if decl is None:
                     problems.append(
@@ -415,42 +559,209 @@ class SqlStore:
                 elif (want := self._type_problem(category, decl)) is not None:
                     problems.append(
                         f"column `{name}` of `{t}` is {decl} but must be {want}: "
-                        f"change its type ({never})"
+                        f"change its type ({never}), or point database.table at the plugin's "
+                        "current table"
                     )
+            r = resolve(self.profile, todo_cols)
+            for role, cols in r.present.items():
+                for col in cols:
+                    want = self._type_problem(ROLE_CATEGORIES[role], col.decl)
+                    if want is not None:
+                        problems.append(
+                            f"column `{col.name}` of `{t}` ({role}) is {col.decl} but must be "
+                            f"{want}: change its type ({never}) or set database.columns.{role}"
+                        )
         if not log_cols:
             problems.append(
-                f"table `{LOG_TABLE}` does not exist yet: run `completionctl db init` "
+                f"table `{self.log_table}` does not exist yet: run `completionctl db init` "
                 "(completiond also creates it when it starts)"
             )
         else:
             missing = [c for c in LOG_COLUMNS if c not in log_cols]
             if missing:
                 problems.append(
-                    f"table `{LOG_TABLE}` lacks column(s) {', '.join(missing)}: it was not made "
-                    f"by this agent; rename it and run `completionctl db init`"
+                    f"table `{self.log_table}` lacks column(s) {', '.join(missing)}: it was not "
+                    f"made by this agent; rename it and run `completionctl db init`"
                 )
         return problems
 
-    def add_todo(self, title: str, description: str = "", working_directory: str = "") -> int:
+    def describe_profile(self) -> list[str]:
+        """Lines for `check`: which column gets what, what cannot be filled, the audit table."""
+        with self._lock, self._transaction(write=False) as cur:
+            todo_cols = self._columns(cur, self.table)
+            legacy = self._legacy_rows(cur)
+        if not todo_cols:
+            return [f"table `{self.table}` does not exist: nothing to map yet"]
+        r = resolve(self.profile, todo_cols)
+        zone = self.profile.time_zone
+        if zone == "SYSTEM":
+            zone = "SYSTEM (the database server's zone)" if self.server_zone else "SYSTEM (local)"
+        lines = [f"time zone: {zone}"]
+        for role, (_, purpose) in ROLES.items():
+            cols = r.of(role)
+            utc = " (TIMESTAMP, stored as UTC)"
+            shown = ", ".join(
+                c.name + (utc if c.is_timestamp and self.server_zone else "") for c in cols
+            )
+            lack = r.missing[role]
+            if cols:
+                line = f"{role:<10} -> {shown}"
+                if lack:
+                    line += f"  (the table has no {', '.join(lack)}: not written)"
+            elif lack:
+                line = (
+                    f"{role:<10} -> nothing: the table has no {', '.join(lack)}; "
+                    f"{purpose} is not written"
+                )
+            else:
+                line = f'{role:<10} -> nothing (set to ""); {purpose} is not written'
+            lines.append(line)
+        for name in DETAIL_COLUMNS:
+            if name not in todo_cols:
+                lines.append(f"the table has no `{name}`: reports go without it")
+        if not r.of("report") and "claude_output" in todo_cols:
+            lines.append(
+                "the table has `claude_output` (the plugin's old schema): set "
+                'database.columns.report = "claude_output" to write the report there'
+            )
+        status = todo_cols.get("status", "")
+        if status.startswith("enum("):
+            values = Column("status", status).enum_values() or []
+            absent = [v for v in ("offen", "in_progress", "completed") if v not in values]
+            if absent:
+                lines.append(
+                    f"status cannot be {', '.join(absent)}: no start, completion or reset is "
+                    "written to this table (every write is refused) until its status column "
+                    "has them"
+                )
+        if legacy is not None:
+            mine, total, target_rows = legacy
+            if target_rows == 0 and mine:
+                lines.append(
+                    f"`{LOG_TABLE}` (no prefix) holds {mine} row(s) of this table's todos: "
+                    f"completiond moves them into `{self.log_table}` at its next start, once"
+                )
+            else:
+                lines.append(
+                    f"`{LOG_TABLE}` (no prefix) is not used by this site (its audit table is "
+                    f"`{self.log_table}`); it holds {total} row(s)"
+                    + (
+                        f", {mine} of them for ids this table also has (another site's, or "
+                        "left after the move)"
+                        if mine
+                        else ""
+                    )
+                )
+        return lines
+
+    def _legacy_rows(self, cur: Any) -> tuple[int, int, int] | None:
+        """(rows for this table's ids, all rows) of an unprefixed completion_log, and the
+        prefixed table's row count; None when there is nothing to say."""
+        if self.log_table == LOG_TABLE:
+            return None
+        legacy = self._columns(cur, LOG_TABLE)
+        if not legacy or any(c not in legacy for c in LOG_COLUMNS):
+            return None
+        if not self._columns(cur, self.table):
+            return None
+        old = self._q(LOG_TABLE)
+        (total,) = self._run(cur, f"SELECT COUNT(*) FROM {old}").fetchone()
+        (mine,) = self._run(
+            cur, f"SELECT COUNT(*) FROM {old} WHERE todo_id IN (SELECT id FROM {self._t})"
+        ).fetchone()
+        target = 0
+        if self._columns(cur, self.log_table):
+            (target,) = self._run(cur, f"SELECT COUNT(*) FROM {self._log}").fetchone()
+        return int(mine), int(total), int(target)
+
+    def _move_legacy_log(self) -> int:
+        """Move this table's rows from an unprefixed completion_log into the prefixed audit
+        table, in one transaction, once: only while the prefixed table is still empty."""
+        if self.log_table == LOG_TABLE:
+            return 0
         with self._lock, self._transaction(write=True) as cur:
-            cols = self._columns(cur, self.table)
-            names = ["title", "description", "working_directory", "status"]
-            values: list[Any] = [title, description, working_directory, "offen"]
-            now = db_time(utcnow())
-            for extra in ("created_at", "updated_at"):
-                if extra in cols:
-                    names.append(extra)
-                    values.append(now)
-            marks = ", ".join("?" for _ in names)
-            self._run(cur, f"INSERT INTO {self._t} ({', '.join(names)}) VALUES ({marks})", values)
+            legacy = self._legacy_rows(cur)
+            if legacy is None or legacy[2] != 0 or legacy[0] == 0:
+                return 0
+            cols = ", ".join(c for c in LOG_COLUMNS if c != "id")
+            old = self._q(LOG_TABLE)
+            self._run(
+                cur,
+                f"INSERT INTO {self._log} ({cols}) SELECT {cols} FROM {old}"
+                f" WHERE todo_id IN (SELECT id FROM {self._t}) ORDER BY id",
+            )
+            moved = int(cur.rowcount)
+            self._run(
+                cur,
+                f"DELETE FROM {old} WHERE completion_id IN (SELECT completion_id FROM {self._log})",
+            )
+        self.moved_log_rows = moved
+        return moved
+
+    def add_todo(
+        self,
+        title: str,
+        description: str = "",
+        working_directory: str = "",
+        *,
+        priority: str | None = None,
+        project_id: int | None = None,
+        queued: bool = True,
+    ) -> int:
+        """Insert a todo the plugin's queue picks up (`status='offen' AND bearbeiten=1`).
+
+        ValueError names a priority the column does not take.
+        """
+        if priority is not None:  # checked before the transaction, which would classify it
+            with self._lock, self._transaction(write=False) as cur:
+                cols = self._profile(cur).of("priority")
+            for col in cols:
+                _priority_value(col, priority)
+        with self._lock, self._transaction(write=True) as cur:
+            r = self._profile(cur)
+            names = ["title", "status"]
+            marks = ["?", "?"]
+            values: list[Any] = [title, "offen"]
+            for name, value in (
+                ("description", description),
+                ("working_directory", working_directory),
+            ):
+                if r.has(name):
+                    names.append(name)
+                    marks.append("?")
+                    values.append(value)
+            now = utcnow()
+            created = [Column(c, r.table_columns[c]) for c in ("created_at",) if r.has(c)]
+            for col in (*created, *r.of("updated")):
+                expr, value = self._write_time(col, now)
+                names.append(col.name)
+                marks.append(expr)
+                values.append(value)
+            for col in r.of("queue_flag"):
+                names.append(col.name)
+                marks.append("?")
+                values.append(1 if queued else 0)
+            if project_id is not None:
+                for col in r.of("project"):
+                    names.append(col.name)
+                    marks.append("?")
+                    values.append(int(project_id))
+            if priority is not None:
+                for col in r.of("priority"):
+                    names.append(col.name)
+                    marks.append("?")
+                    values.append(_priority_value(col, priority))
+            quoted = ", ".join(self._q(n) for n in names)
+            self._run(cur, f"INSERT INTO {self._t} ({quoted}) VALUES ({', '.join(marks)})", values)
             return int(cur.lastrowid)
 
     def get_todo(self, todo_id: int) -> Todo | None:
         with self._lock, self._transaction(write=False) as cur:
+            select, todo = self._todo_select(cur)
             row = self._run(
-                cur, f"SELECT {_TODO_SELECT} FROM {self._t} WHERE id = ?", (todo_id,)
+                cur, f"SELECT {select} FROM {self._t} WHERE id = ?", (todo_id,)
             ).fetchone()
-        return None if row is None else _todo(row)
+        return None if row is None else todo(row)
 
     def get_todos(self, todo_ids: Sequence[int]) -> dict[int, Todo]:
         """The rows of these todos that exist, by id, read with one statement."""
@@ -458,25 +769,28 @@ class SqlStore:
         if not ids:
             return {}
         with self._lock, self._transaction(write=False) as cur:
+            select, todo = self._todo_select(cur)
             rows = self._run(
-                cur, f"SELECT {_TODO_SELECT} FROM {self._t} WHERE id IN ({_marks(ids)})", ids
+                cur, f"SELECT {select} FROM {self._t} WHERE id IN ({_marks(ids)})", ids
             ).fetchall()
-        todos = [_todo(r) for r in rows]
+        todos = [todo(r) for r in rows]
         return {t.id: t for t in todos}
 
     def project_ids(self, todo_ids: Sequence[int]) -> dict[int, int]:
-        """todo id -> its `project_id`, for the todos that have one; {} when the table has no
-        such column (the embedded default)."""
+        """todo id -> its project (the profile's `project` column, `project_id` by default),
+        for the todos that have one; {} when the table has no such column."""
         ids = sorted({int(i) for i in todo_ids})
         if not ids:
             return {}
         with self._lock, self._transaction(write=False) as cur:
-            if "project_id" not in self._columns(cur, self.table):
+            project = self._profile(cur).first("project")
+            if project is None:
                 return {}
+            col = self._q(project.name)
             rows = self._run(
                 cur,
-                f"SELECT id, project_id FROM {self._t} WHERE id IN ({_marks(ids)})"
-                " AND project_id IS NOT NULL",
+                f"SELECT id, {col} FROM {self._t} WHERE id IN ({_marks(ids)})"
+                f" AND {col} IS NOT NULL",
                 ids,
             ).fetchall()
         return {int(r[0]): int(r[1]) for r in rows}
@@ -491,12 +805,13 @@ class SqlStore:
 
     def todos_with_status(self, status: str, limit: int = 10000) -> list[Todo]:
         with self._lock, self._transaction(write=False) as cur:
+            select, todo = self._todo_select(cur)
             rows = self._run(
                 cur,
-                f"SELECT {_TODO_SELECT} FROM {self._t} WHERE status = ? ORDER BY id LIMIT ?",
+                f"SELECT {select} FROM {self._t} WHERE status = ? ORDER BY id LIMIT ?",
                 (status, int(limit)),
             ).fetchall()
-        return [_todo(r) for r in rows]
+        return [todo(r) for r in rows]
 
     def logged_kinds(self, todo_id: int) -> list[tuple[str, str]]:
         with self._lock, self._transaction(write=False) as cur:
@@ -564,24 +879,32 @@ class SqlStore:
             return [str(r[0]) for r in rows] + [row[2] for row in pending if row[1] == w.todo_id]
 
         d = decide(w, status.get(w.todo_id), logged.get(w.completion_id), prior_kinds)
-        at = db_time(w.at)
         if d.status is not None:
-            sets = ["status = ?", "updated_at = ?"]
-            params: list[Any] = [d.status, at]
+            r = self._profile(cur)
+            sets = ["status = ?"]
+            params: list[Any] = [d.status]
+
+            def set_time(col: Column, template: str = "{}") -> None:
+                expr, value = self._write_time(col, w.at)
+                sets.append(f"{self._q(col.name)} = {template.format(expr)}")
+                params.append(value)
+
+            for col in r.of("updated"):
+                set_time(col)
             if d.started:
-                sets.append("started_at = ?")
-                params.append(at)
+                for col in r.of("started"):
+                    set_time(col, f"COALESCE({self._q(col.name)}, {{}})")
+            if w.kind == "reset" and d.status == "offen":
+                sets.extend(f"{self._q(col.name)} = NULL" for col in r.of("started"))
             if d.completed:
-                sets.append("completed_at = ?")
-                params.append(at)
+                for col in r.of("completed"):
+                    set_time(col)
             if d.outputs:
-                for col, value in zip(
-                    ("claude_html_output", "claude_text_output", "claude_summary"),
-                    self._fit_outputs(cur, w),
-                    strict=True,
-                ):
-                    sets.append(f"{col} = COALESCE(?, {col})")
-                    params.append(value)
+                for role, value in zip(OUTPUT_ROLES, self._fit_outputs(cur, w), strict=True):
+                    for col in r.of(role):
+                        name = self._q(col.name)
+                        sets.append(f"{name} = COALESCE(?, {name})")
+                        params.append(value)
             params.append(w.todo_id)
             self._run(cur, f"UPDATE {self._t} SET {', '.join(sets)} WHERE id = ?", params)
             status[w.todo_id] = d.status
@@ -593,7 +916,7 @@ class SqlStore:
                     d.log_kind,
                     w.source[:MAX_SOURCES],
                     int(w.attempts),
-                    at,
+                    db_time(w.at),
                     db_time(utcnow()),
                 )
             )
@@ -618,11 +941,14 @@ class SqlStore:
                 ).fetchall()
             }
             ids = sorted({w.todo_id for w in writes})
+            completed = self._profile(cur).first("completed")
+            # A table without a completion-time column: the status alone says it.
+            when = self._q(completed.name) if completed else "'-'"
             rows = {
                 int(r[0]): (r[1], r[2])
                 for r in self._run(
                     cur,
-                    f"SELECT id, status, completed_at FROM {self._t} WHERE id IN ({_marks(ids)})",
+                    f"SELECT id, status, {when} FROM {self._t} WHERE id IN ({_marks(ids)})",
                     ids,
                 ).fetchall()
             }
@@ -634,6 +960,23 @@ class SqlStore:
     def verify(self, write: TodoWrite, outcome: WriteOutcome) -> bool:
         """Read back, in a fresh transaction, whether `outcome` is what the database now holds."""
         return self.verify_many([write], [outcome])[0]
+
+
+def _priority_value(col: Column, priority: str) -> Any:
+    """`priority` as `col` takes it: one of its ENUM values, or a number for an integer column."""
+    values = col.enum_values()
+    if values is not None:
+        if priority not in values:
+            raise ValueError(
+                f"priority {priority!r} is not one of the column's values: {', '.join(values)}"
+            )
+        return priority
+    if "int" in col.decl:
+        try:
+            return int(priority)
+        except ValueError:
+            raise ValueError(f"priority {priority!r} must be a number for this table") from None
+    return priority
 
 
 def _holds(write: TodoWrite, outcome: WriteOutcome, logged: bool, row: Any) -> bool:
@@ -649,9 +992,8 @@ def _holds(write: TodoWrite, outcome: WriteOutcome, logged: bool, row: Any) -> b
         return status in ("in_progress", "completed")
     if write.kind == "reset":
         return status == "offen" and logged
-    return (
-        status == "completed" and row is not None and parse_db_time(row[1]) is not None
-    ) and logged
+    done = row is not None and (row[1] == "-" or parse_db_time(row[1]) is not None)
+    return status == "completed" and done and logged
 
 
 def _marks(values: Sequence[Any]) -> str:

@@ -24,9 +24,9 @@ import pymysql
 from pymysql.converters import escape_string
 
 from .base import (
-    LOG_TABLE,
     STATUSES,
     PermanentError,
+    SiteProfile,
     SqlStore,
     StoreError,
     TodoWrite,
@@ -35,8 +35,6 @@ from .base import (
 )
 from .tunnel import SshTunnel, TunnelError
 from .url import MysqlTarget, node_name
-
-OUTPUT_COLUMNS = ("claude_html_output", "claude_text_output", "claude_summary")
 
 # Error numbers that say "try again later": the server is unreachable, went away, is shutting
 # down, is read-only (failover), killed us, or a lock/deadlock made the transaction lose.
@@ -150,6 +148,7 @@ class MysqlStore(SqlStore):
 
     placeholder = "%s"
     lock_clause = " FOR UPDATE"
+    server_zone = True
 
     def __init__(
         self,
@@ -160,6 +159,7 @@ class MysqlStore(SqlStore):
         tunnel: SshTunnel | None = None,
         tls: ssl.SSLContext | None = None,
         failback_after: float = 60.0,
+        profile: SiteProfile | None = None,
     ) -> None:
         self.target = target
         # Several nodes: the one in use, whether the next connection must try the one after it
@@ -174,7 +174,7 @@ class MysqlStore(SqlStore):
         self.tls = tls  # a context = TLS required (PyMySQL refuses a server without it)
         self._conn: pymysql.connections.Connection | None = None
         self._limits: _Limits | None = None
-        super().__init__(table, timeout)
+        super().__init__(table, timeout, profile)
         # The server's lock wait must end before our socket read gives up, so that a held row
         # lock comes back as the clear 1205, not as a lost connection.
         self.lock_wait = max(1, math.ceil(self.timeout) - 1)
@@ -359,6 +359,9 @@ class MysqlStore(SqlStore):
             return None if base in ("datetime", "timestamp") else "DATETIME or TIMESTAMP"
         if category == "text":
             return None if base in _TEXT_TYPES else "a text type (LONGTEXT, TEXT or VARCHAR)"
+        if category == "priority":
+            ok = base in ("enum", "varchar", "char") or base in _INT_TYPES
+            return None if ok else "an ENUM, a VARCHAR or an integer type"
         # status
         want = f"ENUM({', '.join(repr(s) for s in STATUSES)}) or a VARCHAR of 11 or more"
         if base == "enum":
@@ -378,10 +381,11 @@ class MysqlStore(SqlStore):
         }.get(category, "LONGTEXT NULL")
 
     def ensure_schema(self, *, create_todo_table: bool) -> None:
-        """Create completion_log (and the todo table if asked) where missing; never alter.
+        """Create the audit table (and the todo table if asked) where missing; never alter.
 
         Existence is checked first, so a user without CREATE privilege can still run the agent
-        once completion_log exists.
+        once the audit table exists. An unprefixed completion_log's rows for this table move
+        into the prefixed audit table in a transaction of their own (MySQL commits DDL).
         """
         statuses = ", ".join(f"'{s}'" for s in STATUSES)
         with self._lock, self._transaction(write=True) as cur:
@@ -393,8 +397,14 @@ class MysqlStore(SqlStore):
                     "`description` LONGTEXT NULL, "
                     "`working_directory` VARCHAR(1024) NULL, "
                     f"`status` ENUM({statuses}) NOT NULL DEFAULT 'offen', "
+                    "`priority` ENUM('niedrig','mittel','hoch','kritisch') NOT NULL "
+                    "DEFAULT 'mittel', "
+                    "`project_id` INT NULL DEFAULT NULL, "
+                    "`bearbeiten` TINYINT(1) NOT NULL DEFAULT 1, "
                     "`started_at` DATETIME NULL DEFAULT NULL, "
+                    "`execution_started_at` DATETIME NULL DEFAULT NULL, "
                     "`completed_at` DATETIME NULL DEFAULT NULL, "
+                    "`completed_date` DATETIME NULL DEFAULT NULL, "
                     "`created_at` DATETIME NOT NULL DEFAULT CURRENT_TIMESTAMP, "
                     "`updated_at` DATETIME NOT NULL DEFAULT CURRENT_TIMESTAMP "
                     "ON UPDATE CURRENT_TIMESTAMP, "
@@ -404,7 +414,7 @@ class MysqlStore(SqlStore):
                     "PRIMARY KEY (`id`), KEY `status` (`status`)"
                     ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci"
                 )
-            if not self._columns(cur, LOG_TABLE):
+            if not self._columns(cur, self.log_table):
                 cur.execute(
                     f"CREATE TABLE IF NOT EXISTS {self._log} ("
                     "`id` BIGINT UNSIGNED NOT NULL AUTO_INCREMENT, "
@@ -420,6 +430,8 @@ class MysqlStore(SqlStore):
                     "KEY `ix_todo_id` (`todo_id`)"
                     ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci"
                 )
+        self._resolved = None
+        self._move_legacy_log()
 
     # ---- output fitting
     def _load_limits(self, cur: Any) -> _Limits:
@@ -437,7 +449,6 @@ class MysqlStore(SqlStore):
                     str(charset or "utf8mb4"),
                 )
                 for name, octets, chars, charset in cur.fetchall()
-                if name in OUTPUT_COLUMNS
             }
             cur.execute("SELECT @@max_allowed_packet")
             (packet,) = cur.fetchone()
@@ -447,6 +458,7 @@ class MysqlStore(SqlStore):
     def _fit_outputs(self, cur: Any, write: TodoWrite) -> tuple[str | None, ...]:
         """The three outputs cut to their columns, and together to one packet."""
         limits = self._load_limits(cur)
+        names = self._output_names(cur)
         originals = (write.html, write.text, write.summary)
         caps: list[int | None] = [None, None, None]
 
@@ -454,7 +466,7 @@ class MysqlStore(SqlStore):
             value = originals[i]
             if value is None:
                 return None
-            octets, chars, charset = limits.columns.get(OUTPUT_COLUMNS[i], (None, None, ""))
+            octets, chars, charset = limits.columns.get(names[i] or "", (None, None, ""))
             cap = caps[i]
             if cap is not None:
                 chars = cap if chars is None else min(chars, cap)

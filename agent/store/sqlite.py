@@ -1,8 +1,10 @@
 """The embedded SQLite backend: the default when no MySQL is configured.
 
 Owns the SQLite connection (WAL, busy timeout, `BEGIN IMMEDIATE` for writes), the SQLite form of
-the todo table and completion_log, and the mapping of sqlite3 errors to Transient/Permanent.
-The schema mirrors the WordPress table; datetimes are TEXT 'YYYY-MM-DD HH:MM:SS' in UTC.
+the todo table and the audit table, and the mapping of sqlite3 errors to Transient/Permanent.
+The schema mirrors the todo plugin's table (its columns, its statuses, its queue flag);
+datetimes are TEXT 'YYYY-MM-DD HH:MM:SS' on the site's wall clock (`database.time_zone`, by
+default the machine's zone).
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from .base import (
-    LOG_TABLE,
     STATUSES,
     PermanentError,
+    SiteProfile,
     SqlStore,
     StoreError,
     TodoWrite,
@@ -62,10 +64,12 @@ def classify_sqlite(exc: BaseException, path: Path) -> StoreError:
 class SqliteStore(SqlStore):
     """`Store` on a local SQLite file; the connection opens lazily on first use."""
 
-    def __init__(self, path: Path, *, table: str, timeout: float) -> None:
+    def __init__(
+        self, path: Path, *, table: str, timeout: float, profile: SiteProfile | None = None
+    ) -> None:
         self.path = Path(path)
         self._conn: sqlite3.Connection | None = None
-        super().__init__(table, timeout)
+        super().__init__(table, timeout, profile)
 
     def __repr__(self) -> str:
         return f"SqliteStore(path={str(self.path)!r}, table={self.table!r})"
@@ -124,6 +128,8 @@ class SqliteStore(SqlStore):
         # SQLite types are affinities; reject only what clearly cannot hold the value.
         if category == "int":
             return None if "int" in decl else "INTEGER"
+        if category == "priority":
+            return None
         if category == "datetime":
             ok = decl == "" or any(k in decl for k in ("text", "char", "date", "time"))
             return None if ok else "TEXT (holding 'YYYY-MM-DD HH:MM:SS') or DATETIME"
@@ -141,7 +147,9 @@ class SqliteStore(SqlStore):
         )
 
     def ensure_schema(self, *, create_todo_table: bool) -> None:
-        """Create completion_log (and the todo table if asked) where missing; never alter."""
+        """Create the audit table (and the todo table if asked) where missing; never alter.
+
+        Rows of an unprefixed completion_log for this table move into the prefixed one, once."""
         statuses = ", ".join(f"'{s}'" for s in STATUSES)
         with self._lock, self._transaction(write=True) as cur:
             if create_todo_table:
@@ -152,7 +160,12 @@ class SqliteStore(SqlStore):
                     "description TEXT NOT NULL DEFAULT '', "
                     "working_directory TEXT NOT NULL DEFAULT '', "
                     f"status TEXT NOT NULL DEFAULT 'offen' CHECK (status IN ({statuses})), "
-                    "started_at TEXT, completed_at TEXT, "
+                    "priority TEXT NOT NULL DEFAULT 'mittel' CHECK (priority IN "
+                    "('niedrig', 'mittel', 'hoch', 'kritisch')), "
+                    "project_id INTEGER, "
+                    "bearbeiten INTEGER NOT NULL DEFAULT 1, "
+                    "started_at TEXT, execution_started_at TEXT, "
+                    "completed_at TEXT, completed_date TEXT, "
                     f"created_at TEXT NOT NULL DEFAULT {_NOW}, "
                     f"updated_at TEXT NOT NULL DEFAULT {_NOW}, "
                     "claude_html_output TEXT, claude_text_output TEXT, claude_summary TEXT)"
@@ -161,7 +174,7 @@ class SqliteStore(SqlStore):
                     f'CREATE INDEX IF NOT EXISTS "ix_{self.table}_status" ON {self._t} (status)'
                 )
             cur.execute(
-                f"CREATE TABLE IF NOT EXISTS {self._q(LOG_TABLE)} ("
+                f"CREATE TABLE IF NOT EXISTS {self._log} ("
                 "id INTEGER PRIMARY KEY AUTOINCREMENT, "
                 "completion_id TEXT NOT NULL UNIQUE, "
                 "todo_id INTEGER NOT NULL, "
@@ -172,9 +185,10 @@ class SqliteStore(SqlStore):
                 "logged_at TEXT NOT NULL)"
             )
             cur.execute(
-                f'CREATE INDEX IF NOT EXISTS "ix_{LOG_TABLE}_todo_id" '
-                f"ON {self._q(LOG_TABLE)} (todo_id)"
+                f'CREATE INDEX IF NOT EXISTS "ix_{self.log_table}_todo_id" ON {self._log} (todo_id)'
             )
+        self._resolved = None
+        self._move_legacy_log()
 
     def ping(self) -> None:
         with self._lock, self._transaction(write=False) as cur:

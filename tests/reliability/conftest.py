@@ -56,7 +56,7 @@ class TappedProxy(TcpProxy):
             if tap is not None:
                 moment, action, fired, lose_reply = tap
                 if direction == "client":
-                    if b"INSERT INTO `completion_log`" in data:
+                    if b"INSERT INTO `stage_completion_log`" in data:
                         self._tap_state[key] = 0
                     elif key in self._tap_state and b"COMMIT" in data:
                         self._tap_state[key] += 1

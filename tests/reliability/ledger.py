@@ -173,7 +173,7 @@ class Observer:
     def poll(self, conn: pymysql.Connection) -> None:
         with conn.cursor() as cur:
             cur.execute(
-                "SELECT id, completion_id FROM completion_log WHERE id > %s ORDER BY id",
+                "SELECT id, completion_id FROM stage_completion_log WHERE id > %s ORDER BY id",
                 (self._last,),
             )
             rows = cur.fetchall()
@@ -402,7 +402,7 @@ def check(
     conn = mysql_connect(url)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT completion_id, todo_id, kind FROM completion_log")
+            cur.execute("SELECT completion_id, todo_id, kind FROM stage_completion_log")
             log = cur.fetchall()
             cur.execute(
                 f"SELECT id, status, completed_at, claude_text_output FROM `{table}` ORDER BY id"

@@ -19,8 +19,8 @@ pytestmark = [pytest.mark.reliability, pytest.mark.mysql]
 def _log(url: str, cid: str, todo: int, kind: str) -> None:
     raw_execute(
         url,
-        "INSERT INTO completion_log (completion_id, todo_id, kind, sources, attempts, created_at,"
-        " logged_at) VALUES (?, ?, ?, 'message', 1, NOW(), NOW())",
+        "INSERT INTO stage_completion_log (completion_id, todo_id, kind, sources, attempts,"
+        " created_at, logged_at) VALUES (?, ?, ?, 'message', 1, NOW(), NOW())",
         (cid, todo, kind),
     )
 

@@ -90,7 +90,7 @@ def _tapped(moment: str, count: int, *, lose_reply: bool = False, cut_insert: bo
             time.sleep(rng.uniform(0.1, 0.4))
             fault = ledger.fault(moment)
             if cut_insert:
-                fired = proxy.cut_on_client_data(b"INSERT INTO `completion_log`")
+                fired = proxy.cut_on_client_data(b"INSERT INTO `stage_completion_log`")
             else:
                 fired = proxy.arm(moment, lose_reply=lose_reply)
             wait_for(fired.is_set, 30, what=f"the writer to reach {moment}")

@@ -29,6 +29,7 @@ from tests.harness import Agent, wait_for
 from tests.markup import ALLOWED_ATTRS as MARKUP_ATTRS
 from tests.markup import ALLOWED_TAGS
 from tests.markup import BIDI as BIDI_CHARS
+from tests.plugin_views import admin_page, render_views, view_problems
 from tests.reliability.ledger import budget
 
 pytestmark = [pytest.mark.reliability]
@@ -332,18 +333,24 @@ def test_reports_made_by_the_agent_are_inert_in_chromium(
 
     wait_for(landed, 120, what="every hostile completion in the database")
     names: list[str] = []
-    for todo, name in todos.items():
-        row = agent.todo_row(todo)
+    rows = {todo: agent.todo_row(todo) for todo in todos}
+    # The database holds Markdown (report.db_format's default): open it as the todo plugin
+    # shows it, through Parsedown with and without safe mode and escaped in <pre>.
+    views = render_views([row["claude_html_output"] for row in rows.values() if row])
+    for (todo, row), rendered in zip(rows.items(), views, strict=True):
+        name = todos[todo]
         assert row is not None
-        page = row["claude_html_output"]
-        problems = static_problems(page)
-        assert not problems, f"{name}: {problems}"
+        markdown = row["claude_html_output"]
+        assert not CONTROL.search(markdown.replace("\n", "")) and not BIDI.search(markdown), name
         for column in ("claude_text_output", "claude_summary"):
             value = row[column] or ""
             assert not CONTROL.search(value) and not BIDI.search(value), (name, column)
-        pages.add(f"agent-{name}", page)
-        pages.add(f"agent-{name}.nocsp", page, strip_csp=True)
-        names += [f"agent-{name}", f"agent-{name}.nocsp"]
+        for view, html_view in rendered.items():
+            problems = view_problems(html_view)
+            assert not problems, f"{name} via {view}: {problems}"
+            page_name = f"agent-{name}.{view}"
+            pages.add(page_name, admin_page(page_name, html_view))
+            names.append(page_name)
     _browser_verdict(pages, names, _add_control(pages))
     with contextlib.suppress(Exception):
         agent.stop()

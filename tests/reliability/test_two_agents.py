@@ -63,7 +63,7 @@ def test_two_agents_act_once_on_the_same_todos(mysql_agent, mysql_url) -> None:
     def hang_rows() -> list[tuple]:
         return raw_execute(
             mysql_url,
-            "SELECT completion_id, kind FROM completion_log WHERE todo_id = ?",
+            "SELECT completion_id, kind FROM stage_completion_log WHERE todo_id = ?",
             (hanging,),
         )
 
