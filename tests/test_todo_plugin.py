@@ -459,7 +459,7 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(1800)
 def test_markdown_report_is_inert_in_every_plugin_view(browser: Browser) -> None:
     docs: dict[str, str] = {}
     for name, text in _hostile():
