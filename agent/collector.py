@@ -131,6 +131,7 @@ class TodoFactsReader:
             batch = [*sorted(self._wanted - {todo_id})[: FACTS_BATCH - 1], todo_id]
             try:
                 self._open_store()
+                assert self._store is not None
                 self.queries += 1
                 todos = self._store.get_todos(batch)
             except (StoreError, ValueError) as exc:

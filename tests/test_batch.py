@@ -191,7 +191,7 @@ def test_a_batch_is_written_exactly_once_when_the_writer_is_killed_mid_batch(
     def logged() -> int:
         try:
             with contextlib.closing(sqlite3.connect(agent.sqlite_path, timeout=5)) as db:
-                return db.execute("SELECT COUNT(*) FROM completion_log").fetchone()[0]
+                return db.execute("SELECT COUNT(*) FROM stage_completion_log").fetchone()[0]
         except sqlite3.OperationalError:
             return 0
 
@@ -205,7 +205,9 @@ def test_a_batch_is_written_exactly_once_when_the_writer_is_killed_mid_batch(
     wait_for(lambda: logged() >= count, timeout=120, what="every completion logged")
     with contextlib.closing(sqlite3.connect(agent.sqlite_path)) as db:
         per_todo = dict(
-            db.execute("SELECT todo_id, COUNT(*) FROM completion_log GROUP BY todo_id").fetchall()
+            db.execute(
+                "SELECT todo_id, COUNT(*) FROM stage_completion_log GROUP BY todo_id"
+            ).fetchall()
         )
         statuses = dict(
             db.execute(

@@ -97,7 +97,9 @@ def test_fleet_lists_agents_warns_on_a_silent_one_and_one_survivor_recovers_its_
         mysql_url, "SELECT agent_id FROM stage_completion_claims WHERE todo_id = %s", (todo_id,)
     )[0][0]
     assert owner in ids[1:]
-    rows = raw_execute(mysql_url, "SELECT kind FROM completion_log WHERE todo_id = %s", (todo_id,))
+    rows = raw_execute(
+        mysql_url, "SELECT kind FROM stage_completion_log WHERE todo_id = %s", (todo_id,)
+    )
     assert rows == [("emergency",)]
     took = ["took over todo" in (a.state / "logs" / "monitor.log").read_text() for a in agents[1:]]
     assert sorted(took) == [False, True], took

@@ -74,7 +74,7 @@ def add_todo(url: str) -> int:
 
 def log_count(url: str) -> int:
     try:
-        return int(raw_execute(url, "SELECT COUNT(*) FROM completion_log")[0][0])
+        return int(raw_execute(url, "SELECT COUNT(*) FROM stage_completion_log")[0][0])
     except Exception:  # not created: nothing reached the database
         return 0
 
