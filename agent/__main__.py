@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -12,6 +13,20 @@ from loguru import logger
 from protocol.config import ConfigError, load
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 3
+
+
+def raise_open_file_limit() -> None:
+    """Every client connection holds a descriptor: the soft limit (often 1,024) is raised to
+    the hard one, so a connection flood meets the peer cap (limits.max_peers), not EMFILE."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return
+    with contextlib.suppress(ValueError, OSError):  # the limit stays; the peer cap still holds
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Journal, logs, archive and outbox hold session output: nobody else may read them.
     os.umask(0o077)
+    raise_open_file_limit()
     from .daemon import Parent, PidLock, StartupError, StateDirLocked, prepare_state_dir
     from .logs import LogSinks
     from .loop import Signals, serve

@@ -28,11 +28,18 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from loguru import logger
+
+from . import access
+
 DEFAULT_MAX_FILE_BYTES = 50 * 1024 * 1024
+DEFAULT_MAX_BYTES = 200 * 1024 * 1024  # one archive, all files together (archive.max_bytes)
+DEFAULT_MAX_FILES = 2000  # one archive (archive.max_files)
 STAGING_MAX_AGE = 3600.0  # a half-built archive untouched this long was left by a killed builder
 NOTES_FILE = "ARCHIVE_NOTES.txt"
 _MAX_DEPTH = 64  # deeper than any real session directory; bounds a hostile one
@@ -57,9 +64,19 @@ def archive_session(
     transcript: Path | None,
     report_html: str | None,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_files: int = DEFAULT_MAX_FILES,
+    session_owners: frozenset[int] | None = None,
+    transcript_opener: Callable[[Path], int] | None = None,
 ) -> ArchiveResult:
-    """Archive a finished todo's session into ``archive_root/todo_<id>_<int(now)>/``."""
-    builder = _ArchiveBuilder(Path(archive_root), max_file_bytes)
+    """Archive a finished todo's session into ``archive_root/todo_<id>_<int(now)>/``.
+
+    ``session_owners``: whose session dir is taken (agent.access; default the agent's user);
+    ``transcript_opener`` opens the transcript with the requester's rights."""
+    builder = _ArchiveBuilder(
+        Path(archive_root), max_file_bytes, max_bytes, max_files, session_owners
+    )
+    builder.transcript_opener = transcript_opener
     return builder.build(
         f"todo_{todo_id}_{int(now)}",
         f"todo {todo_id}",
@@ -77,10 +94,15 @@ def archive_orphan(
     now: float,
     *,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_files: int = DEFAULT_MAX_FILES,
+    session_owners: frozenset[int] | None = None,
 ) -> ArchiveResult:
     """Archive an orphaned session directory into ``orphaned_<dirname>_<int(now)>/``."""
     dirname = Path(session_dir).name or "session"
-    builder = _ArchiveBuilder(Path(archive_root), max_file_bytes)
+    builder = _ArchiveBuilder(
+        Path(archive_root), max_file_bytes, max_bytes, max_files, session_owners
+    )
     return builder.build(
         f"orphaned_{dirname}_{int(now)}",
         f"orphaned session {dirname}",
@@ -122,9 +144,21 @@ def remove_stale_staging(archive_root: Path, older_than: float) -> list[str]:
 
 
 class _ArchiveBuilder:
-    def __init__(self, root: Path, max_file_bytes: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        max_file_bytes: int,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_files: int = DEFAULT_MAX_FILES,
+        session_owners: frozenset[int] | None = None,
+    ) -> None:
         self.root = root
         self.max_file_bytes = max_file_bytes
+        self.max_bytes = max_bytes
+        self.max_files = max_files
+        self.session_owners = session_owners or access.trusted_owners(None)
+        self.transcript_opener: Callable[[Path], int] | None = None
+        self.skipped_over_bounds = 0
         self.notes: list[str] = []
         self.origins: list[str] = []
         self.files = 0
@@ -160,6 +194,12 @@ class _ArchiveBuilder:
                 self.origins.append("report: report.html")
             elif note_missing:
                 self.notes.append("no report was given")
+            if self.skipped_over_bounds:
+                self.notes.append(
+                    f"{self.skipped_over_bounds} file(s) skipped: the archive reached its bound "
+                    f"({self.max_files} files, {self.max_bytes} bytes; archive.max_files, "
+                    "archive.max_bytes)"
+                )
             self._write(staging / NOTES_FILE, self._notes_text(what, now).encode())
             _fsync_dir(staging)
             final = self._rename_into_place(staging, name)
@@ -182,6 +222,12 @@ class _ArchiveBuilder:
                 self.notes.append(f"session directory {source} is {what}; not archived")
             else:
                 self.notes.append(f"session directory {source}: {error.strerror}; not archived")
+            return
+        try:
+            access.check_owned(os.fstat(top), self.session_owners, "directory")
+        except OSError as error:
+            os.close(top)
+            self.notes.append(f"session directory {source}: {error.strerror}; not archived")
             return
         try:
             self._copy_dir(top, dest, "session", depth=0)
@@ -221,19 +267,29 @@ class _ArchiveBuilder:
         _fsync_dir(dest)
 
     def _copy_transcript(self, source: Path, dest: Path) -> None:
-        # Claude Code owns the transcript and may keep it behind a symlink: follow it.
+        # Claude Code owns the transcript and may keep it behind a symlink: follow it (as far
+        # as the requester could: the opener checks that).
         if self._copy_file(source, None, dest, "transcript", follow_symlinks=True):
             self.origins.append(f"transcript: {source} -> transcript.jsonl")
 
     def _copy_file(
         self, source: Path | str, dir_fd: int | None, dest: Path, label: str, *, follow_symlinks
     ) -> bool:
+        if self.files >= self.max_files or self.bytes >= self.max_bytes:
+            self.skipped_over_bounds += 1
+            return False
         # O_NONBLOCK: a FIFO swapped in after the check must not block the copy.
         flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
         if not follow_symlinks:
             flags |= os.O_NOFOLLOW
         try:
-            src = os.open(source, flags, dir_fd=dir_fd)
+            if dir_fd is None and self.transcript_opener is not None:
+                src = self.transcript_opener(Path(source))
+            else:
+                src = os.open(source, flags, dir_fd=dir_fd)
+        except access.NotAllowed as error:
+            self.notes.append(f"{label} {source}: {error.strerror}; skipped")
+            return False
         except FileNotFoundError:
             self.notes.append(
                 f"{label} {source} not found" if dir_fd is None else f"{label} vanished"
@@ -247,11 +303,12 @@ class _ArchiveBuilder:
             if not stat.S_ISREG(info.st_mode):
                 self.notes.append(f"{label} is not a regular file; skipped")
                 return False
-            copied = self._copy_fd(src, dest, self.max_file_bytes)
+            limit = min(self.max_file_bytes, self.max_bytes - self.bytes)
+            copied = self._copy_fd(src, dest, limit)
         finally:
             os.close(src)
         os.utime(dest, ns=(info.st_atime_ns, info.st_mtime_ns))
-        if info.st_size > self.max_file_bytes:
+        if info.st_size > limit:
             self.notes.append(f"{label}: {info.st_size} bytes, capped to its first {copied} bytes")
         self.files += 1
         self.bytes += copied
@@ -328,3 +385,76 @@ def _readlink(name: str, dir_fd: int) -> str:
         return os.readlink(name, dir_fd=dir_fd)
     except OSError:
         return "an unreadable target"
+
+
+_SIZES: dict[str, int] = {}  # archive path -> bytes on disk
+
+
+def enforce_bounds(config, now: float, log=logger) -> list[str]:
+    """Remove whole archives, oldest first, past ``archive.retention_days`` or while all of
+    them together are over ``archive.max_total_bytes``; the names removed."""
+    root = Path(config.archive_dir)
+    bounds = config.archive
+    archives: list[tuple[float, str, int]] = []
+    try:
+        with os.scandir(root) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+                    continue
+                try:
+                    made = entry.stat(follow_symlinks=False).st_mtime
+                except OSError:
+                    continue
+                size = _SIZES.get(entry.path)
+                if size is None:  # an archive never changes once in place: measured once
+                    size = _SIZES[entry.path] = _tree_bytes(Path(entry.path))
+                archives.append((made, entry.name, size))
+    except OSError:
+        return []
+    archives.sort()
+    total = sum(size for _, _, size in archives)
+    keep_after = now - bounds.retention_days * 86400 if bounds.retention_days else None
+    removed: list[str] = []
+    for made, name, size in archives:
+        expired = keep_after is not None and made < keep_after
+        if not expired and total <= bounds.max_total_bytes:
+            break
+        try:
+            shutil.rmtree(root / name)
+        except OSError as exc:
+            log.error("could not remove archive {}: {}", name, exc)
+            continue
+        total -= size
+        _SIZES.pop(str(root / name), None)
+        removed.append(name)
+        log.info(
+            "removed archive {} ({})",
+            name,
+            "past archive.retention_days" if expired else "archive.max_total_bytes reached",
+        )
+    return removed
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for folder, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+            except OSError:
+                continue
+    return total
+
+
+def remove_tree(path: Path) -> str | None:
+    """Delete a directory tree; None when it is gone, else why not (the first failure)."""
+    failures: list[str] = []
+
+    def failed(_function, name, excinfo) -> None:
+        exc = excinfo[1]
+        failures.append(f"{name}: {exc.strerror if isinstance(exc, OSError) else exc}")
+
+    shutil.rmtree(path, onerror=failed)
+    if not os.path.lexists(path):
+        return None
+    return failures[0] if failures else "it is still there"

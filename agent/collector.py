@@ -14,6 +14,7 @@ import os
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ from loguru import logger
 
 import protocol as p
 
-from .archive import archive_session
+from . import access
+from .archive import archive_session, enforce_bounds
 from .dbroute import DbRoute
 from .journal import Entry, Kind, State, TodoTimers
 from .loop import ChildBase
@@ -41,6 +43,8 @@ DB_READ_TIMEOUT = 3.0
 DB_QUIET_AFTER_FAILURE = 30.0  # after a failed read, don't make every report wait for the database
 FACTS_BATCH = 200  # todos read with one query
 CRASH_RETRY_MAX = 60.0  # a collection that crashed is tried again after a backoff up to this
+FAIR_LOOKAHEAD = 64  # entries looked at beyond those that fit, to find other users' turns
+ARCHIVED_STATUSES = ("offen", "in_progress", "completed")  # the writer records a completion
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,7 @@ class TodoFactsReader:
             self._read = {
                 i: None
                 if (todo := todos.get(i)) is None
-                else TodoFacts(todo.title, todo.description, todo.working_directory)
+                else TodoFacts(todo.title, todo.description, todo.working_directory, todo.status)
                 for i in batch
             }
             return self._read.pop(todo_id)
@@ -198,6 +202,7 @@ class Collector(ChildBase):
     def open(self) -> None:
         self.pool = WorkerPool(WORKERS, "collect")
         self.inflight: dict[str, Future[Result]] = {}
+        self.requesters: dict[str, int | None] = {}  # completion id in flight -> requester
         self.crashes: dict[str, tuple[int, float]] = {}  # completion id -> (count, retry at)
         # Collected results not yet in the journal (its write failed): written on the next try.
         self.unrecorded: dict[str, dict[str, object]] = {}
@@ -240,17 +245,29 @@ class Collector(ChildBase):
         self._harvest(now)
         room = WORKERS * 4 - len(self.inflight)
         if room > 0:
-            limit = room + len(self.inflight) + len(self.crashes)
+            limit = room + len(self.inflight) + len(self.crashes) + FAIR_LOOKAHEAD
             waiting = self.journal.entries_in((State.ACCEPTED,), limit=limit)
             self.facts.want([e.todo_id for e in waiting if e.completion_id not in self.inflight])
+            busy = Counter(self.requesters.values())
             for entry in waiting:
                 if entry.completion_id in self.inflight or entry.completion_id in self.unrecorded:
                     continue
                 crashed = self.crashes.get(entry.completion_id)
                 if crashed is not None and now < crashed[1]:
                     continue
+                # Another user's completions take at most half the workers: a burst of slow
+                # ones (empty transcripts waited for) cannot hold up the agent user's own.
+                requester = getattr(_decode(entry.request), "requester_uid", None)
+                if not access.is_self(requester):
+                    if busy[requester] >= WORKERS // 2:
+                        continue
+                    busy[requester] += 1
+                self.requesters[entry.completion_id] = requester
                 timers = self.journal.timers(entry.todo_id)
-                future = self.pool.submit(self._collect, entry, timers[0] if timers else None, now)
+                starter = self._starter(entry.todo_id)
+                future = self.pool.submit(
+                    self._collect, entry, timers[0] if timers else None, starter, now
+                )
                 future.add_done_callback(self._wake)
                 self.inflight[entry.completion_id] = future
                 room -= 1
@@ -269,6 +286,7 @@ class Collector(ChildBase):
         updates = list(self.unrecorded.items())
         for cid in done:
             future = self.inflight.pop(cid)
+            self.requesters.pop(cid, None)
             try:
                 result = future.result()
             except Exception:
@@ -297,19 +315,42 @@ class Collector(ChildBase):
 
     # ------------------------------------------------------------ one completion (pool thread)
 
-    def _collect(self, entry: Entry, timers: TodoTimers | None, now: float) -> Result:
+    def _starter(self, todo_id: int) -> int | None:
+        """The user whose start request armed the todo (the session's user), if known."""
+        for entry in reversed(self.journal.entries_for_todo(todo_id)):
+            if entry.kind == "start":
+                request = _decode(entry.request)
+                return getattr(request, "requester_uid", None)
+        return None
+
+    def _collect(
+        self, entry: Entry, timers: TodoTimers | None, starter: int | None, now: float
+    ) -> Result:
         log = logger.bind(todo_id=entry.todo_id, completion_id=entry.completion_id)
         log.debug("collecting the {} completion", entry.kind)
         request = _decode(entry.request)
+        # Whoever named a path is whose rights it is read with (agent.access): the requester
+        # for the paths its request carries, the starter for those the start recorded.
+        requester = getattr(request, "requester_uid", None) if request else starter
         output = getattr(request, "output", None)
-        transcript = getattr(request, "transcript_path", None) or (
-            timers.transcript_path if timers else None
-        )
-        cwd = getattr(request, "cwd", None) or (timers.cwd if timers else None)
+        transcript = getattr(request, "transcript_path", None)
+        cwd = getattr(request, "cwd", None)
+        reader = requester
+        if not transcript and timers is not None and timers.transcript_path:
+            transcript, cwd, reader = timers.transcript_path, cwd or timers.cwd, starter
+        cwd = cwd or (timers.cwd if timers else None)
         if transcript and cwd and not os.path.isabs(transcript):
             transcript = os.path.join(cwd, transcript)  # the agent's own cwd means nothing here
-        tmux_target = getattr(request, "tmux_target", None) or self.config.collect.tmux_target
+        tmux_target = getattr(request, "tmux_target", None)
+        tmux_reader = requester
+        if not tmux_target and self.config.collect.tmux_target:
+            tmux_target, tmux_reader = self.config.collect.tmux_target, None  # the config's
+        if not access.is_self(tmux_reader) and tmux_reader != reader:
+            tmux_target = None  # one reader per collection; the transcript's wins
         session_dir = self.config.session_dir_for(entry.todo_id)
+        # The session dir is the session's: its starter's (or, never started here, the
+        # requester's), besides the agent's own.
+        session_owners = access.trusted_owners(starter if starter is not None else requester)
         emergency = entry.kind == Kind.EMERGENCY
         collect_request = CollectRequest(
             todo_id=entry.todo_id,
@@ -318,6 +359,9 @@ class Collector(ChildBase):
             session_dir=session_dir,
             tmux_target=tmux_target or None,
             emergency_reason=entry.reason if emergency else None,
+            requester_uid=reader if transcript else tmux_reader,
+            session_owners=session_owners,
+            remote_paths=self.config.collect.remote_paths,
         )
         collected = collect(
             collect_request,
@@ -327,8 +371,10 @@ class Collector(ChildBase):
             tmux_socket=self.config.collect.tmux_socket or None,
         )
         facts = None
+        known = False  # whether the database answered (facts None then: no such todo)
         try:
             facts = self.facts(entry.todo_id)
+            known = True
         except StoreError as exc:
             log.info("todo details unavailable for the report: {}", exc)
         except Exception as exc:
@@ -371,19 +417,39 @@ class Collector(ChildBase):
             "source": collected.source,
             "problems": "\n".join(collected.problems) or None,
         }
-        archive = self._archive(entry, session_dir, transcript, report.html, now, log)
-        if archive is not None:
-            values["archive_path"] = archive
+        if known and (facts is None or facts.status not in ARCHIVED_STATUSES):
+            # The writer will refuse it: nothing of it is worth disk space (or an attacker's
+            # completions for todos that do not exist would fill the disk).
+            log.info("not archived: the todo does not exist or is {}", facts and facts.status)
+        else:
+            archive = self._archive(
+                entry,
+                session_dir,
+                session_owners,
+                transcript,
+                reader,
+                report.html,
+                now,
+                log,
+            )
+            if archive is not None:
+                values["archive_path"] = archive
+        if request is not None and getattr(request, "output", None):
+            # The output lives on in the report: the journal row does not keep it twice.
+            values["request"] = p.encode(msgspec.structs.replace(request, output=None))
         for problem in collected.problems:
             log.info("collection problem: {}", problem)
         log.info("collected from {}", collected.source)
         return Result(entry, values, collected.tried)
 
-    def _archive(self, entry: Entry, session_dir, transcript, report_html, now, log) -> str | None:
+    def _archive(
+        self, entry: Entry, session_dir, owners, transcript, reader, report_html, now, log
+    ) -> str | None:
         session = Path(session_dir) if session_dir and os.path.isdir(session_dir) else None
         transcript_path = Path(transcript) if transcript and os.path.isfile(transcript) else None
         if session is None and transcript_path is None:
             return None  # nothing on disk to keep; the report itself is in the database
+        bounds = self.config.archive
         try:
             result = archive_session(
                 self.config.archive_dir,
@@ -392,6 +458,14 @@ class Collector(ChildBase):
                 session_dir=session,
                 transcript=transcript_path,
                 report_html=report_html,
+                session_owners=owners,
+                transcript_opener=None
+                if access.is_self(reader)
+                else lambda path: access.open_as(
+                    path, reader, remote_paths=self.config.collect.remote_paths
+                ),
+                max_bytes=bounds.max_bytes,
+                max_files=bounds.max_files,
             )
         except Exception as exc:
             log.error("archiving failed: {}; the session files will not be deleted", exc)
@@ -399,6 +473,7 @@ class Collector(ChildBase):
         for note in result.notes:
             log.info("archive: {}", note)
         log.info("archived {} file(s) into {}", result.files, result.path)
+        enforce_bounds(self.config, now, log)
         return str(result.path)
 
 

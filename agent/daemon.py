@@ -81,6 +81,9 @@ def prepare_state_dir(config: Config) -> Path:
     try:
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         mode = 0o710 if config.socket_group else 0o700
+        if config.socket_group:
+            # The group must reach the socket: traversable (x), not readable (no listing).
+            os.chown(state, -1, _group_id(config.socket_group))
         state.chmod(mode)
         for sub in (config.outbox_dir, config.archive_dir, config.logs_dir):
             sub.mkdir(exist_ok=True, mode=0o700)
@@ -93,6 +96,67 @@ def prepare_state_dir(config: Config) -> Path:
             "make it writable by this user or set state_dir"
         ) from None
     return state
+
+
+def _group_id(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise StartupError(
+            f"socket_group {name!r} does not exist; create it or fix the config"
+        ) from None
+
+
+def peer_uid(frame: zmq.Frame, ipc: bool) -> int:
+    """The uid of the process that sent ``frame``: libzmq appends the ipc peer's SO_PEERCRED to
+    the frame's "Peer-Address" (``host:uid:gid:pid``).  A tcp:// peer, or an ipc peer whose
+    credentials are unknown, is REMOTE: trusted with nothing a local user would need."""
+    if not ipc:
+        return p.REMOTE
+    try:
+        address = frame.get("Peer-Address")
+    except zmq.ZMQError:
+        return p.REMOTE
+    parts = str(address).rsplit(":", 3)
+    if len(parts) == 4 and parts[1].isdigit():
+        return int(parts[1])
+    return p.REMOTE
+
+
+class Quota:
+    """What one requester other than the agent's user may send: requests per second (a token
+    bucket) and bytes per minute (a sliding window of one-second buckets)."""
+
+    def __init__(self, per_second: float, bytes_per_minute: int) -> None:
+        self.per_second = per_second
+        self.bytes_per_minute = bytes_per_minute
+        self._tokens: dict[int, tuple[float, float]] = {}
+        self._bytes: dict[int, dict[int, int]] = {}
+
+    def refusal(self, uid: int, size: int, now: float) -> str | None:
+        """Why this request is over the requester's quota, or None (then it is counted)."""
+        burst = max(1.0, self.per_second)
+        tokens, at = self._tokens.get(uid, (burst, now))
+        tokens = min(burst, tokens + (now - at) * self.per_second)
+        window = self._bytes.setdefault(uid, {})
+        second = int(now)
+        for old in [s for s in window if s <= second - 60]:
+            del window[old]
+        if tokens < 1.0:
+            self._tokens[uid] = (tokens, now)
+            return (
+                f"more than {self.per_second:g} requests per second from uid {uid} "
+                "(limits.requests_per_second); not taken, send it again later"
+            )
+        if sum(window.values()) + size > self.bytes_per_minute:
+            self._tokens[uid] = (tokens, now)
+            return (
+                f"more than {self.bytes_per_minute} bytes per minute from uid {uid} "
+                "(limits.bytes_per_minute); not taken, send it again later"
+            )
+        self._tokens[uid] = (tokens - 1.0, now)
+        window[second] = window.get(second, 0) + size
+        return None
 
 
 class Parent:
@@ -113,6 +177,10 @@ class Parent:
         self._next_sweep = 0.0
         self.notifier = Notifier.from_env()  # systemd Type=notify; a no-op elsewhere
         self.trimmer = Trimmer()
+        self._ipc = config.endpoint.startswith("ipc://")
+        self.quota = Quota(config.limits.requests_per_second, config.limits.bytes_per_minute)
+        self._peers_monitor: zmq.Socket | None = None
+        self._peers: dict[int, int] = {}  # descriptor of a connected client -> its uid
 
     # ------------------------------------------------------------ lifecycle
 
@@ -123,6 +191,10 @@ class Parent:
         self._ctx = zmq.Context()
         self._router = self._bind()
         self.poller.register(self._router, zmq.POLLIN)
+        self._peers_monitor = self._router.get_monitor_socket(
+            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+        )
+        self.poller.register(self._peers_monitor, zmq.POLLIN)
         self._bells = Bells(self._ctx, config.state_path, CHILDREN)
         self._ingest_outbox(self.clock())
         self.intake.wait_for_lock()  # the children may hold the journal's lock from now on
@@ -165,6 +237,7 @@ class Parent:
         return router
 
     def run_once(self, now: float) -> float:
+        self._count_peers()
         if self._serve_requests(now):
             self.trimmer.worked(now)
         self._supervise(now)
@@ -189,6 +262,13 @@ class Parent:
             # New clients find no socket and queue in the outbox at once.
             with contextlib.suppress(FileNotFoundError):
                 self._socket_path.unlink()
+        if self._peers_monitor is not None:
+            self.poller.unregister(self._peers_monitor)
+            assert self._router is not None
+            with contextlib.suppress(zmq.ZMQError):
+                self._router.disable_monitor()
+            self._peers_monitor.close(0)
+            self._peers_monitor = None
         if self._router is not None:
             # Journal and answer what already arrived (a refusal would make the client drop it,
             # silence makes it queue), then close the door.
@@ -220,10 +300,10 @@ class Parent:
         assert self._router is not None and self.intake is not None
         served = 0
         while True:
-            envelopes: list[list[bytes]] = []
+            envelopes: list[list[zmq.Frame]] = []
             while len(envelopes) < BATCH:
                 try:
-                    envelopes.append(self._router.recv_multipart(zmq.NOBLOCK))
+                    envelopes.append(self._router.recv_multipart(zmq.NOBLOCK, copy=False))
                 except zmq.Again:
                     break
             if not envelopes:
@@ -231,23 +311,86 @@ class Parent:
             served += len(envelopes)
             routes: list[list[bytes]] = []
             frames: list[bytes] = []
+            requesters: list[int] = []
+            answered: dict[int, p.Reply] = {}  # refused before intake: not allowed, over quota
             for parts in envelopes:
                 # REQ sends [identity, b"", frame]; anything else is garbage with a return address.
-                if len(parts) == 3 and parts[1] == b"":
-                    routes.append(parts[:2])
-                    frames.append(parts[2])
+                if len(parts) == 3 and parts[1].bytes == b"":
+                    routes.append([parts[0].bytes, b""])
+                    frames.append(parts[2].bytes)
                 elif len(parts) >= 2:
-                    routes.append([parts[0], b""])
+                    routes.append([parts[0].bytes, b""])
                     frames.append(b"")  # decodes to a BAD_FRAME error
                 else:
                     continue
-            replies, ring = self.intake.handle_frames(frames, now)
-            for route, reply in zip(routes, replies, strict=True):
+                uid = peer_uid(parts[-1], self._ipc)
+                requesters.append(uid)
+                refusal = self._gate(uid, len(frames[-1]), now)
+                if refusal is not None:
+                    answered[len(frames) - 1] = refusal
+            taken = [i for i in range(len(frames)) if i not in answered]
+            handled, ring = self.intake.handle_frames(
+                [frames[i] for i in taken], now, [requesters[i] for i in taken]
+            )
+            replies = dict(answered) | dict(zip(taken, handled, strict=True))
+            for index, route in enumerate(routes):
+                reply = replies[index]
                 with contextlib.suppress(zmq.ZMQError):
                     self._router.send_multipart([*route, p.encode(reply)], zmq.NOBLOCK)
             for name in ring:
                 assert self._bells is not None
                 self._bells.ring(name)
+
+    def _gate(self, uid: int, size: int, now: float) -> p.Error | None:
+        """Refuse a requester the config does not let in, or one over its quota."""
+        if uid == os.geteuid():
+            return None
+        allowed = self.config.socket_allowed_uids
+        if allowed and uid not in allowed:
+            logger.warning("refused a request from uid {} (not in socket_allowed_uids)", uid)
+            return p.Error(
+                code=p.ErrorCode.FORBIDDEN,
+                message=f"uid {uid} may not use this agent (socket_allowed_uids); "
+                "ask its administrator",
+            )
+        refusal = self.quota.refusal(uid, size, now)
+        if refusal is not None:
+            return p.Error(code=p.ErrorCode.OVER_QUOTA, message=refusal)
+        return None
+
+    def _count_peers(self) -> None:
+        """Track connected clients by user; a user other than the agent's with more than
+        limits.max_peers connections has the new one shut at once, so a connection flood costs
+        descriptors only up to the cap, and the agent keeps answering its own user."""
+        if self._peers_monitor is None:
+            return
+        from zmq.utils.monitor import recv_monitor_message
+
+        refused: dict[int, int] = {}
+        while True:
+            try:
+                event = recv_monitor_message(self._peers_monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            fd = int(event["value"])
+            if event["event"] != zmq.EVENT_ACCEPTED:
+                self._peers.pop(fd, None)
+                continue
+            uid = _socket_uid(fd) if self._ipc else p.REMOTE
+            if uid != os.geteuid():
+                held = sum(1 for other in self._peers.values() if other == uid)
+                if held >= self.config.limits.max_peers:
+                    _shut(fd)  # libzmq sees the end of the stream and closes it itself
+                    refused[uid] = refused.get(uid, 0) + 1
+                    continue
+            self._peers[fd] = uid
+        for uid, count in refused.items():
+            logger.warning(
+                "closed {} connection(s) of uid {} over its cap of {} (limits.max_peers)",
+                count,
+                uid,
+                self.config.limits.max_peers,
+            )
 
     def _supervise(self, now: float) -> None:
         for child in self.supervisor.children.values():
@@ -280,7 +423,8 @@ class Parent:
         ring: set[str] = set()
         for path in outbox.pending(self.config.outbox_dir):
             try:
-                request = p.decode_request(path.read_bytes())
+                owner, frame = outbox.read(path)
+                request = p.decode_request(frame)
             except (p.ProtocolError, OSError) as exc:
                 kept = outbox.reject(path)
                 logger.error("outbox file {} is unusable ({}); kept as {}", path.name, exc, kept)
@@ -291,6 +435,9 @@ class Parent:
                     "outbox file {} holds a {}; kept as {}", path.name, type(request), kept
                 )
                 continue
+            if isinstance(request, p.TodoRequest):
+                # The file's owner queued it: the outbox is the agent user's, so it is theirs.
+                request = msgspec.structs.replace(request, requester_uid=owner)
             try:
                 outcome = self.intake.apply(request, now)
             except sqlite3.Error as exc:
@@ -313,3 +460,31 @@ class Parent:
         if self._bells is not None:
             for name in ring:
                 self._bells.ring(name)
+
+
+def _socket_uid(fd: int) -> int:
+    import socket
+    import struct
+
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return p.REMOTE
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[1]
+    except OSError:
+        return p.REMOTE
+    finally:
+        sock.detach()  # the descriptor stays libzmq's
+
+
+def _shut(fd: int) -> None:
+    import socket
+
+    with contextlib.suppress(OSError):
+        sock = socket.socket(fileno=fd)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.detach()  # the descriptor stays libzmq's

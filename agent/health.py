@@ -12,7 +12,6 @@ from __future__ import annotations
 import glob
 import os
 import re
-import shutil
 import stat
 import threading
 import time
@@ -23,8 +22,10 @@ from pathlib import Path
 from loguru import logger
 
 from protocol.config import Config
+from protocol.markers import trusted_stat
 
-from .archive import archive_orphan
+from . import access
+from .archive import archive_orphan, enforce_bounds, remove_tree
 from .dbroute import DbRoute, writer_node
 from .fleet import agent_id, describe, stale_members
 from .journal import PENDING_STATES, Journal, State, TodoTimers
@@ -53,6 +54,8 @@ class HealthChecker:
         self._route: DbRoute | None = None  # the health checks' own tunnel (see dbroute)
         self._journal: Journal | None = None
         self._stop = threading.Event()
+        # Orphans archived (and warnings given), by (path, inode, mtime): each is handled once.
+        self._archived_orphans: set[tuple[str, int, int]] = set()
 
     @property
     def running(self) -> bool:
@@ -357,28 +360,71 @@ class HealthChecker:
             return CheckResult("orphaned_sessions", "OK", "no orphaned session dir")
         ids = sorted(todo_id for todo_id, _ in orphans)
         acted = []
+        kept = 0  # archived, but could not be removed
         behavior = self.config.behavior
+        served = access.served_uids(self.config)
         # Without the database we cannot tell a live foreign session from an orphan.
         if behavior.auto_recovery and behavior.cleanup_orphaned and in_progress is not None:
             for todo_id, path in orphans:
-                try:
-                    result = archive_orphan(self.config.archive_dir, path, now)
-                except OSError as exc:
-                    logger.error("could not archive orphan {}: {}", path, exc)
-                    continue
-                shutil.rmtree(path, ignore_errors=True)
-                acted.append(todo_id)
-                logger.bind(todo_id=todo_id).warning(
-                    "auto-recovery: archived orphaned session dir {} (no live todo) into {}",
-                    path,
-                    result.path,
-                )
+                done = self._recover_orphan(todo_id, path, served, now)
+                if done is not None:
+                    acted.append(todo_id)
+                    kept += not done
             if acted:
                 self._bump("orphans_archived", len(acted))
         message = f"{len(orphans)} session dir(s) with no live todo"
         if acted:
-            message += f"; auto-recovery archived and removed {len(acted)}"
+            message += f"; auto-recovery archived and removed {len(acted) - kept}"
+            if kept:
+                message += f", archived but could not remove {kept}"
         return CheckResult("orphaned_sessions", "WARNING", message, ids)
+
+    def _recover_orphan(
+        self, todo_id: int, path: Path, served: frozenset[int], now: float
+    ) -> bool | None:
+        """Archive and remove one orphan: None when nothing was done, else whether it could be
+        removed after the archive.  Only a dir of a user the
+        agent acts for, and each dir (by inode and change time) once: one that cannot be removed
+        is not archived again every round."""
+        log = logger.bind(todo_id=todo_id)
+        try:
+            fd = access.open_session_dir(path, served)
+        except OSError as exc:
+            key = (str(path), 0, 0)
+            if key not in self._archived_orphans:  # said once, not every round
+                self._archived_orphans.add(key)
+                log.warning("orphan {} left alone: {}", path, exc.strerror or exc)
+            return None
+        try:
+            info = os.fstat(fd)
+        finally:
+            os.close(fd)
+        key = (str(path), info.st_ino, info.st_mtime_ns)
+        if key in self._archived_orphans:
+            return None
+        bounds = self.config.archive
+        try:
+            result = archive_orphan(
+                self.config.archive_dir,
+                path,
+                now,
+                session_owners=served,
+                max_bytes=bounds.max_bytes,
+                max_files=bounds.max_files,
+            )
+        except OSError as exc:
+            log.error("could not archive orphan {}: {}", path, exc)
+            return None
+        self._archived_orphans.add(key)
+        enforce_bounds(self.config, now)
+        removed = remove_tree(path)
+        log.warning(
+            "auto-recovery: archived orphaned session dir {} (no live todo) into {}; {}",
+            path,
+            result.path,
+            "removed it" if removed is None else f"could not remove it ({removed})",
+        )
+        return removed is None
 
     def _stale_markers(self, now: float) -> CheckResult:
         marker = self.config.marker
@@ -394,8 +440,10 @@ class HealthChecker:
             return CheckResult("stale_markers", "OK", "no stale marker file")
         removed = []
         if self.config.behavior.auto_recovery:
+            served = access.served_uids(self.config)
             for name in stale:
                 try:
+                    trusted_stat(name, served)  # another user's file is not ours to remove
                     os.unlink(name)
                     removed.append(name)
                     logger.warning("auto-recovery: removed stale marker {}", name)

@@ -96,16 +96,28 @@ class Intake:
 
     # ------------------------------------------------------------ batches
 
-    def handle_frames(self, frames: list[bytes], now: float) -> tuple[list[p.Reply], set[str]]:
-        """Decode, journal and answer a batch; one transaction for all that change the journal."""
+    def handle_frames(
+        self, frames: list[bytes], now: float, requesters: list[int] | None = None
+    ) -> tuple[list[p.Reply], set[str]]:
+        """Decode, journal and answer a batch; one transaction for all that change the journal.
+
+        ``requesters``: each frame's sender (the peer's uid, or protocol.REMOTE); it is stamped
+        on the request, so that the children read what it names with no more than its rights.
+        """
         replies: list[p.Reply | None] = [None] * len(frames)
         decoded: list[tuple[int, p.Request]] = []
         for index, frame in enumerate(frames):
+            request: p.Request
             try:
-                decoded.append((index, p.decode_request(frame)))
+                request = p.decode_request(frame)
             except p.ProtocolError as exc:
                 logger.warning("rejected a frame: {}", exc)
                 replies[index] = p.Error(code=exc.code, message=str(exc))
+                continue
+            if isinstance(request, p.TodoRequest):
+                uid = requesters[index] if requesters is not None else None
+                request = msgspec.structs.replace(request, requester_uid=uid)
+            decoded.append((index, request))
         ring: set[str] = set()
         writes = [(i, r) for i, r in decoded if type(r) in self._handlers]
         for index, request in decoded:

@@ -866,7 +866,11 @@ class Journal:
 
     # ------------------------------------------------------------ collector
 
-    REPORT_COLUMNS = frozenset({"html", "text", "summary", "source", "problems", "archive_path"})
+    # ``request``: the collector stores it again without the output the report now holds, so a
+    # journal row does not keep a 4 MiB output twice (issue 14, M7).
+    REPORT_COLUMNS = frozenset(
+        {"html", "text", "summary", "source", "problems", "archive_path", "request"}
+    )
 
     def collected(
         self,

@@ -7,6 +7,7 @@ the files after logrotate moved them (SIGHUP).
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -29,6 +30,24 @@ _FORMAT = (
 )
 
 
+# C0 and C1 controls but the tab: a newline or an escape sequence in a session id, a reason or a
+# path would otherwise forge a line, or rewrite the terminal of whoever reads the log.
+_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character shown as an escape (``\\n``, ``\\x1b``)."""
+    return _CONTROLS.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def _escape_record(record) -> None:
+    """One record, one line: control characters in the message (which holds every
+    interpolated field) are escaped; a traceback is the exception's, printed after it."""
+    message = record["message"]
+    if _CONTROLS.search(message):
+        record["message"] = escape_controls(message)
+
+
 class LogSinks:
     def __init__(self, process: str, logs_dir: Path, *, stderr: bool = True) -> None:
         self.process = process
@@ -41,7 +60,10 @@ class LogSinks:
         # local may be the config with the database password: it goes first, before anything
         # here can fail and be logged.
         logger.remove()
-        logger.configure(extra={"process": self.process, "todo_id": "-", "completion_id": "-"})
+        logger.configure(
+            extra={"process": self.process, "todo_id": "-", "completion_id": "-"},
+            patcher=_escape_record,
+        )
         if self.stderr:
             self._ids.append(logger.add(sys.stderr, format=_FORMAT, level="INFO", diagnose=False))
         self.logs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

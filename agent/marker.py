@@ -19,6 +19,9 @@ from loguru import logger
 
 import protocol as p
 from protocol.config import Config, read_todo_hint
+from protocol.markers import trusted_stat
+
+from . import access
 
 SEND_TIMEOUT = 1.0  # the parent acks within milliseconds; this bounds the monitor's wait
 RETRY_MIN = 1.0
@@ -33,13 +36,19 @@ class MarkerBridge:
         self._reported: set[str] = set()  # what was already logged about this marker
         self._failures = 0
         self._retry_at = 0.0
+        self.owners = access.served_uids(config)
 
     def poll(self, now: float) -> None:
         marker = self.config.marker
         try:
-            st = os.stat(marker.completed_file)
-        except OSError:
+            st = trusted_stat(marker.completed_file, self.owners)
+        except FileNotFoundError:
             self._forget(None)
+            return
+        except OSError as exc:
+            # Another user's plant, a symlink, a FIFO: not a session of ours speaking.
+            self._forget((-1, -1))
+            self._once("untrusted", "warning", "marker {} ignored: {}", marker.completed_file, exc)
             return
         key = (st.st_ino, st.st_mtime_ns)
         if key != self._key:
@@ -91,20 +100,20 @@ class MarkerBridge:
         self._forget(None)
 
     def _read_hint(self) -> str | None:
-        return read_todo_hint(self.config)
+        return read_todo_hint(self.config, self.owners)
 
     def _consume(self, key: tuple[int, int], todo_id: int) -> list[str]:
         """Remove the marker files this completion came from, and only those: a session that
         already wrote the next todo's marker must not lose it."""
         marker = self.config.marker
         removed = []
-        with contextlib.suppress(OSError):
-            st = os.stat(marker.completed_file)
+        with contextlib.suppress(OSError):  # gone, or not ours to remove (a sticky /tmp)
+            st = os.lstat(marker.completed_file)
             if (st.st_ino, st.st_mtime_ns) == key:
                 os.unlink(marker.completed_file)
                 removed.append(marker.completed_file)
         if _todo_id(self._read_hint()) == todo_id:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 os.unlink(marker.current_todo_file)
                 removed.append(marker.current_todo_file)
         return removed

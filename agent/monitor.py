@@ -10,13 +10,12 @@ own, so an outage never delays a timer.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
 
-from .archive import STAGING_MAX_AGE, archive_session, remove_stale_staging
+from .archive import STAGING_MAX_AGE, archive_session, remove_stale_staging, remove_tree
 from .health import CheckResult, HealthChecker
 from .journal import PENDING_STATES, Kind, ScheduledCompletion, State, TodoTimers
 from .loop import ChildBase
@@ -437,9 +436,14 @@ class Monitor(ChildBase):
                     log.info("kept session dir {} after a forced completion", session)
                 elif entry.archive_path and (Path(entry.archive_path) / "session").is_dir():
                     # Only a dir whose copy is in the archive may go.
-                    shutil.rmtree(session, ignore_errors=True)
-                    deleted += 1
-                    log.info("deleted session dir {} (archived in {})", session, entry.archive_path)
+                    failure = remove_tree(session)
+                    if failure is None:
+                        deleted += 1
+                        log.info(
+                            "deleted session dir {} (archived in {})", session, entry.archive_path
+                        )
+                    else:
+                        log.warning("could not delete session dir {}: {}", session, failure)
                 else:
                     log.warning("kept session dir {}: it was not archived", session)
         self.journal.cleaned(entries, now, deleted)

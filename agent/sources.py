@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import overload
 
+import protocol as p
+from agent import access
 from agent import transcript as transcript_reader
 from protocol.config import tmux_socket_args
 
@@ -69,6 +71,7 @@ class TodoFacts:
     title: str
     description: str
     working_directory: str
+    status: str = ""
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,12 @@ class CollectRequest:
     session_dir: str | None = None  # 3. already resolved from the template collect.session_dir
     tmux_target: str | None = None  # 4.
     emergency_reason: str | None = None  # set for emergency completions (forced)
+    # Who named the transcript and tmux target (agent.access): they are read with no more
+    # rights than this user has.  None: the agent's own user.
+    requester_uid: int | None = None
+    # Whose session dir counts (the session's user and the agent's); None: the agent's only.
+    session_owners: frozenset[int] | None = None
+    remote_paths: bool = False  # collect.remote_paths
 
 
 @dataclass(frozen=True)
@@ -133,14 +142,27 @@ def collect(
         (
             "transcript",
             lambda: _from_transcript(
-                req.transcript_path, transcript_wait, clock, sleep, max_source_bytes
+                req.transcript_path,
+                transcript_wait,
+                clock,
+                sleep,
+                max_source_bytes,
+                _opener(req.requester_uid, req.remote_paths),
             ),
         ),
-        ("session_dir", lambda: _from_session_dir(req.session_dir, max_source_bytes)),
+        (
+            "session_dir",
+            lambda: _from_session_dir(
+                req.session_dir,
+                max_source_bytes,
+                req.session_owners or access.trusted_owners(None),
+            ),
+        ),
         (
             "tmux",
             lambda: _from_tmux(
                 req.tmux_target,
+                req.requester_uid,
                 tmux_timeout,
                 tmux_history,
                 tmux_socket,
@@ -183,13 +205,16 @@ def _from_transcript(
     clock: Callable[[], float],
     sleep: Callable[[float], None],
     max_bytes: int,
+    opener: transcript_reader.Opener | None = None,
 ) -> Collected | None:
     if path is None:
         return None
     try:
         message = transcript_reader.await_final_message(
-            Path(path), wait=wait, clock=clock, sleep=sleep
+            Path(path), wait=wait, clock=clock, sleep=sleep, opener=opener
         )
+    except access.NotAllowed as error:
+        raise _SourceFailed(f"cannot read {path}: {error.strerror}") from None
     except FileNotFoundError:
         raise _SourceFailed(f"file {path} not found") from None
     except OSError as error:
@@ -203,16 +228,35 @@ def _from_transcript(
     )
 
 
-def _from_session_dir(session_dir: str | None, max_bytes: int) -> Collected | None:
+def _opener(uid: int | None, remote_paths: bool) -> transcript_reader.Opener | None:
+    if access.is_self(uid):
+        return None
+    return lambda path: access.open_as(path, uid, remote_paths=remote_paths)
+
+
+def _from_session_dir(
+    session_dir: str | None, max_bytes: int, owners: frozenset[int]
+) -> Collected | None:
     if session_dir is None:
         return None
-    directory = Path(session_dir)
-    if not directory.is_dir():
-        raise _SourceFailed(f"directory {session_dir} not found")
+    try:
+        dir_fd = access.open_session_dir(session_dir, owners)
+    except FileNotFoundError:
+        raise _SourceFailed(f"directory {session_dir} not found") from None
+    except OSError as error:
+        # A symlink, another user's plant, a world-writable dir: its files are nobody's output.
+        raise _SourceFailed(f"directory {session_dir} not used: {_reason(error)}") from None
+    try:
+        return _read_session_files(session_dir, dir_fd, max_bytes)
+    finally:
+        os.close(dir_fd)
+
+
+def _read_session_files(session_dir: str, dir_fd: int, max_bytes: int) -> Collected:
     notes: list[str] = []
     for name in SESSION_FILES:
         try:
-            raw = read_capped(directory / name, max_bytes, follow_symlinks=False)
+            raw = read_capped(Path(name), max_bytes, follow_symlinks=False, dir_fd=dir_fd)
         except FileNotFoundError:
             continue
         except OSError as error:
@@ -238,6 +282,7 @@ def _from_session_dir(session_dir: str | None, max_bytes: int) -> Collected | No
 
 def _from_tmux(
     target: str | None,
+    requester_uid: int | None,
     timeout: float,
     history: int,
     socket: str | None,
@@ -246,6 +291,11 @@ def _from_tmux(
 ) -> Collected | None:
     if target is None:
         return None
+    if not socket and not access.is_self(requester_uid) and requester_uid != p.REMOTE:
+        socket = access.tmux_socket_path(None, requester_uid)  # their own default server
+    refused = access.tmux_server_allowed(socket, requester_uid)
+    if refused is not None:
+        raise _SourceFailed(f"capture of {target} not tried: {refused}")
     argv = [command, *tmux_socket_args(socket)]
     argv += ["capture-pane", "-p", "-J", "-S", f"-{int(history)}", "-t", target]
     try:
@@ -314,13 +364,15 @@ def _run_bounded(argv: list[str], timeout: float) -> tuple[bytes, bytes, int]:
         return stdout, stderr, process.returncode
 
 
-def read_capped(path: Path, max_bytes: int, *, follow_symlinks: bool = True) -> bytes:
+def read_capped(
+    path: Path, max_bytes: int, *, follow_symlinks: bool = True, dir_fd: int | None = None
+) -> bytes:
     """Read a regular file, keeping head and tail with a note when it exceeds ``max_bytes``."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
     if not follow_symlinks:
         flags |= os.O_NOFOLLOW
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path, flags, dir_fd=dir_fd)
     except OSError as error:
         if error.errno == errno.ELOOP and not follow_symlinks:
             raise OSError(errno.ELOOP, "is a symlink, not followed") from None

@@ -51,7 +51,12 @@ def final_text(path: Path, *, max_bytes: int = DEFAULT_SCAN_BYTES) -> str | None
     return None if message is None else message.text
 
 
-def last_main_message(path: Path, *, max_bytes: int = DEFAULT_SCAN_BYTES) -> FinalMessage | None:
+Opener = Callable[[Path], int]  # returns a read-only descriptor of the path (see agent.access)
+
+
+def last_main_message(
+    path: Path, *, max_bytes: int = DEFAULT_SCAN_BYTES, opener: Opener | None = None
+) -> FinalMessage | None:
     """Scan backwards from the end for the last main-chain assistant message group.
 
     Reads at most ``max_bytes`` from the end; a group (or a single line) reaching further back is
@@ -61,7 +66,7 @@ def last_main_message(path: Path, *, max_bytes: int = DEFAULT_SCAN_BYTES) -> Fin
     group_lines: list[dict] = []  # newest first while scanning
     stop_hook_seen = False
     found = False
-    for line in _lines_backwards(path, max_bytes):
+    for line in _lines_backwards(path, max_bytes, opener):
         if b'"assistant"' not in line and b"stop_hook_summary" not in line:
             continue  # cheap filter: most lines are tool results and user turns
         record = _decode(line)
@@ -106,6 +111,7 @@ def await_final_message(
     sleep: Callable[[float], None] = time.sleep,
     poll_interval: float = 0.1,
     max_bytes: int = DEFAULT_SCAN_BYTES,
+    opener: Opener | None = None,
 ) -> FinalMessage | None:
     """Poll the transcript for up to ``wait`` seconds until the last turn has visibly ended.
 
@@ -117,7 +123,7 @@ def await_final_message(
     """
     deadline = clock() + wait
     while True:
-        message = last_main_message(path, max_bytes=max_bytes)
+        message = last_main_message(path, max_bytes=max_bytes, opener=opener)
         if message is not None and message.text.strip() and message.turn_ended:
             return message
         remaining = deadline - clock()
@@ -126,10 +132,10 @@ def await_final_message(
         sleep(min(poll_interval, remaining))
 
 
-def _lines_backwards(path: Path, max_bytes: int):
+def _lines_backwards(path: Path, max_bytes: int, opener: Opener | None = None):
     """Yield complete lines (bytes, without newline) from the end, reading at most max_bytes."""
     # O_NONBLOCK: a FIFO planted at the path must not hang the collector; regular files ignore it.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = opener(path) if opener else os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(f"{path} is not a regular file")

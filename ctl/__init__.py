@@ -23,7 +23,7 @@ from protocol.config import Config, load
 if TYPE_CHECKING:
     from datetime import datetime, timedelta
 
-__all__ = ["AgentUnavailable", "Client", "CommandRefused"]
+__all__ = ["AgentUnavailable", "Client", "CommandRefused", "NotQueued"]
 
 DEFAULT_WAIT = 2.0
 # Error codes that mean "not taken now", not "refused": the request is queued like a timeout.
@@ -33,6 +33,11 @@ _NOTE_RESERVE = 1024
 
 class AgentUnavailable(Exception):
     """The agent did not answer in time (not running, stuck, or a wrong endpoint)."""
+
+
+class NotQueued(AgentUnavailable):
+    """The agent did not take the request and the outbox could not be written either (on a
+    shared socket only the agent's user may write it): the request is lost unless sent again."""
 
 
 class CommandRefused(Exception):
@@ -146,7 +151,14 @@ class Client:
         return reply
 
     def _queue(self, message: p.Request, reason: object) -> p.Ack:
-        path = outbox.put(self.config.outbox_dir, message.request_id, p.encode(message))
+        try:
+            path = outbox.put(self.config.outbox_dir, message.request_id, p.encode(message))
+        except OSError as exc:
+            raise NotQueued(
+                f"{reason}; and the request could NOT be queued: cannot write "
+                f"{self.config.outbox_dir} ({exc.strerror or exc}); it is lost unless sent again "
+                "once completiond answers"
+            ) from None
         return p.Ack(
             request_id=message.request_id,
             state="queued",

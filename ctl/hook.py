@@ -16,7 +16,7 @@ import msgspec
 import protocol as p
 from protocol.config import Config, ConfigError, load_for_client, read_todo_hint
 
-from . import AgentUnavailable, Client, CommandRefused
+from . import AgentUnavailable, Client, CommandRefused, NotQueued
 
 # PostToolUse carries the tool's whole response and Stop the whole last message: read generously
 # (the client caps the output it sends); only a runaway stream is refused.
@@ -94,12 +94,13 @@ def dispatch(client: Client, payload: dict) -> str:
     """Send what the event means; returns a word for the log line."""
     config = client.config
     event = payload.get("hook_event_name")
+    todo_id = _todo_id()
     common: _Common = {
         "session_id": _str(payload.get("session_id")),
-        "todo_hint": _hint(config),
+        # $TODO_ID wins anyway (DESIGN): the hint file is not even opened then.
+        "todo_hint": _hint(config) if todo_id is None else None,
         "wait": config.hook.timeout,
     }
-    todo_id = _todo_id()
     transcript = _str(payload.get("transcript_path"))
     cwd = _str(payload.get("cwd"))
     if event == "SessionStart":
@@ -170,6 +171,13 @@ def _text(value: object) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
 
+def tell_user(text: str) -> None:
+    """Claude Code shows a hook's ``systemMessage`` to the user; the object holds nothing else
+    (no field that could block the session), and it is the only thing on stdout."""
+    sys.stdout.write(msgspec.json.encode({"systemMessage": text}).decode() + "\n")
+    sys.stdout.flush()
+
+
 def run_hook(argv: list[str]) -> int:
     try:
         config = load_for_client(_config_path(argv))
@@ -192,6 +200,10 @@ def run_hook(argv: list[str]) -> int:
             print(f"completionctl hook: {outcome}", file=sys.stderr)
         elif client.last is not None and client.last.state == "queued":
             print(f"completionctl hook: {outcome} queued: {client.last.message}", file=sys.stderr)
+    except NotQueued as exc:
+        # Lost, not queued: the user must hear it, not only the hook's stderr.
+        print(f"completionctl hook: {exc}", file=sys.stderr)
+        tell_user(f"completiond did not record this session's event: {exc}")
     except CommandRefused as exc:
         print(f"completionctl hook: the agent refused: {exc}", file=sys.stderr)
     except (AgentUnavailable, OSError, ValueError) as exc:

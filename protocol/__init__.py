@@ -55,6 +55,8 @@ class ErrorCode(enum.IntEnum):
     STOPPING = 7
     INTERNAL = 8
     UNAVAILABLE = 9  # the journal cannot be written now (disk full): not taken, queue it
+    FORBIDDEN = 10  # this user may not use the agent, or not ask for that (SECURITY.md)
+    OVER_QUOTA = 11  # this user sent more than the agent takes per second or per minute
 
 
 class ProtocolError(Exception):
@@ -87,6 +89,13 @@ class TodoRequest(Request, frozen=True, kw_only=True):
     session_id: ShortText | None = None
     todo_hint: ShortText | None = None  # content of the CURRENT_TODO_ID file, if any
     sent_at: float | None = None  # client's wall clock, for the report only
+    # Who asked: set by the agent from the socket's peer credentials (or the outbox file's
+    # owner) before the request is journaled; whatever a client puts here is overwritten.
+    # REMOTE for a tcp:// peer, whose user the agent cannot know.
+    requester_uid: int | None = None
+
+
+REMOTE = -1  # requester_uid of a peer on a tcp:// endpoint
 
 
 class Start(TodoRequest, frozen=True, kw_only=True, tag="start"):
@@ -395,7 +404,11 @@ def _unwrap(frame: bytes) -> msgspec.Raw:
         )
     try:
         raw = _frame_decoder.decode(frame)
-    except msgspec.DecodeError as exc:
+    except RecursionError:
+        raise ProtocolError(
+            ErrorCode.BAD_FRAME, "not a protocol frame: nested too deeply"
+        ) from None
+    except Exception as exc:  # any decode failure is the frame's fault, never the agent's end
         raise ProtocolError(ErrorCode.BAD_FRAME, f"not a protocol frame: {exc}") from None
     if raw.version != VERSION:
         raise ProtocolError(
@@ -410,7 +423,12 @@ def decode_request(frame: bytes) -> AnyRequest:
     body = _unwrap(frame)
     try:
         return _request_decoder().decode(body)
-    except msgspec.DecodeError as exc:
+    except RecursionError:
+        # msgspec bounds nesting by the interpreter's recursion limit and says so this way.
+        raise ProtocolError(
+            ErrorCode.BAD_FRAME, "not a protocol frame: nested too deeply"
+        ) from None
+    except Exception as exc:  # DecodeError, and anything else a hostile frame provokes
         raise ProtocolError(ErrorCode.INVALID, f"invalid request: {exc}") from None
 
 

@@ -24,6 +24,7 @@ IPC_PATH_MAX = 107  # sockaddr_un.sun_path minus the terminating NUL
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 
 
 class ConfigError(Exception):
@@ -112,6 +113,9 @@ class Collect(_Section, frozen=True, kw_only=True):
     transcript_wait: Annotated[float, msgspec.Meta(ge=0)] = 2.0
     tmux_timeout: Positive = 3.0
     cleanup: bool = True  # delete the session dir after a verified, archived completion
+    # Paths a tcp:// peer names (transcript, cwd, tmux target) are refused: the agent cannot
+    # tell which local user is asking.  Turn on only where every peer is trusted.
+    remote_paths: bool = False
 
 
 class Hook(_Section, frozen=True, kw_only=True):
@@ -178,11 +182,29 @@ class Notify(_Section, frozen=True, kw_only=True):
     timeout: Positive = 10.0
 
 
+class Archive(_Section, frozen=True, kw_only=True):
+    max_bytes: PositiveInt = 200 * 1024 * 1024  # one archive (apparent sizes: sparse counts)
+    max_files: PositiveInt = 2000  # one archive
+    max_total_bytes: PositiveInt = 4 * 1024 * 1024 * 1024  # all archives; oldest go first
+    retention_days: Annotated[float, msgspec.Meta(ge=0)] = 90.0  # 0 = kept until over the total
+
+
+class Limits(_Section, frozen=True, kw_only=True):
+    """What one requester other than the agent's own user may send (shared sockets)."""
+
+    requests_per_second: Positive = 20.0
+    bytes_per_minute: PositiveInt = 64 * 1024 * 1024
+    max_peers: PositiveInt = 512  # connections of one user at once; more are shut at once
+
+
 class Config(_Section, frozen=True, kw_only=True):
     state_dir: str = ""
     endpoint: str = ""
     socket_mode: Annotated[str, msgspec.Meta(pattern=r"^0?[0-7]{3}$")] = "0600"
     socket_group: str = ""
+    # Users (besides the agent's own) allowed on the socket; empty = whoever the socket's mode
+    # and group let in.
+    socket_allowed_uids: list[NonNegativeInt] = []
     database: Database = Database()
     behavior: Behavior = Behavior()
     collect: Collect = Collect()
@@ -195,6 +217,8 @@ class Config(_Section, frozen=True, kw_only=True):
     web: Web = Web()
     notify: list[Notify] = []
     report: Report = Report()
+    archive: Archive = Archive()
+    limits: Limits = Limits()
     source: str = ""  # the file this came from; set by load(), not by the user
 
     @property
@@ -516,14 +540,19 @@ def tmux_socket_args(socket: str | None) -> list[str]:
     return ["-S", socket] if "/" in socket else ["-L", socket]
 
 
-def read_todo_hint(config: Config) -> str | None:
+def read_todo_hint(config: Config, owners: frozenset[int] | None = None) -> str | None:
     """What the CURRENT_TODO_ID file (marker.current_todo_file) holds, stripped; None when it
-    is missing, unreadable or empty.  ``protocol.parse_todo_id`` tells whether it is an id."""
+    is missing, unreadable or empty, or not to be trusted: it must be a regular file (not a
+    symlink, not a FIFO: the read never blocks) owned by one of ``owners`` (default: this
+    process's user) and not writable by everybody.  ``protocol.parse_todo_id`` tells whether
+    it is an id."""
+    from protocol.markers import read_marker
+
     try:
-        with open(config.marker.current_todo_file, encoding="utf-8", errors="replace") as f:
-            return f.read(64).strip() or None
+        text = read_marker(config.marker.current_todo_file, owners or frozenset({os.geteuid()}))
     except OSError:
         return None
+    return text.strip() or None
 
 
 def split_listen(listen: str, key: str = "listen") -> tuple[str, int]:

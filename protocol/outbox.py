@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -53,6 +54,21 @@ def pending(outbox: Path, limit: int = 1000) -> list[Path]:
         return []
     entries.sort(key=lambda e: e.name)
     return [Path(e.path) for e in entries[:limit]]
+
+
+def read(path: Path) -> tuple[int, bytes]:
+    """A queued request: its file's owner (who queued it) and its frame."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{path.name} is not a regular file")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return info.st_uid, b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def reject(path: Path) -> Path:

@@ -135,10 +135,21 @@ class Agent:
 
     # ------------------------------------------------------------ processes
 
-    def start(self, *, wait: bool = True, extra_args: tuple[str, ...] = ()) -> Agent:
+    def start(
+        self, *, wait: bool = True, extra_args: tuple[str, ...] = (), prefix: tuple[str, ...] = ()
+    ) -> Agent:
+        """``prefix``: a command that execs the agent (e.g. prlimit with its options and --)."""
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "--config", str(self.config_path), *extra_args],
+            [
+                *prefix,
+                sys.executable,
+                "-m",
+                "agent",
+                "--config",
+                str(self.config_path),
+                *extra_args,
+            ],
             env=self.env,
             cwd=self.root,
             stdout=self._log,

@@ -192,6 +192,9 @@ def test_hostile_barrage_keeps_serving_and_memory_flat(mysql_agent, mysql_url) -
         ([b"", frame(1, {"type": "ping", "request_id": "a" * 65})], p.ErrorCode.INVALID),
         ([b"", frame(1, {"type": "complete", "todo_id": 1, "x": [[[]]] * 1000})], None),
         ([b"", b"\x91" * 100_000 + b"\xc0"], p.ErrorCode.BAD_FRAME),  # nested 100k deep
+        # A valid [version, body] head, then the body nested 1000 deep (issue 14, H3).
+        ([b"", b"\x92\x01" + b"\x91" * 1000 + b"\xc0"], p.ErrorCode.BAD_FRAME),
+        ([b"", b"\x92\x01\x81\xa4type" + b"\x91" * 100_000 + b"\xc0"], p.ErrorCode.BAD_FRAME),
         ([b"", frame(1, [1, 2, 3])], p.ErrorCode.INVALID),
         ([b"", b"x" * (big + 1)], p.ErrorCode.TOO_LARGE),
         ([b"", frame(1, {"type": "complete", "todo_id": 1, "output": "o" * (big + 10)})], None),
@@ -254,7 +257,7 @@ def test_hostile_barrage_keeps_serving_and_memory_flat(mysql_agent, mysql_url) -
         assert grown < 24 * 2**20, f"parent RSS grew {grown / 2**20:.1f} MiB in {rounds} rounds"
 
     run_scenario(
-        "hostile input: oversize, absurd, old-version, crowd",
+        "hostile input: oversize, absurd, old-version, nested, crowd",
         mysql_agent,
         mysql_url,
         None,
