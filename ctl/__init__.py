@@ -155,7 +155,7 @@ class Client:
             path = outbox.put(self.config.outbox_dir, message.request_id, p.encode(message))
         except OSError as exc:
             raise NotQueued(
-                f"{reason}; and the request could NOT be queued: cannot write "
+                f"{reason}; and the request could NOT be kept in the outbox either: cannot write "
                 f"{self.config.outbox_dir} ({exc.strerror or exc}); it is lost unless sent again "
                 "once completiond answers"
             ) from None

@@ -373,10 +373,10 @@ def test_h3_a_client_that_cannot_queue_says_so_and_tells_the_user(make_agent) ->
         result = shared.ctl("hook", stdin=json.dumps(payload).encode(), TODO_ID="7")
         assert result.returncode == 0
         stderr = result.stderr.decode()
-        assert "could NOT be queued" in stderr, stderr
+        assert "could NOT be kept in the outbox" in stderr, stderr
         message = json.loads(result.stdout)
         assert list(message) == ["systemMessage"]
-        assert "could NOT be queued" in message["systemMessage"]
+        assert "could NOT be kept in the outbox" in message["systemMessage"]
 
 
 # ---------------------------------------------------------------- M1, M2
