@@ -597,7 +597,7 @@ def test_l4_a_burst_of_slow_completions_does_not_hold_up_the_owners(make_agent) 
         started = time.monotonic()
         assert agent.ctl("complete", str(mine), "--output", "my result").returncode == 0
         finished(agent, mine, timeout=60)
-        assert time.monotonic() - started < 5.0
+        assert time.monotonic() - started < 8.0  # it was 40 s: 80 x 2 s on 4 workers
 
 
 # ---------------------------------------------------------------- L2
@@ -610,8 +610,13 @@ def test_l2_control_characters_forge_no_log_line(agent: Agent) -> None:
     assert agent.ctl("start", str(todo), "--session", f"s{forged}\x1b[31m").returncode == 0
     assert agent.ctl("emergency", str(todo), "--reason", f"why{forged}").returncode == 0
     logs = agent.state / "logs"
-    wait_for(lambda: "why" in (logs / "emergency.log").read_text(), 20, what="the emergency")
-    wait_for(lambda: "FORGED" in (logs / "completion.log").read_text(), 20, what="collection")
+
+    def logged(name: str, text: str) -> bool:
+        path = logs / name
+        return path.exists() and text in path.read_text(errors="replace")
+
+    wait_for(lambda: logged("emergency.log", "why"), 30, what="the emergency")
+    wait_for(lambda: logged("completion.log", "FORGED"), 30, what="the collection")
     for name in ("agent.log", "completion.log", "emergency.log"):
         text = (logs / name).read_text(errors="replace")
         assert "FORGED" in text, name
