@@ -383,9 +383,8 @@ class HealthChecker:
         self, todo_id: int, path: Path, served: frozenset[int], now: float
     ) -> bool | None:
         """Archive and remove one orphan: None when nothing was done, else whether it could be
-        removed after the archive.  Only a dir of a user the
-        agent acts for, and each dir (by inode and change time) once: one that cannot be removed
-        is not archived again every round."""
+        removed after the archive.  Only a dir of a user the agent acts for, and each dir (by
+        inode and change time) once: one that cannot be removed is not archived every round."""
         log = logger.bind(todo_id=todo_id)
         try:
             fd = access.open_session_dir(path, served)
