@@ -745,3 +745,44 @@ def test_a_fifo_or_foreign_marker_is_no_hint(tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to(hint)
     with pytest.raises(OSError):
         read_marker(tmp_path / "link", me)
+
+
+# ---------------------------------------------------------------- L1
+
+
+@pytest.mark.slow
+@pytest.mark.mysql
+def test_l1_a_password_with_url_characters_is_shown_in_no_message(make_agent, mysql_server) -> None:
+    secret = "Pw#?/S3cr"
+    host = f"{mysql_server.host}:{mysql_server.port}"
+    # A config error (an invalid port): completiond's and completionctl's own words.
+    broken = make_agent({"database": {"url": f"mysql://wp:{secret}@{host}0000/site"}}, name="b")
+    started = subprocess.run(
+        [sys.executable, "-m", "agent", "--config", str(broken.config_path)],
+        env=broken.env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert started.returncode == 2
+    said = [started.stdout + started.stderr]
+    for args in (("check",), ("--json", "check"), ("status",)):
+        said.append(broken.ctl(*args).stdout + broken.ctl(*args).stderr)
+    # A URL that parses, with a password the server refuses: health, status, check, logs.
+    agent = make_agent({"database": {"url": f"mysql://wp:{secret}@{host}/site"}})
+    agent.start()
+    wait_for(
+        lambda: "database" in agent.ctl("--json", "health").stdout.decode(),
+        30,
+        what="a health round",
+    )
+    for args in (("--json", "health"), ("health",), ("--json", "status"), ("check",)):
+        result = agent.ctl(*args)
+        said.append(result.stdout + result.stderr)
+    assert b"***" in b"".join(said)  # the URL is shown, masked
+    agent.stop()
+    for path in (agent.state / "logs").iterdir():
+        said.append(path.read_bytes())
+    said.append(agent.log_path.read_bytes())  # what supervisord would keep
+    for text in said:
+        for piece in ("Pw#", "S3cr", secret):
+            assert piece.encode() not in text, text[:2000]
