@@ -127,6 +127,11 @@ def test_at_reads_the_site_zone_unless_an_offset_is_given(tmpdir_short: Path) ->
     assert local == datetime(2026, 12, 24, 18, 0).astimezone()
     with pytest.raises(ValueError, match="not a time"):
         parse_at("Christmas", config)
+    # database.time_zone names the site's zone: 18:00 in Berlin in winter is 17:00 UTC.
+    (tmpdir_short / "berlin").mkdir()
+    berlin = unit_config(tmpdir_short / "berlin", {"database": {"time_zone": "Europe/Berlin"}})
+    assert parse_at("2026-12-24T18:00", berlin) == datetime(2026, 12, 24, 17, 0, tzinfo=UTC)
+    assert parse_at("2026-07-01T18:00", berlin) == datetime(2026, 7, 1, 16, 0, tzinfo=UTC)
 
 
 # ------------------------------------------------------------------ the real agent
