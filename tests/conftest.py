@@ -19,6 +19,23 @@ pytest_plugins = ["tests.dbfixtures"]
 NO_SKIPS = os.environ.get("COMPLETION_NO_SKIPS") == "1"
 
 
+# Fixtures that start real processes (agents and their children): every test using one is slow,
+# so `pytest -m "not slow"` is the quick run of everything else.  Modules whose every test starts
+# processes of its own say so with a module-level `pytestmark = pytest.mark.slow`.
+PROCESS_FIXTURES = frozenset({"agent", "make_agent", "mysql_agent", "tmux_for", "tmux_socket"})
+# Modules whose every test runs programs (the bench, supervisord, systemd-analyze, logrotate).
+SLOW_MODULES = frozenset({"test_bench", "test_supervisord", "test_systemd", "test_logrotate"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = getattr(item, "module", None)
+        if PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())) or (
+            module is not None and module.__name__.rpartition(".")[2] in SLOW_MODULES
+        ):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

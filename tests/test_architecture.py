@@ -83,3 +83,14 @@ def test_modules_using_the_journal_change_it_only_through_its_methods() -> None:
 def test_the_journal_guard_sees_the_modules_that_use_the_journal() -> None:
     users = {p.name for p in _sources() if p != JOURNAL and _uses_journal(p.read_text())}
     assert {"intake.py", "collector.py", "writer.py", "monitor.py", "health.py"} <= users
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared helpers live in tests/harness.py (or another helper module that is not a test_*)."""
+    pattern = re.compile(r"^\s*(?:from|import)\s+tests\.(?:\w+\.)*test_\w+", re.M)
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in sorted((ROOT / "tests").rglob("*.py"))
+        if pattern.search(path.read_text())
+    ]
+    assert offenders == []

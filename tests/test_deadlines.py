@@ -14,29 +14,7 @@ import protocol as p
 from agent.intake import Intake
 from agent.journal import Journal, NewEntry, TodoTimers
 from agent.monitor import RESET_SETTLE_MAX, Due, Monitor, due_deadlines, next_deadline
-from protocol.config import Config, load
-from tests.harness import merge, render_toml
-
-T0 = 1_700_000_000.0
-
-
-def unit_config(root: Path, extra: dict[str, Any] | None = None) -> Config:
-    """A config whose every path lies inside ``root``; the state dir and logs dir exist."""
-    base: dict[str, Any] = {
-        "state_dir": str(root / "state"),
-        "behavior": {"completion_timeout": 10, "emergency_timeout": 60, "sweep_interval": 0.5},
-        "collect": {"session_dir": str(root / "sessions" / "claude_session_{todo_id}")},
-        "marker": {
-            "completed_file": str(root / "TASK_COMPLETED"),
-            "current_todo_file": str(root / "CURRENT_TODO_ID"),
-        },
-    }
-    path = root / "config.toml"
-    path.write_text(render_toml(merge(base, extra or {})))
-    config = load(str(path))
-    for directory in (config.state_path, config.logs_dir, root / "sessions"):
-        directory.mkdir(parents=True, exist_ok=True)
-    return config
+from tests.harness import T0, unit_config
 
 
 def timer(todo_id: int = 1, **kw: Any) -> TodoTimers:

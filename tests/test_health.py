@@ -21,8 +21,7 @@ from agent.intake import MONITOR_CHECKS, Intake
 from agent.journal import Journal
 from agent.store import open_store
 from agent.store.base import db_time
-from tests.harness import merge
-from tests.test_deadlines import T0, unit_config
+from tests.harness import T0, merge, unit_config
 
 HANG = 100.0  # hanging_after in these tests
 

@@ -7,73 +7,23 @@ import contextlib
 import json
 import os
 import signal
-import sqlite3
 import time
 from typing import Any
 
 from ctl import Client
-from tests.harness import Agent, wait_for
+from tests.harness import (
+    Agent,
+    check_of,
+    emergency_log,
+    entries,
+    health,
+    timers,
+    wait_for,
+    wait_health_round_after,
+    wait_kinds,
+)
 
 FAST = {"behavior": {"completion_timeout": 2, "emergency_timeout": 60}}
-
-
-# ------------------------------------------------------------------ reading the journal directly
-
-
-def journal_rows(agent: Agent, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-    """Read the agent's journal (WAL: a reader never blocks the agent)."""
-    path = agent.state / "journal.db"
-    if not path.exists():
-        return []
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
-        db.row_factory = sqlite3.Row
-        return [dict(r) for r in db.execute(sql, params)]
-
-
-def entries(agent: Agent, todo_id: int, kind: str | None = None) -> list[dict[str, Any]]:
-    rows = journal_rows(agent, "SELECT * FROM entries WHERE todo_id = ? ORDER BY seq", (todo_id,))
-    return [r for r in rows if kind is None or r["kind"] == kind]
-
-
-def timers(agent: Agent, todo_id: int) -> dict[str, Any]:
-    [row] = journal_rows(agent, "SELECT * FROM todos WHERE todo_id = ?", (todo_id,))
-    return row
-
-
-def checks(agent: Agent) -> dict[str, dict[str, Any]]:
-    return {r["name"]: r for r in journal_rows(agent, "SELECT * FROM health")}
-
-
-def wait_kinds(agent: Agent, todo_id: int, expected: list[tuple[str, str]], timeout=20.0):
-    def done():
-        got = [(e["kind"], e["state"]) for e in entries(agent, todo_id)]
-        return got if got == expected else None
-
-    return wait_for(done, timeout, what=f"todo {todo_id} entries {expected}")
-
-
-def wait_health_round_after(agent: Agent, at: float, timeout: float = 20.0) -> None:
-    """A health round that started after ``at`` finished: the monitor's loop ran since then."""
-    wait_for(
-        lambda: (c := checks(agent)) and min(r["checked_at"] for r in c.values()) > at,
-        timeout,
-        what="a health round",
-    )
-
-
-def emergency_log(agent: Agent) -> str:
-    path = agent.state / "logs" / "emergency.log"
-    return path.read_text() if path.exists() else ""
-
-
-def health(agent: Agent) -> tuple[int, dict[str, Any]]:
-    result = agent.ctl("--json", "health")
-    return result.returncode, json.loads(result.stdout)
-
-
-def check_of(report: dict[str, Any], name: str) -> dict[str, Any]:
-    [check] = [c for c in report["checks"] if c["name"] == name]
-    return check
 
 
 def start(agent: Agent, todo_id: int, *args: str) -> None:

@@ -12,9 +12,17 @@ from typing import Any
 import pytest
 
 from tests.dbfixtures import fetch_row, proxied_url, raw_connection, raw_execute
-from tests.harness import Agent, wait_for
+from tests.harness import (
+    Agent,
+    check_of,
+    emergency_log,
+    entries,
+    health,
+    journal_rows,
+    timers,
+    wait_for,
+)
 from tests.tcpproxy import TcpProxy
-from tests.test_monitor import check_of, emergency_log, entries, health, journal_rows, timers
 
 pytestmark = pytest.mark.mysql
 

@@ -255,6 +255,7 @@ def test_output_is_capped_with_head_tail_and_note():
     assert len(result.text.encode()) <= 10_000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "make",
     [

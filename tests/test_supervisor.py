@@ -34,6 +34,7 @@ def _died(child: Child, lived: float, now: float) -> None:
     child.started_at = now - lived
 
 
+@pytest.mark.slow
 def test_reap_restarts_a_first_crash_at_once_and_backs_off_only_while_it_repeats() -> None:
     supervisor = Supervisor(("writer",), b"{}")
     child = supervisor.children["writer"]
