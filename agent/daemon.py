@@ -25,8 +25,9 @@ from protocol import outbox
 from protocol.config import Config
 from protocol.dburl import mask_url
 
+from .checks import ChildInfo
 from .doorbell import CHILDREN, Bells, children_for
-from .intake import ChildInfo, Intake
+from .intake import Intake
 from .journal import Journal
 from .memory import Trimmer
 from .sdnotify import Notifier

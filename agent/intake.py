@@ -21,21 +21,19 @@ import protocol as p
 from protocol.config import Config
 from protocol.dburl import mask_url
 
-from .journal import UNFINISHED_STATES, Journal, ScheduledCompletion, State
-
-WORST = {"OK": 0, "UNKNOWN": 0, "WARNING": 1, "CRITICAL": 2}
-# Checks the monitor computes; the parent adds its own (children, journal, refused, waiting).
-MONITOR_CHECKS = (
-    "database",
-    "hanging_todos",
-    "orphaned_sessions",
-    "stale_markers",
-    "db_consistency",
-    "log_sizes",
+from .checks import MONITOR_CHECKS as MONITOR_CHECKS  # re-exported for the tests
+from .checks import (
+    ChildInfo,
+    children_check,
+    journal_check,
+    predicted_hang,
+    refused_check,
+    render_health,
+    scheduled,
+    todo_status,
+    waiting_check,
 )
-# Checks the monitor's own loop computes, between health rounds (agent/predict.py).
-LOOP_CHECKS = ("predicted_hangs",)
-STUCK_AFTER = 300.0  # a waiting journal entry older than this is worth a WARNING
+from .journal import Journal, State
 
 
 class Refusal(Exception):
@@ -48,13 +46,6 @@ class Refusal(Exception):
 class Outcome:
     reply: p.Reply
     ring: set[str] = field(default_factory=set)
-
-
-@dataclass(frozen=True)
-class ChildInfo:
-    pid: int | None
-    alive: bool
-    restarts: int
 
 
 LOCK_WAIT = 0.5  # seconds a batch of requests waits for a child's journal transaction
@@ -541,114 +532,20 @@ class Intake:
         return p.OutcomeReport(items=items)
 
     def health(self, now: float) -> p.HealthReport:
-        checks: dict[str, p.Check] = {}
-        children = self.children()
-        dead = [name for name, info in children.items() if not info.alive]
-        restarts = {name: info.restarts for name, info in children.items() if info.restarts}
-        if dead:
-            checks["children"] = p.Check(
-                name="children",
-                status="CRITICAL",
-                message=f"not running: {', '.join(dead)} (being restarted); restarts {restarts}",
-            )
-        else:
-            checks["children"] = p.Check(
-                name="children",
-                status="WARNING" if restarts else "OK",
-                message=f"{', '.join(children)} are running"
-                + (f"; restarts so far: {restarts}" if restarts else ""),
-            )
-        checks["journal"] = self._journal_check(now)
-        checks["refused"] = self._refused_check()
-        checks["waiting_for_person"] = self._waiting_check()
-        saved = {
-            name: (status, message, ids, at)
-            for name, status, message, ids, at in self.journal.checks()
+        journal = self.journal
+        counts = journal.count_by_state()
+        parent = {
+            "children": children_check(self.children()),
+            "journal": journal_check(
+                counts,
+                journal.oldest_unfinished_at(),
+                journal.todos_in((State.DEAD,)) if counts.get(State.DEAD) else [],
+                now,
+            ),
+            "refused": refused_check(journal.refused(limit=50)),
+            "waiting_for_person": waiting_check(journal.waiting_for_person()),
         }
-        for name in (*MONITOR_CHECKS, *LOOP_CHECKS):
-            if name in saved:
-                status, message, ids, at = saved[name]
-                age = int(max(now - at, 0))
-                checks[name] = p.Check(
-                    name=name, status=status, message=f"{message} ({age} s ago)", todo_ids=ids
-                )
-            else:
-                checks[name] = p.Check(
-                    name=name, status="UNKNOWN", message="not checked yet (the monitor is starting)"
-                )
-        ordered = [
-            checks[name]
-            for name in (
-                "children",
-                "journal",
-                "database",
-                "hanging_todos",
-                "predicted_hangs",
-                "waiting_for_person",
-                "orphaned_sessions",
-                "stale_markers",
-                "db_consistency",
-                "log_sizes",
-                "refused",
-            )
-        ]
-        if "fleet" in saved:  # several agents on one MySQL database (agent/fleet.py)
-            status, message, ids, at = saved["fleet"]
-            age = int(max(now - at, 0))
-            ordered.append(
-                p.Check(
-                    name="fleet", status=status, message=f"{message} ({age} s ago)", todo_ids=ids
-                )
-            )
-        worst = max((WORST[c.status] for c in ordered), default=0)
-        status = {0: "OK", 1: "WARNING", 2: "CRITICAL"}[worst]
-        return p.HealthReport(status=status, checks=ordered, checked_at=now)
-
-    def _journal_check(self, now: float) -> p.Check:
-        counts = self.journal.count_by_state()
-        waiting = sum(counts.get(state, 0) for state in UNFINISHED_STATES)
-        oldest = self.journal.oldest_unfinished_at()
-        dead = counts.get(State.DEAD, 0)
-        if dead:
-            return p.Check(
-                name="journal",
-                status="CRITICAL",
-                message=f"{dead} completion(s) dead after a permanent error; fix the cause, then "
-                "`completionctl retry --dead`; backlog {waiting}",
-                todo_ids=self.journal.todos_in((State.DEAD,)),
-            )
-        if oldest is not None and now - oldest > STUCK_AFTER:
-            return p.Check(
-                name="journal",
-                status="WARNING",
-                message=f"backlog {waiting}; the oldest has waited {int(now - oldest)} s",
-            )
-        return p.Check(name="journal", status="OK", message=f"backlog {waiting}, none dead")
-
-    def _refused_check(self) -> p.Check:
-        rows = self.journal.refused(limit=50)
-        if not rows:
-            return p.Check(name="refused", status="OK", message="no request was refused")
-        ids = sorted({row[0] for row in rows})
-        return p.Check(
-            name="refused",
-            status="WARNING",
-            message=f"{len(rows)} request(s) refused by the database; latest: {rows[0][1]}",
-            todo_ids=ids,
-        )
-
-    def _waiting_check(self) -> p.Check:
-        rows = self.journal.waiting_for_person()
-        if not rows:
-            return p.Check(
-                name="waiting_for_person", status="OK", message="no session waits for a person"
-            )
-        return p.Check(
-            name="waiting_for_person",
-            status="WARNING",
-            message="; ".join(f"todo {t}: {w}" for t, w in rows[:10]),
-            todo_ids=[row[0] for row in rows],
-        )
+        return render_health(parent, journal.checks(), now)
 
     def metrics(self, request: p.Metrics, now: float) -> p.MetricsReport:
         from .metrics import report
@@ -670,7 +567,7 @@ class Intake:
                     restarts={name: info.restarts for name, info in children.items()},
                     journal=self.journal.count_by_state(),
                     recoveries=self.journal.counters(),
-                    scheduled=[_scheduled(s) for s in self.journal.pending_schedules()],
+                    scheduled=[scheduled(s) for s in self.journal.pending_schedules()],
                 )
             )
         entries = self.journal.entries_for_todo(request.todo_id)
@@ -685,61 +582,16 @@ class Intake:
         from .metrics import timings_by_completion
 
         timings = timings_by_completion(self.journal, [e.completion_id for e in entries])
-        deadlines: list[p.Deadline] = []
-        timer = timers[0] if timers else None
-        if timer is not None:
-            if timer.completion_due is not None:
-                deadlines.append(
-                    p.Deadline(
-                        name="completion",
-                        due_at=timer.completion_due,
-                        fired=bool(timer.completion_fired),
-                    )
-                )
-            if timer.emergency_due is not None:
-                deadlines.append(
-                    p.Deadline(
-                        name="emergency",
-                        due_at=timer.emergency_due,
-                        fired=bool(timer.emergency_fired),
-                    )
-                )
         return p.StatusReport(
-            todo=p.TodoStatus(
-                todo_id=request.todo_id,
-                entries=[
-                    p.Entry(
-                        completion_id=e.completion_id,
-                        kind=e.kind,
-                        state=e.state,
-                        source=e.source,
-                        attempts=e.attempts,
-                        last_error=e.last_error,
-                        outcome=e.outcome,
-                        created_at=e.created_at,
-                        updated_at=e.updated_at,
-                        timings=timings.get(e.completion_id, {}),
-                    )
-                    for e in entries
-                ],
-                deadlines=deadlines,
-                waiting=timer.waiting if timer else None,
-                session_id=timer.session_id if timer else None,
-                last_heard_at=timer.last_heard_at if timer else None,
-                note=timer.note if timer else None,
-                scheduled=[_scheduled(s) for s in schedules],
-                predicted_hang=self._predicted_hang(request.todo_id),
+            todo=todo_status(
+                request.todo_id,
+                entries,
+                timers[0] if timers else None,
+                schedules,
+                predicted_hang(self.journal.checks(), request.todo_id),
+                timings,
             )
         )
-
-    def _predicted_hang(self, todo_id: int) -> str | None:
-        for name, status, message, ids, _at in self.journal.checks():
-            if name == "predicted_hangs" and status != "OK" and todo_id in ids:
-                prefix = f"todo {todo_id}: "
-                for part in message.split(" | "):
-                    if part.startswith(prefix):
-                        return part[len(prefix) :]
-        return None
 
 
 def batch_completion_id(request_id: str, todo_id: int) -> str:
@@ -749,12 +601,6 @@ def batch_completion_id(request_id: str, todo_id: int) -> str:
 
 def scheduled_completion_id(request_id: str) -> str:
     return f"sched-{request_id}"
-
-
-def _scheduled(s: ScheduledCompletion) -> p.Scheduled:
-    return p.Scheduled(
-        request_id=s.request_id, todo_id=s.todo_id, due_at=s.due_at, state=s.state, reason=s.reason
-    )
 
 
 def _with_id(request: p.Request, request_id: str) -> p.Request:
