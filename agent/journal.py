@@ -1452,6 +1452,30 @@ class Journal:
                 found[cid] = (kind, outcome)
         return found
 
+    def latest_stage_rowid(self) -> int:
+        """Grows with every state change of an entry (the dashboard's "something changed")."""
+        return int(self._db.execute("SELECT COALESCE(MAX(rowid), 0) FROM stages").fetchone()[0])
+
+    def summaries(self, completion_ids: list[str]) -> dict[str, str | None]:
+        return self._column_of(completion_ids, "summary")
+
+    def reasons(self, completion_ids: list[str]) -> dict[str, str | None]:
+        return self._column_of(completion_ids, "reason")
+
+    def _column_of(self, completion_ids: list[str], column: str) -> dict[str, str | None]:
+        assert column in ("summary", "reason")
+        found: dict[str, str | None] = {}
+        for start in range(0, len(completion_ids), 500):
+            chunk = completion_ids[start : start + 500]
+            found.update(
+                self._db.execute(
+                    f"SELECT completion_id, {column} FROM entries"
+                    f" WHERE completion_id IN ({_marks(chunk)})",
+                    chunk,
+                ).fetchall()
+            )
+        return found
+
     def armed_count(self) -> int:
         return int(
             self._db.execute(

@@ -96,13 +96,15 @@ def run(argv: list[str]) -> int:
         # so they read the config through the cached copy that spares them the TOML parser.
         # export reads the database itself: it needs the password the client's copy lacks.
         fleet = args.command == "health" and getattr(args, "fleet", False)
-        full = args.command in ADMIN or args.command in ("export", "notify") or fleet
+        full = args.command in ADMIN or args.command in ("export", "notify", "dashboard") or fleet
         config = (load if full else load_for_client)(args.config)
     except ConfigError as exc:
         print(f"completionctl: configuration error: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE if args.command == "health" else EXIT_USAGE
     if args.command == "notify":
         return _notify(args, config)
+    if args.command == "dashboard":
+        return _dashboard(args, config)
     if args.command in ADMIN or fleet:
         from . import admin
 
@@ -419,6 +421,32 @@ def _secs(value: float | None) -> str:
     if value is None:
         return "-"
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def _dashboard(args: argparse.Namespace, config) -> int:
+    from pathlib import Path
+
+    from agent.webauth import bearer_token, new_login_token
+    from protocol.config import split_listen
+
+    if not config.web.listen:
+        print(
+            'completionctl: the dashboard is off: set web.listen (e.g. "127.0.0.1:8765")',
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    state = Path(config.state_dir)
+    if not state.is_dir():
+        print(f"completionctl: no state dir {state}: is completiond set up?", file=sys.stderr)
+        return EXIT_FAILED
+    if args.token:
+        print(bearer_token(state))
+        return EXIT_OK
+    host, port = split_listen(config.web.listen, "web.listen")
+    scheme = "https" if config.web.tls_cert and config.web.tls_key else "http"
+    shown = f"[{host}]" if ":" in host else host
+    print(f"{scheme}://{shown}:{port}/login?token={new_login_token(state)}")
+    return EXIT_OK
 
 
 def _notify(args: argparse.Namespace, config) -> int:

@@ -229,6 +229,15 @@ def _add_notify(sub, parents) -> None:
     test.add_argument("name", nargs="?", help="only this [[notify]] entry")
 
 
+def _add_dashboard(sub, parents) -> None:
+    dashboard = sub.add_parser(
+        "dashboard", parents=parents, help="print the dashboard's URL with a one-time login"
+    )
+    dashboard.add_argument(
+        "--token", action="store_true", help="print the bearer token for scripts instead"
+    )
+
+
 def _add_check(sub, parents) -> None:
     sub.add_parser(
         "check", parents=parents, help="preflight: config, state dir, socket, database, tmux"
@@ -263,6 +272,7 @@ SUBPARSERS: dict[str, Callable[[Any, list[argparse.ArgumentParser]], None]] = {
     "retry": _add_retry,
     "metrics": _add_metrics,
     "notify": _add_notify,
+    "dashboard": _add_dashboard,
     "check": _add_check,
     "db": _add_db,
     "hook": _add_hook,
