@@ -344,6 +344,8 @@ def test_hostile_payloads_run_no_script_on_any_page(make_agent, browser) -> None
         assert not fired(browser)
         assert not beacon.hits, beacon.hits[:10]
         browser.get(base + "/completions")
-        assert texts[0][1][:20] in text_of(browser, "completions")  # shown, as text
+        rows = browser.find_elements("css selector", "#completions tr[data-completion]")
+        assert len(rows) == len(todos) + 1  # every hostile completion is listed (and the refusal)
+        assert "alert(1)" in text_of(browser, "completions")  # shown as text, never run
     finally:
         beacon.close()
