@@ -27,13 +27,14 @@ from loguru import logger
 
 import protocol as p
 
-from . import access
+from . import access, git_evidence
 from .archive import archive_session, enforce_bounds
 from .dbroute import DbRoute
 from .journal import Entry, Kind, State, TodoTimers
 from .loop import ChildBase
 from .report import Report, _first_lines, one_line, render_report, sanitize_capped
 from .report_markdown import md_code_block
+from .session_facts import read_facts
 from .sources import Collected, CollectRequest, TodoFacts, collect
 from .store import SiteProfile, Store, StoreError, open_store
 from .system_status import describe_system
@@ -265,8 +266,9 @@ class Collector(ChildBase):
                 self.requesters[entry.completion_id] = requester
                 timers = self.journal.timers(entry.todo_id)
                 starter = self._starter(entry.todo_id)
+                git_base = self.journal.git_head(entry.todo_id)
                 future = self.pool.submit(
-                    self._collect, entry, timers[0] if timers else None, starter, now
+                    self._collect, entry, timers[0] if timers else None, starter, now, git_base
                 )
                 future.add_done_callback(self._wake)
                 self.inflight[entry.completion_id] = future
@@ -324,7 +326,12 @@ class Collector(ChildBase):
         return None
 
     def _collect(
-        self, entry: Entry, timers: TodoTimers | None, starter: int | None, now: float
+        self,
+        entry: Entry,
+        timers: TodoTimers | None,
+        starter: int | None,
+        now: float,
+        git_base: tuple[str, str] | None = None,
     ) -> Result:
         log = logger.bind(todo_id=entry.todo_id, completion_id=entry.completion_id)
         log.debug("collecting the {} completion", entry.kind)
@@ -392,6 +399,21 @@ class Collector(ChildBase):
         if timers is not None and timers.started_at:
             started = datetime.fromtimestamp(timers.started_at, UTC)
         completed = datetime.fromtimestamp(entry.created_at, UTC)
+        session = None
+        if transcript and os.path.isfile(transcript):
+            try:
+                session = read_facts(Path(transcript))
+            except OSError as exc:
+                log.info("the transcript's facts are unavailable: {}", exc)
+        evidence = None
+        repo = (git_base[0] if git_base else None) or cwd
+        if repo:
+            try:
+                evidence = git_evidence.evidence(
+                    repo, git_base[1] if git_base else None, uid=starter
+                )
+            except Exception as exc:  # evidence is a bonus: it must never cost the completion
+                log.warning("git evidence failed: {}", exc)
         try:
             report = render_report(
                 todo_id=entry.todo_id,
@@ -405,6 +427,8 @@ class Collector(ChildBase):
                 zone=self.facts.zone(),
                 language=self.config.report.language,
                 db_format=self.config.report.db_format,
+                session=session,
+                evidence=evidence,
             )
         except Exception:
             # A bug in the renderer must not keep the completion from the database.

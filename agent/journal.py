@@ -276,6 +276,12 @@ WHEN new.state != old.state AND (
         )
     );
 END;
+CREATE TABLE IF NOT EXISTS git_heads (
+    todo_id INTEGER PRIMARY KEY,
+    cwd TEXT NOT NULL,
+    head TEXT NOT NULL,
+    recorded_at REAL NOT NULL
+);
 """
 
 
@@ -1355,6 +1361,23 @@ class Journal:
 
     def projects(self) -> dict[int, int]:
         return dict(self._db.execute("SELECT todo_id, project_id FROM projects").fetchall())
+
+    def record_git_head(self, todo_id: int, cwd: str, head: str, now: float) -> None:
+        """The session's repository HEAD when its todo started (the base of the evidence)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO git_heads (todo_id, cwd, head, recorded_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT(todo_id) DO UPDATE SET cwd = excluded.cwd, head = excluded.head,"
+                " recorded_at = excluded.recorded_at",
+                (todo_id, cwd, head, now),
+            )
+
+    def git_head(self, todo_id: int) -> tuple[str, str] | None:
+        """(cwd, HEAD) recorded when the todo started, if any."""
+        row = self._db.execute(
+            "SELECT cwd, head FROM git_heads WHERE todo_id = ?", (todo_id,)
+        ).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
 
     def shorten_deadline(
         self, todo_id: int, *, expected_due: float, heard_at: float, new_due: float

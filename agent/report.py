@@ -27,6 +27,8 @@ import nh3
 from markdown_it_pyrs import MarkdownIt as FastMarkdown
 
 from agent.report_markdown import report_markdown
+from agent.session_facts import SessionFacts
+from agent.session_report import GitEvidence, session_view
 from agent.sources import (
     NOTE_RESERVE,
     Collected,
@@ -154,6 +156,8 @@ def render_report(
     zone: tzinfo | None = None,
     language: str = "de",
     db_format: str = "markdown",
+    session: SessionFacts | None = None,
+    evidence: GitEvidence | None = None,
 ) -> Report:
     """Build the report for one completion. ``kind`` is "normal" or "emergency".
 
@@ -172,7 +176,19 @@ def render_report(
     field_budget = max_report_bytes // 16  # description, system status, problems: each
 
     text = sanitize_capped(collected.text, max_output_bytes)
+    view = session_view(
+        session,
+        evidence,
+        answer=text,
+        source=collected.source,
+        language=language,
+        zone=zone,
+        clean=_one_clean_line,
+    )
     summary = _summary(text, kind=kind, reason=reason, source=collected.source, words=words)
+    if kind != "emergency" and view.summary:
+        # The plugin's pattern: what the session did, counted; ⚠️ when its claim looks wrong.
+        summary = one_line(view.summary, warning=view.warning is not None)
 
     if todo is not None and todo.title.strip():
         title = " ".join(sanitize_capped(todo.title, _TITLE_MAX_BYTES).split())
@@ -204,6 +220,11 @@ def render_report(
             + _fit_html(description, field_budget, _pre)
             + "</section>"
         )
+    if view.warning:
+        sections.insert(1, f'<p class="warning">⚠️ {escape(view.warning)}</p>')
+    for heading, items in view.sections:
+        lis = "".join(f"<li>{escape(item, quote=False)}</li>" for item in items)
+        sections.append(f"<section><h2>{escape(heading)}</h2><ul>{lis}</ul></section>")
     sections.append(_problems(problems, field_budget, words))
     output_at = len(sections) - 1  # the output goes before the problems section
 
@@ -232,6 +253,8 @@ def render_report(
             problems=problems,
             max_bytes=max_report_bytes,
             words=words,
+            session=view.sections,
+            warning=view.warning,
         )
     return Report(html=page, text=text, summary=summary, db=db)
 
@@ -287,6 +310,11 @@ def _summary(
 _MD_LINK_RE = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")
 _TAG_RE = re.compile(r"</?[A-Za-z!?/][^>]*>")
 _MARKS_RE = re.compile(r"(\*\*|__|`+|~~)")
+
+
+def _one_clean_line(text: str) -> str:
+    """Untrusted text (a path, a command, an error) as one sanitized line of bounded size."""
+    return " ".join(sanitize_capped(text, 2000).split())
 
 
 def plain_line(text: str) -> str:

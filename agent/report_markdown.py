@@ -70,15 +70,24 @@ def report_markdown(
     problems: list[str],
     max_bytes: int,
     words: dict[str, str],
+    session: list[tuple[str, list[str]]] = (),  # type: ignore[assignment]
+    warning: str | None = None,
 ) -> str:
-    """The whole report as Markdown of at most `max_bytes` UTF-8 bytes."""
+    """The whole report as Markdown of at most `max_bytes` UTF-8 bytes: what was done, the
+    final answer, then the session's files, commands, errors and duration, then the rest."""
     forced = kind == "emergency"
-    mark = "⚠️" if forced else "✅"
+    mark = "⚠️" if forced or warning else "✅"
     what = words["forced"] if forced else words["done"]
     budget = max_bytes // 16
-    parts = [
-        f"{mark} {words['todo']} #{todo_id} {what}: {md_inline(title)}",
-        "",
+    first = [f"{mark} {words['todo']} #{todo_id} {what}: {md_inline(title)}", ""]
+    if warning:
+        first += [f"⚠️ {md_inline(warning)}", ""]
+    parts: list[str] = []
+    for heading, items in session:
+        parts += [f"## {md_inline(heading)}", ""]
+        parts += [f"- {md_inline(item)}" for item in items]
+        parts.append("")
+    parts += [
         f"## {words['completion']}",
         "",
         *(f"- {name}: {md_inline(value)}" for name, value in facts),
@@ -109,12 +118,12 @@ def report_markdown(
     else:
         tail.append(words["no_problems"])
     tail.append("")
-    head = "\n".join(parts)
-    end = "\n".join(tail)
+    head = "\n".join(first)
+    rest = "\n".join(parts + tail)
     output_title = f"## {words['output']}\n\n"
-    room = max_bytes - _utf8_len(head) - _utf8_len(end) - _utf8_len(output_title) - 16
+    room = max_bytes - _utf8_len(head) - _utf8_len(rest) - _utf8_len(output_title) - 16
     if text.strip():
         block = _fitted_block(text, room) or INDENT + words["too_large"]
     else:
         block = words["no_output"]
-    return f"{head}\n{output_title}{block}\n\n{end}"
+    return f"{head}\n{output_title}{block}\n\n{rest}"

@@ -10,12 +10,14 @@ the locked todo waits, with backoff.
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from datetime import UTC, datetime
 
 from loguru import logger
 
+from . import git_evidence
 from .dbroute import DbRoute
 from .fleet import Beacon, worst
 from .journal import COMPLETION_KINDS, UNFINISHED_STATES, Entry, Kind, State
@@ -232,6 +234,11 @@ class Writer(ChildBase):
                 self._dead(entry, now, f"the journal entry cannot be written: {exc}")
         if not entries:
             return "dead"
+        for entry in entries:
+            # Before the todo shows as started: the evidence's base is the tree the session
+            # began with (a retried start keeps the first HEAD it recorded).
+            if entry.kind == Kind.START and entry.attempts == 0:
+                self._record_git_head(entry.todo_id, now)
         try:
             outcomes = self._store().apply(writes)
         except TransientError as exc:
@@ -361,6 +368,17 @@ class Writer(ChildBase):
             self.ring("monitor")
         if unreadable is not None:
             self._went_down(now, unreadable)
+
+    def _record_git_head(self, todo_id: int, now: float) -> None:
+        """The HEAD of the session's repository at start: the report's git evidence compares
+        the completion's working tree with it. Bounded by git_evidence's timeout."""
+        timers = self.journal.timers(todo_id)
+        cwd = timers[0].cwd if timers else None
+        if not cwd or not os.path.isdir(cwd):
+            return
+        commit = git_evidence.head(cwd)
+        if commit is not None:
+            self.journal.record_git_head(todo_id, cwd, commit, now)
 
     def _disarm(self, starts: list[tuple[int, float, str]]) -> None:
         """A start the database refused (no such todo, blocked, already completed) must not

@@ -265,8 +265,12 @@ def test_each_source_wins_in_turn(make_agent, tmux_for) -> None:
     # The last main-chain message, both of its lines; never the subagent's or a tool call.
     assert text["transcript"] == FINAL_ANSWER
     transcript_page = html_bytes(agent, cases["transcript"][0]).decode()
+    output = re.search(r"<h2>Output</h2>(.*?)</section>", transcript_page, re.S)
+    assert output is not None
     for not_final in ("(subagent)", "npm test", "toolu_", "Ich sehe mir zuerst", "11 passed"):
-        assert not_final not in transcript_page and not_final not in text["transcript"]
+        assert not_final not in output.group(1) and not_final not in text["transcript"]
+    # The tool calls are facts of the session, listed in their own sections (issue #21).
+    assert "<h2>Commands (1)</h2><ul><li>✅ npm test</li></ul>" in transcript_page
     assert text["session_dir:output.md"] == "# Done\n\nThe **markdown** output."
     assert (
         "<strong>markdown</strong>" in html_bytes(agent, cases["session_dir:output.md"][0]).decode()
