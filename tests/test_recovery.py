@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from ctl import Client
 from tests.dbfixtures import fetch_row, proxied_url, raw_connection, raw_execute
 from tests.harness import (
     Agent,
@@ -72,9 +73,15 @@ def test_emergency_deadline_resets_a_todo_whose_writes_keep_failing(
     start(agent, mysql_url, late)
     # The outage begins once both starts are settled: a start cut off before its read-back
     # would make the writer see the outage first and only probe, never attempting the write.
+    # Heartbeats until then: a slow start's verification on a loaded machine is not silence.
+    client = Client(str(agent.config_path))
     for todo in (lost, late):
         wait_for(
-            lambda t=todo: [e["state"] for e in entries(agent, t, "start")] == ["cleaned"],
+            lambda t=todo: (
+                all(client.heartbeat(x).state == "accepted" for x in (lost, late))
+                and [e["state"] for e in entries(agent, t, "start")] == ["cleaned"]
+            ),
+            interval=0.3,
             what=f"the start of {todo} verified",
         )
     tcp_proxy.mode = "refuse"
