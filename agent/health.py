@@ -52,6 +52,7 @@ class HealthChecker:
         self._thread: threading.Thread | None = None
         self._store: Store | None = None
         self._route: DbRoute | None = None  # the health checks' own tunnel (see dbroute)
+        self._fleet_ready: object = None  # the store the fleet tables were checked on
         self._journal: Journal | None = None
         self._stop = threading.Event()
         # Orphans archived (and warnings given), by (path, inode, mtime): each is handled once.
@@ -160,7 +161,9 @@ class HealthChecker:
         acted: list[int] = []
         try:
             fleet = fleet_of(self._store)
-            fleet.ensure()
+            if self._fleet_ready is not self._store:
+                fleet.ensure()
+                self._fleet_ready = self._store
             members = fleet.members()
             if self.config.behavior.auto_recovery:
                 for todo_id, owner, silence in fleet.orphans(

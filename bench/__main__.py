@@ -21,6 +21,7 @@ from bench.common import PYTHON, REPO, Outcome, Row, load_outcome, machine, rend
 
 BENCHES = (
     "hook", "peers", "abcpu", "throughput", "drain", "idle", "health", "report", "recovery",
+    "cluster",
 )  # fmt: skip
 DOC = REPO / "docs" / "PERFORMANCE.md"
 BEGIN = "<!-- bench:results:begin (written by `python -m bench`; edits here are lost) -->"

@@ -12,7 +12,7 @@ import pytest
 
 from tests.harness import Agent, short_tmp
 
-pytest_plugins = ["tests.dbfixtures"]
+pytest_plugins = ["tests.dbfixtures", "tests.galera"]
 
 # On CI (.ci/run) every tool the tests drive is installed: a skip there means a test did not run,
 # and must fail instead of passing quietly. On a laptop, skips stay skips.

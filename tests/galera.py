@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pymysql
+import pytest
 
-from tests.harness import wait_for
+from tests.harness import short_tmp, wait_for
 from tests.mariadbd import Mariadbd
 from tests.sshd import free_port
 
@@ -138,3 +140,19 @@ class GaleraCluster:
 
     def node_url(self, i: int, database: str) -> str:
         return self.url(database, [i])
+
+
+@pytest.fixture(scope="session")
+def galera_cluster() -> Iterator[GaleraCluster]:
+    """Three Galera nodes for the session (tests using it carry xdist_group("galera") so that
+    one worker runs them all); skipped only where Galera is not installed, never on CI."""
+    if not have_galera():
+        pytest.skip("needs galera-4 (/usr/lib/galera/libgalera_smm.so), rsync, mariadbd and root")
+    root = short_tmp("gal-")
+    cluster = GaleraCluster(root)
+    try:
+        cluster.start_all()
+        yield cluster
+    finally:
+        cluster.stop_all()
+        shutil.rmtree(root, ignore_errors=True)

@@ -58,8 +58,18 @@ class Fleet:
         self.claims = f"`{prefix}completion_claims`"
 
     def ensure(self) -> None:
+        """Create the two tables where missing.  Existence is checked first: a CREATE, even
+        IF NOT EXISTS, is DDL that Galera runs in total order across the cluster, aborting
+        what conflicts with it."""
         s = self.store
         with s._lock, s._transaction(write=True) as cur:
+            cur.execute(
+                "SELECT COUNT(*) FROM information_schema.TABLES"
+                " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN (%s, %s)",
+                (self.agents.strip("`"), self.claims.strip("`")),
+            )
+            if int(cur.fetchone()[0]) == 2:
+                return
             cur.execute(
                 f"CREATE TABLE IF NOT EXISTS {self.agents} ("
                 "`agent_id` VARCHAR(128) COLLATE utf8mb4_bin NOT NULL, "
