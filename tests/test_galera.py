@@ -152,11 +152,11 @@ def _database_check(agent: Agent) -> str:
 
 
 def _missing(cluster: GaleraCluster, database: str, ledger: Ledger) -> set[str]:
-    """Acked completion ids not (yet) in completion_log, read whole on node 1."""
+    """Acked completion ids not (yet) in the audit table, read whole on node 1."""
     conn = connect(cluster, 0, database)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT completion_id FROM completion_log")
+            cur.execute("SELECT completion_id FROM stage_completion_log")
             present = {str(r[0]) for r in cur.fetchall()}
     except pymysql.err.MySQLError:
         present = set()
@@ -286,7 +286,7 @@ def test_three_agents_on_three_nodes_exactly_once(
             def recovered() -> list:
                 with claims.cursor() as cur:
                     cur.execute(
-                        "SELECT completion_id, kind FROM completion_log WHERE todo_id = %s",
+                        "SELECT completion_id, kind FROM stage_completion_log WHERE todo_id = %s",
                         (orphan,),
                     )
                     return list(cur.fetchall())

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from .base import PermanentError, StoreError
+from .base import LOG_TABLE, PermanentError, StoreError, log_table_for
 
 
 def table_prefix(todo_table: str) -> str:
-    """`stage_` for `stage_project_todos` (the WordPress plugin's prefix); "" otherwise."""
-    return todo_table.removesuffix("project_todos") if todo_table.endswith("project_todos") else ""
+    """The prefix the audit table gets (`stage_` for `stage_project_todos`; see base)."""
+    return log_table_for(todo_table).removesuffix(LOG_TABLE)
 
 
 @dataclass(frozen=True, slots=True)
