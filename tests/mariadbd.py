@@ -74,7 +74,7 @@ class Mariadbd:
             os.chmod(parent, os.stat(parent).st_mode | 0o011)
         chown_mysql(self.root)
         if not (self.datadir / "mysql").is_dir():
-            subprocess.run(
+            done = subprocess.run(
                 [
                     "mariadb-install-db",
                     "--no-defaults",
@@ -83,10 +83,15 @@ class Mariadbd:
                     "--auth-root-authentication-method=normal",
                     "--skip-test-db",
                 ],
-                check=True,
                 capture_output=True,
-                timeout=120,
+                text=True,
+                timeout=180,
             )
+            if done.returncode != 0:
+                raise AssertionError(
+                    f"mariadb-install-db for {self.datadir} exited {done.returncode}: "
+                    f"{(done.stderr or done.stdout)[-2000:]}"
+                )
         return self
 
     def command(self) -> list[str]:
