@@ -484,3 +484,28 @@ def test_the_agent_records_head_at_start_and_reports_what_git_saw(make_agent) ->
     assert f"- Stand beim Start: {base[:12]}" in md, md  # recorded at start, before HEAD moved
     assert "- Write/Edit an 3 Dateien; git sieht 2 geändert" in md
     assert "- Gemeldet, aber für git unverändert: c.php" in md
+
+
+def test_api_errors_count_as_errors_and_sidechain_models_do_not_win(tmp_path: Path) -> None:
+    t = Transcript()
+    t.say("Hallo", msg="m1")
+    error = t._envelope(
+        "assistant",
+        isApiErrorMessage=True,
+        message={
+            "id": "m2",
+            "role": "assistant",
+            "model": "<synthetic>",
+            "content": [{"type": "text", "text": "API Error: 529 Overloaded"}],
+        },
+    )
+    t.add(error)
+    side = t._envelope(
+        "assistant",
+        side=True,
+        message={"id": "s1", "role": "assistant", "model": "claude-haiku", "content": []},
+    )
+    t.add(side)
+    f = facts_of(t, tmp_path)
+    assert f.api_errors == 1 and f.main.errors == ["API Error: 529 Overloaded"]
+    assert f.model == "claude-sonnet-4"
