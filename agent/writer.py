@@ -13,14 +13,16 @@ from __future__ import annotations
 import os
 import random
 from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 
 from loguru import logger
 
 from . import git_evidence
 from .dbroute import DbRoute
 from .fleet import Beacon, worst
-from .journal import COMPLETION_KINDS, UNFINISHED_STATES, Entry, Kind, State
+from .journal import COMPLETION_KINDS, PENDING_STATES, UNFINISHED_STATES, Entry, Kind, State
 from .loop import ChildBase
 from .store import (
     PermanentError,
@@ -45,6 +47,31 @@ class _Unconfigured(Exception):
     """database.url or database.table cannot be used; nothing can be written until a restart."""
 
 
+class SchemaState(StrEnum):
+    READY = "ready"  # completion_log (and on SQLite the todo table) exist
+    PENDING = "pending"  # not checked yet, or the database did not answer: nothing is written
+    BROKEN = "broken"  # a permanent error: writes go ahead, and those it fails die with it
+
+
+@dataclass
+class DbState:
+    """What the writer knows about the database between two passes."""
+
+    schema: SchemaState = SchemaState.PENDING
+    schema_error: str | None = None
+    schema_retry_at: float = 0.0
+    down_since: float | None = None  # when it stopped answering; None while it answers
+    next_probe: float = 0.0  # while down: when to ping it next
+
+
+class Written(StrEnum):
+    """What became of a batch `_write` was given."""
+
+    DONE = "done"  # committed (some entries may have been refused or found dead on the way)
+    RETRY = "retry"  # a transient error: the entries back off, or the database is down
+    DEAD = "dead"  # a permanent error: the (single) entry is dead
+
+
 class Writer(ChildBase):
     name = "writer"
     rings = ("monitor",)
@@ -55,11 +82,7 @@ class Writer(ChildBase):
         self.beacon = Beacon(self.config, self.sweep)  # this agent's row in the fleet registry
         self.sqlite = self.config.database_url.startswith("sqlite:")
         self.config_error: str | None = None
-        self.schema = "pending"  # "ready" | "pending" | "broken" (see _prepare)
-        self.schema_error: str | None = None
-        self.schema_retry_at = 0.0
-        self.down_since: float | None = None
-        self.next_probe = 0.0
+        self.db = DbState()  # what this writer knows about the database
         self.transactions = 0  # committed write transactions since this writer started
         self._rng = random.Random()
 
@@ -101,14 +124,14 @@ class Writer(ChildBase):
             self._beat(now)
 
     def _work(self, now: float) -> float:
-        if self.down_since is not None:
-            if now < self.next_probe:
+        if self.db.down_since is not None:
+            if now < self.db.next_probe:
                 return self._next_wake(now)
             if not self._probe(now):
-                return self.next_probe
-        if self.schema != "ready" and now >= self.schema_retry_at:
+                return self.db.next_probe
+        if self.db.schema != SchemaState.READY and now >= self.db.schema_retry_at:
             self._prepare(now)
-        if self.down_since is not None or self.schema == "pending":
+        if self.db.down_since is not None or self.db.schema == SchemaState.PENDING:
             return self._next_wake(now)
         started = self.clock()
         while True:
@@ -117,10 +140,10 @@ class Writer(ChildBase):
                 break
             if verify:
                 self._verify_written(verify, now)
-            if batch and self.down_since is None:
+            if batch and self.db.down_since is None:
                 self._write(batch, now)
             now = self.clock()
-            if self.down_since is not None or not more:
+            if self.db.down_since is not None or not more:
                 break
             if now - started > WORK_BUDGET:
                 return now  # more to drain: run again at once, after a look at the signals
@@ -129,12 +152,12 @@ class Writer(ChildBase):
     def _beat(self, now: float) -> None:
         """Upsert this agent's fleet row (MySQL only), at most once a sweep, while the
         database answers."""
-        if not self.beacon.due(now) or self.store is None or self.down_since is not None:
+        if not self.beacon.due(now) or self.store is None or self.db.down_since is not None:
             return
-        if self.schema != "ready":
+        if self.db.schema != SchemaState.READY:
             return
         counts = self.journal.count_by_state()
-        backlog = sum(counts.get(s, 0) for s in ("accepted", "collected", "written", "dead"))
+        backlog = sum(counts.get(s, 0) for s in PENDING_STATES)
         health = worst([check[1] for check in self.journal.checks()])
         error = self.beacon.beat(self.store, now, backlog=backlog, health=health)
         if error is not None:
@@ -143,25 +166,25 @@ class Writer(ChildBase):
     def _prepare(self, now: float) -> None:
         """Create the audit table (and on SQLite the todo table) where missing.
 
-        Until that worked nothing is written ("pending"), except after a permanent error
-        ("broken"): then the writes go ahead and those that fail on it become dead with the
+        Until that worked nothing is written (PENDING), except after a permanent error
+        (BROKEN): then the writes go ahead and those that fail on it become dead with the
         error, since a wrong password or table needs a person, not a retry loop.
         """
         try:
             store = self._store()
             store.ensure_schema(create_todo_table=self.sqlite)
         except TransientError as exc:
-            self.schema_retry_at = now + PROBE_INTERVAL
+            self.db.schema_retry_at = now + PROBE_INTERVAL
             if self._contention(exc):
                 logger.info("database schema not checked yet: {}", exc)
             else:
                 self._went_down(now, exc)
             return
         except PermanentError as exc:
-            if self.schema_error != str(exc):
+            if self.db.schema_error != str(exc):
                 logger.error("cannot prepare the database schema: {}", exc)
-            self.schema, self.schema_error = "broken", str(exc)
-            self.schema_retry_at = now + self.config.behavior.retry_max_delay
+            self.db.schema, self.db.schema_error = SchemaState.BROKEN, str(exc)
+            self.db.schema_retry_at = now + self.config.behavior.retry_max_delay
             return
         moved = getattr(store, "moved_log_rows", 0)
         if moved:
@@ -170,9 +193,9 @@ class Writer(ChildBase):
                 moved,
                 getattr(store, "log_table", "the prefixed audit table"),
             )
-        if self.schema_error is not None:
+        if self.db.schema_error is not None:
             logger.info("database schema ready")
-        self.schema, self.schema_error = "ready", None
+        self.db.schema, self.db.schema_error = SchemaState.READY, None
 
     def _pick(self, now: float) -> tuple[list[Entry], list[Entry], bool]:
         """Entries ready to write and to verify, in order; a todo with an earlier unfinished
@@ -207,10 +230,10 @@ class Writer(ChildBase):
         wake = now + self.sweep
         if next_at is not None:
             wake = min(wake, max(next_at, now))
-        if self.down_since is not None:
-            wake = min(wake, self.next_probe)
-        if self.schema != "ready":
-            wake = min(wake, max(self.schema_retry_at, now))
+        if self.db.down_since is not None:
+            wake = min(wake, self.db.next_probe)
+        if self.db.schema != SchemaState.READY:
+            wake = min(wake, max(self.db.schema_retry_at, now))
         return wake
 
     def _contention(self, exc: StoreError) -> bool:
@@ -222,8 +245,8 @@ class Writer(ChildBase):
 
     # ------------------------------------------------------------ writing
 
-    def _write(self, batch: list[Entry], now: float) -> str:
-        """Write `batch` in one transaction; "done", "retry" (transient) or "dead"."""
+    def _write(self, batch: list[Entry], now: float) -> Written:
+        """Write `batch` in one transaction: DONE, RETRY (transient) or DEAD."""
         entries: list[Entry] = []
         writes: list[TodoWrite] = []
         for entry in batch:
@@ -233,7 +256,7 @@ class Writer(ChildBase):
             except (ValueError, OverflowError, OSError) as exc:
                 self._dead(entry, now, f"the journal entry cannot be written: {exc}")
         if not entries:
-            return "dead"
+            return Written.DEAD
         for entry in entries:
             # Before the todo shows as started: the evidence's base is the tree the session
             # began with (a retried start keeps the first HEAD it recorded).
@@ -245,18 +268,18 @@ class Writer(ChildBase):
             if self._contention(exc) and len(entries) > 1:
                 logger.info("{}; writing the batch of {} one at a time", exc, len(entries))
                 self._write_each(entries, now)
-                return "done"
+                return Written.DONE
             self._retry_later(entries, now, exc)
             if not self._contention(exc):
                 self._went_down(now, exc)
-            return "retry"
+            return Written.RETRY
         except PermanentError as exc:
             if len(entries) > 1:
                 # One bad entry must not hold up the rest: find it by writing one at a time.
                 self._write_each(entries, now)
-                return "done"
+                return Written.DONE
             self._dead(entries[0], now, str(exc))
-            return "dead"
+            return Written.DEAD
         self.transactions += 1
         counts = Counter(o.outcome for o in outcomes)
         logger.info(
@@ -267,17 +290,17 @@ class Writer(ChildBase):
         )
         self._came_back(now)
         self._record_outcomes(entries, writes, outcomes, now)
-        return "done"
+        return Written.DONE
 
     def _write_each(self, entries: list[Entry], now: float) -> None:
         """One transaction per entry; a todo whose entry must wait keeps its later ones back."""
         held: set[int] = set()
         for entry in entries:
-            if self.down_since is not None:
+            if self.db.down_since is not None:
                 return
             if entry.todo_id in held:
                 continue
-            if self._write([entry], self.clock()) == "retry":
+            if self._write([entry], self.clock()) is Written.RETRY:
                 held.add(entry.todo_id)
 
     def _record_outcomes(
@@ -473,20 +496,20 @@ class Writer(ChildBase):
     # ------------------------------------------------------------ outages
 
     def _went_down(self, now: float, exc: StoreError) -> None:
-        if self.down_since is None:
-            self.down_since = now
+        if self.db.down_since is None:
+            self.db.down_since = now
             logger.warning("database unreachable: {}; completions wait in the journal", exc)
         if self.store is not None:
             self.store.close()
             self.store = None
-        self.next_probe = now + PROBE_INTERVAL
+        self.db.next_probe = now + PROBE_INTERVAL
 
     def _probe(self, now: float) -> bool:
         try:
             self._store().ping()
         except TransientError as exc:
             if not self._contention(exc):
-                self.next_probe = now + PROBE_INTERVAL
+                self.db.next_probe = now + PROBE_INTERVAL
                 return False
         except PermanentError:
             pass  # it answers, with an error the next write will report (and die of)
@@ -494,10 +517,10 @@ class Writer(ChildBase):
         return True
 
     def _came_back(self, now: float) -> None:
-        if self.down_since is None:
+        if self.db.down_since is None:
             return
-        logger.info("database reachable again after {:.0f} s; draining", now - self.down_since)
-        self.down_since = None
+        logger.info("database reachable again after {:.0f} s; draining", now - self.db.down_since)
+        self.db.down_since = None
         # Everything that waited for the database may go now, not at its backoff time.
         self.journal.release_backoff()
 

@@ -172,7 +172,7 @@ def test_a_locked_row_splits_the_batch_and_only_its_todo_waits(rig: Rig) -> None
     assert [rig.state(f"c-{t}") for t in (1, 2, 3)] == ["verified", "collected", "verified"]
     waiting = rig.entry("c-2")
     assert waiting.attempts == 1 and "lock wait timeout" in waiting.last_error
-    assert rig.writer.down_since is None  # a lock is not an outage
+    assert rig.writer.db.down_since is None  # a lock is not an outage
     rig.store.locked = set()
     rig.run(waiting.next_attempt_at)
     assert rig.state("c-2") == State.VERIFIED
@@ -209,7 +209,7 @@ def test_an_outage_is_probed_once_a_second_and_drained_at_once(rig: Rig) -> None
     rig.collected(1, "c-1")
     rig.store.down = True
     wake = rig.run(T0)
-    assert rig.writer.down_since == T0
+    assert rig.writer.db.down_since == T0
     assert rig.entry("c-1").attempts == 1
     assert wake <= T0 + PROBE_INTERVAL
     pings = rig.store.pings
@@ -224,7 +224,7 @@ def test_an_outage_is_probed_once_a_second_and_drained_at_once(rig: Rig) -> None
     rig.store.down = False
     rig.run(T0 + 3 * PROBE_INTERVAL)
     # Back: the backoff is forgotten and the whole backlog goes in one transaction at once.
-    assert rig.writer.down_since is None
+    assert rig.writer.db.down_since is None
     assert rig.store.transactions == [["c-1", "c-2", "c-3", "c-4", "c-5"]]
     assert {rig.state(f"c-{i}") for i in range(1, 6)} == {State.VERIFIED}
 
