@@ -49,6 +49,12 @@ shorten_deadline           completion deadline earlier (predict.act    monitor
                            = "shorten"): only an armed, unfired one,
                            unheard since, and only earlier
 prune_history              forget settled schedules, old samples       monitor
+record_stages              a request's stage timings (metrics)         intake
+record_git_head            the repository's head at a write            writer
+add_event                  an event for the notify child               parent (daemon)
+fan_out, claim_deliveries, deliveries: queued, sending, done,          notify
+deliveries_done/_retry/    retried or dropped
+_drop
 =========================  ==========================================  ===================
 
 The writer's transitions also accept an entry that a reset marked FAILED meanwhile: the
