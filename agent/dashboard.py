@@ -244,6 +244,7 @@ def dashboard_app(config: Config, journal: Journal, live: Any):
         predicted: set[int] = set()
         with lock:
             timers = [t_ for t_ in journal.timers() if not t_.done]
+            scheduled = journal.pending_schedules()
             for name, state, _message, ids, _at in journal.checks():
                 if name == "predicted_hangs" and state != "OK":
                     predicted.update(ids)
@@ -270,7 +271,16 @@ def dashboard_app(config: Config, journal: Journal, live: Any):
                     "predicted": "⚠" if timer.todo_id in predicted else "",
                 }
             )
-        return {"rows": rows}
+        schedules = [
+            {
+                "todo_id": item.todo_id,
+                "due_at": item.due_at,
+                "left": f"{item.due_at - now:.0f} s",
+                "when": _when(item.due_at),
+            }
+            for item in scheduled
+        ]
+        return {"rows": rows, "schedules": schedules}
 
     def completions_data() -> dict[str, Any]:
         now = time.time()

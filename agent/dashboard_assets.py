@@ -124,6 +124,10 @@ TEMPLATES = {
 <td>{{ r.last_heard }}</td><td>{{ r.waiting or "" }}</td><td>{{ r.predicted or "" }}</td>
 <td><form class="inline" method="post" action="/action/emergency"><input type="hidden" name="csrf" value="{{ csrf }}"><input type="hidden" name="todo_id" value="{{ r.todo_id }}"><button type="submit" id="force-{{ r.todo_id }}">{{ t.force }}</button></form></td></tr>
 {% else %}<tr><td colspan="8">{{ t.none }}</td></tr>{% endfor %}</table>
+<h2>{{ t.scheduled }}</h2>
+<table id="scheduled"><tr><th>Todo</th><th>{{ t.due }}</th><th>{{ t.due_in }}</th></tr>
+{% for r in schedules %}<tr data-todo="{{ r.todo_id }}"><td><a href="/todo/{{ r.todo_id }}">{{ r.todo_id }}</a></td><td>{{ r.when }}</td><td><span data-due="{{ r.due_at }}">{{ r.left }}</span></td></tr>
+{% else %}<tr><td colspan="3">{{ t.none }}</td></tr>{% endfor %}</table>
 {% endblock %}""",
     "completions.html": """{% extends "base.html" %}{% block main %}
 <table id="completions"><tr><th>Todo</th><th>{{ t.kind }}</th><th>{{ t.state }}</th><th>{{ t.source }}</th><th>{{ t.revisions }}</th><th>{{ t.timings }}</th><th>{{ t.summary }}</th></tr>
@@ -214,6 +218,9 @@ TEXT = {
         "login_how": "Run `completionctl dashboard` on the agent's host and open the URL it prints "
         "(it holds a one-time login token).",
         "done": "Done",
+        "scheduled": "Scheduled completions",
+        "due": "Due",
+        "due_in": "Due in",
     },
     "de": {
         "overview": "Übersicht",
@@ -265,5 +272,8 @@ TEXT = {
         "login_how": "Auf dem Rechner des Agenten `completionctl dashboard` ausführen und die "
         "ausgegebene Adresse öffnen (sie enthält ein Einmal-Anmeldetoken).",
         "done": "Erledigt",
+        "scheduled": "Geplante Abschlüsse",
+        "due": "Fällig",
+        "due_in": "Fällig in",
     },
 }

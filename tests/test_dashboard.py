@@ -131,6 +131,13 @@ def login(agent: Agent, driver: Any) -> None:
 
 
 def text_of(driver: Any, element_id: str) -> str:
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    for _ in range(5):
+        try:  # a live update may swap the element between finding and reading it
+            return str(driver.find_element("id", element_id).text)
+        except StaleElementReferenceException:
+            time.sleep(0.1)
     return str(driver.find_element("id", element_id).text)
 
 
@@ -237,6 +244,8 @@ def test_pages_render_match_the_journal_and_update_live(make_agent, browser) -> 
     assert agent.ctl("complete", str(refused), "--output", "x").returncode == 0
     running = agent.add("Running")
     assert agent.ctl("start", str(running), "--timeout", "600").returncode == 0
+    later = agent.add("Later")
+    assert agent.ctl("complete", str(later), "--in", "1h", "--output", "x").returncode == 0
     for todo in done:
         agent.wait_states(todo, "cleaned")
     wait_for(lambda: agent.entry_states(refused) == ["failed"], what="the refusal")
@@ -257,9 +266,19 @@ def test_pages_render_match_the_journal_and_update_live(make_agent, browser) -> 
 
     browser.get(base + "/inflight")
     assert browser.find_elements("css selector", f'tr[data-todo="{running}"]')
-    due = browser.find_element("css selector", f'tr[data-todo="{running}"] [data-due]')
-    first = due.text
-    wait_for(lambda: due.text != first, 5, what="the countdown to tick")
+    selector = f'#inflight tr[data-todo="{running}"] [data-due]'
+    first = browser.find_element("css selector", selector).text
+
+    def ticked() -> bool:
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        try:  # a live update may swap the table meanwhile
+            return bool(browser.find_element("css selector", selector).text != first)
+        except StaleElementReferenceException:
+            return False
+
+    wait_for(ticked, 5, what="the countdown to tick")
+    assert str(later) in text_of(browser, "scheduled")
 
     browser.get(base + "/completions")
     rows = browser.find_elements("css selector", "#completions tr[data-completion]")
