@@ -235,6 +235,7 @@ def test_a_non_loopback_address_needs_tls(tmp_path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_pages_render_match_the_journal_and_update_live(make_agent, browser) -> None:
     agent, base = dashboard_agent(make_agent)
     done = [agent.add(f"Done {i}") for i in range(3)]
@@ -318,6 +319,7 @@ def test_pages_render_match_the_journal_and_update_live(make_agent, browser) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # 80 completions and 85 page loads; slow on a loaded machine
 def test_hostile_payloads_run_no_script_on_any_page(make_agent, browser) -> None:
     from agent.store import open_store
     from ctl import Client
@@ -349,7 +351,7 @@ def test_hostile_payloads_run_no_script_on_any_page(make_agent, browser) -> None
             client.complete(999_999, output=texts[0][1])  # refused: the problems page shows it
         wait_for(
             lambda: (agent.status_json() or {}).get("journal", {}).get("cleaned", 0) >= len(todos),
-            120,
+            300,
             what="every hostile completion written",
         )
         login(agent, browser)
