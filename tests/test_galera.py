@@ -327,3 +327,31 @@ def test_cluster_bench_runs_at_tiny_size(galera_cluster: GaleraCluster) -> None:
     for row in outcome.rows:
         assert row.result.endswith("/s") and float(row.result[:-2]) > 0
         assert row.baseline.startswith("one server ") and row.ratio is not None
+
+
+@pytest.mark.timeout(600)
+def test_a_node_outside_the_primary_component_is_passed_over(
+    galera_cluster: GaleraCluster, cluster_db: str
+) -> None:
+    """Node 1 isolated from the others (gmcast.isolate): not primary, wsrep_ready OFF.  A store
+    listing it first connects to node 2 instead; once it is back in the cluster it is used."""
+    c = galera_cluster
+    node = [f"127.0.0.1:{p['mysql']}" for p in c.ports]
+    c.nodes[0].execute("SET GLOBAL wsrep_provider_options = 'gmcast.isolate=1'")
+    try:
+        wait_for(lambda: c.status(0, "wsrep_ready") == "OFF", 60, what="node 1 not ready")
+        store = open_store(c.url(cluster_db, [0, 1, 2]), timeout=5, failback_after=1.0)
+        try:
+            store.ping()
+            assert store.node == node[1]  # type: ignore[attr-defined]
+            c.nodes[0].execute("SET GLOBAL wsrep_provider_options = 'gmcast.isolate=0'")
+            c.wait_synced(0)
+            c.wait_size(3)
+            time.sleep(1.1)
+            store.todos_with_status("offen")
+            assert store.node == node[0]  # type: ignore[attr-defined]
+        finally:
+            store.close()
+    finally:
+        c.nodes[0].execute("SET GLOBAL wsrep_provider_options = 'gmcast.isolate=0'")
+        c.wait_synced(0)
