@@ -1,10 +1,10 @@
-"""Health checks and auto-recovery, run by the monitor on a thread of its own.
+"""Health checks, run by the monitor on a thread of its own.
 
 Each round computes the checks (database, hanging_todos, orphaned_sessions, stale_markers,
-db_consistency, log_sizes), saves them in the journal for ``completionctl health``, and, when
-``behavior.auto_recovery`` is on, acts: force-completes hanging todos, resets inconsistent ones,
-archives orphaned session dirs, removes stale markers.  Actions go into the journal like any
-request; each is logged and counted, and keyed so it is never taken twice.
+db_consistency, log_sizes, fleet; the names and order are agent/checks.py's), saves them in the
+journal for ``completionctl health``, and, when ``behavior.auto_recovery`` is on, has
+agent/recovery.py act on what they found: force-complete hanging todos, reset inconsistent ones,
+archive orphaned session dirs, remove stale markers.
 """
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ from pathlib import Path
 from loguru import logger
 
 from protocol.config import Config
-from protocol.markers import trusted_stat
 
 from . import access
-from .archive import archive_orphan, enforce_bounds, remove_tree
 from .dbroute import DbRoute, writer_node
 from .fleet import agent_id, describe, stale_members
 from .journal import PENDING_STATES, Journal, State, TodoTimers
 from .logs import LOG_FILES
+from .recovery import Recovery
 from .store import Store, StoreError, Todo, TunnelError
 from .store.fleet import fleet_of
 
@@ -55,8 +54,7 @@ class HealthChecker:
         self._fleet_ready: object = None  # the store the fleet tables were checked on
         self._journal: Journal | None = None
         self._stop = threading.Event()
-        # Orphans archived (and warnings given), by (path, inode, mtime): each is handled once.
-        self._archived_orphans: set[tuple[str, int, int]] = set()
+        self.recovery = Recovery(config)  # what auto-recovery does about what the checks find
 
     @property
     def running(self) -> bool:
@@ -177,7 +175,7 @@ class HealthChecker:
                         owner,
                         silence,
                     )
-                    if self._force_complete(journal, todo_id, now - silence, now):
+                    if self.recovery.force_complete(journal, todo_id, now - silence, now):
                         acted.append(todo_id)
         except StoreError as exc:
             return CheckResult("fleet", "UNKNOWN", f"the fleet registry is unreadable: {exc}")
@@ -248,7 +246,7 @@ class HealthChecker:
         acted = []
         if self.config.behavior.auto_recovery:
             for todo_id in hanging:
-                if self._in_scope(todo_id, timers) and self._force_complete(
+                if self._in_scope(todo_id, timers) and self.recovery.force_complete(
                     journal, todo_id, silent_since[todo_id], now
                 ):
                     acted.append(todo_id)
@@ -263,30 +261,6 @@ class HealthChecker:
         if acted:
             message += f"; auto-recovery forced the completion of {acted}"
         return CheckResult("hanging_todos", "WARNING", message, sorted(hanging + overdue))
-
-    def _force_complete(self, journal: Journal, todo_id: int, since: float, now: float) -> bool:
-        """Queue one emergency completion for a hanging todo, unless one is already in hand.
-
-        Keyed by the todo and the start of its silence, so it is taken once per hang; another
-        agent sharing the database that acts on the same todo loses the writer's
-        compare-and-set and is recorded as a duplicate that changes nothing.
-        """
-        completion_id = f"hang-{todo_id}-{int(since)}"
-        added = journal.force_completion(
-            todo_id,
-            completion_id,
-            "auto-recovery: the todo was hanging (in_progress with nothing heard for "
-            f"{now - since:.0f} s, over hanging_after "
-            f"{self.config.behavior.hanging_after:.0f} s)",
-            now,
-        )
-        if added:
-            logger.bind(todo_id=todo_id, completion_id=completion_id, emergency=True).warning(
-                "auto-recovery: forced completion of hanging todo {} (silent for {:.0f} s)",
-                todo_id,
-                now - since,
-            )
-        return added
 
     def _consistency(
         self,
@@ -317,26 +291,12 @@ class HealthChecker:
                 heard = max(timer.last_heard_at or 0.0, timer.started_at or 0.0)
                 if now - heard <= after:
                     continue
-                if self._reset_inconsistent(journal, todo.id, heard, now):
+                if self.recovery.reset_inconsistent(journal, todo.id, heard, now):
                     acted.append(todo.id)
         message = f"{len(orphaned)} todo(s) in_progress with no live session known to this agent"
         if acted:
             message += f"; auto-recovery reset {acted} to offen"
         return CheckResult("db_consistency", "WARNING", message, [t.id for t in orphaned])
-
-    def _reset_inconsistent(self, journal: Journal, todo_id: int, since: float, now: float) -> bool:
-        completion_id = f"fix-{todo_id}-{int(since)}"
-        added = journal.reset_if_idle(
-            todo_id, completion_id, "auto-recovery: in_progress with no live session", now
-        )
-        if added:
-            logger.bind(todo_id=todo_id, completion_id=completion_id, emergency=True).warning(
-                "auto-recovery: todo {} is in_progress in the database, but this agent's session "
-                "for it ended {:.0f} s ago and nothing waits to be written; resetting it to offen",
-                todo_id,
-                now - since,
-            )
-        return added
 
     def _orphans(self, in_progress: list[Todo] | None, live: set[int], now: float) -> CheckResult:
         """Session dirs whose todo is neither live here nor in_progress in the database, and
@@ -369,7 +329,7 @@ class HealthChecker:
         # Without the database we cannot tell a live foreign session from an orphan.
         if behavior.auto_recovery and behavior.cleanup_orphaned and in_progress is not None:
             for todo_id, path in orphans:
-                done = self._recover_orphan(todo_id, path, served, now)
+                done = self.recovery.archive_orphan(todo_id, path, served, now)
                 if done is not None:
                     acted.append(todo_id)
                     kept += not done
@@ -381,52 +341,6 @@ class HealthChecker:
             if kept:
                 message += f", archived but could not remove {kept}"
         return CheckResult("orphaned_sessions", "WARNING", message, ids)
-
-    def _recover_orphan(
-        self, todo_id: int, path: Path, served: frozenset[int], now: float
-    ) -> bool | None:
-        """Archive and remove one orphan: None when nothing was done, else whether it could be
-        removed after the archive.  Only a dir of a user the agent acts for, and each dir (by
-        inode and change time) once: one that cannot be removed is not archived every round."""
-        log = logger.bind(todo_id=todo_id)
-        try:
-            fd = access.open_session_dir(path, served)
-        except OSError as exc:
-            key = (str(path), 0, 0)
-            if key not in self._archived_orphans:  # said once, not every round
-                self._archived_orphans.add(key)
-                log.warning("orphan {} left alone: {}", path, exc.strerror or exc)
-            return None
-        try:
-            info = os.fstat(fd)
-        finally:
-            os.close(fd)
-        key = (str(path), info.st_ino, info.st_mtime_ns)
-        if key in self._archived_orphans:
-            return None
-        bounds = self.config.archive
-        try:
-            result = archive_orphan(
-                self.config.archive_dir,
-                path,
-                now,
-                session_owners=served,
-                max_bytes=bounds.max_bytes,
-                max_files=bounds.max_files,
-            )
-        except OSError as exc:
-            log.error("could not archive orphan {}: {}", path, exc)
-            return None
-        self._archived_orphans.add(key)
-        enforce_bounds(self.config, now)
-        removed = remove_tree(path)
-        log.warning(
-            "auto-recovery: archived orphaned session dir {} (no live todo) into {}; {}",
-            path,
-            result.path,
-            "removed it" if removed is None else f"could not remove it ({removed})",
-        )
-        return removed is None
 
     def _stale_markers(self, now: float) -> CheckResult:
         marker = self.config.marker
@@ -442,15 +356,7 @@ class HealthChecker:
             return CheckResult("stale_markers", "OK", "no stale marker file")
         removed = []
         if self.config.behavior.auto_recovery:
-            served = access.served_uids(self.config)
-            for name in stale:
-                try:
-                    trusted_stat(name, served)  # another user's file is not ours to remove
-                    os.unlink(name)
-                    removed.append(name)
-                    logger.warning("auto-recovery: removed stale marker {}", name)
-                except OSError as exc:
-                    logger.error("could not remove stale marker {}: {}", name, exc)
+            removed = self.recovery.remove_stale_markers(stale)
             if removed:
                 self._bump("markers_removed", len(removed))
         message = f"marker file(s) older than {marker.stale_after:.0f} s: {', '.join(stale)}"
