@@ -114,6 +114,32 @@ def archive_orphan(
     )
 
 
+def identity(info: os.stat_result) -> str:
+    """How an archive's notes name the session dir it copied: device, inode, change time."""
+    return f"{info.st_dev}:{info.st_ino}:{info.st_mtime_ns}"
+
+
+def archived_before(archive_root: Path, session_dir: Path, info: os.stat_result) -> Path | None:
+    """The orphan archive already taken of this very dir (same identity), if any: an orphan
+    that cannot be removed is archived once, across restarts too."""
+    line = f"session directory identity: {identity(info)}"
+    prefix = f"orphaned_{Path(session_dir).name or 'session'}_"
+    try:
+        with os.scandir(archive_root) as entries:
+            for entry in entries:
+                if not entry.name.startswith(prefix):
+                    continue
+                try:
+                    notes = (Path(entry.path) / NOTES_FILE).read_text(errors="replace")
+                except OSError:
+                    continue
+                if line in notes.splitlines():
+                    return Path(entry.path)
+    except OSError:
+        return None
+    return None
+
+
 def remove_stale_staging(archive_root: Path, older_than: float) -> list[str]:
     """Remove half-built archives (the hidden ``.todo_*.tmp`` / ``.orphaned_*.tmp`` staging
     directories) last changed before ``older_than`` (a wall-clock time); their names.
@@ -224,7 +250,8 @@ class _ArchiveBuilder:
                 self.notes.append(f"session directory {source}: {error.strerror}; not archived")
             return
         try:
-            access.check_owned(os.fstat(top), self.session_owners, "directory")
+            info = os.fstat(top)
+            access.check_owned(info, self.session_owners, "directory")
         except OSError as error:
             os.close(top)
             self.notes.append(f"session directory {source}: {error.strerror}; not archived")
@@ -234,6 +261,7 @@ class _ArchiveBuilder:
         finally:
             os.close(top)
         self.origins.append(f"session directory: {source} -> session/")
+        self.origins.append(f"session directory identity: {identity(info)}")
 
     def _copy_dir(self, dir_fd: int, dest: Path, label: str, depth: int) -> None:
         dest.mkdir(mode=0o700)

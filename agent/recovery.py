@@ -16,7 +16,7 @@ from protocol.config import Config
 from protocol.markers import trusted_stat
 
 from . import access
-from .archive import archive_orphan, enforce_bounds, remove_tree
+from .archive import archive_orphan, archived_before, enforce_bounds, remove_tree
 from .journal import Journal
 
 
@@ -85,6 +85,11 @@ class Recovery:
             os.close(fd)
         key = (str(path), info.st_ino, info.st_mtime_ns)
         if key in self._archived_orphans:
+            return None
+        earlier = archived_before(self.config.archive_dir, path, info)
+        if earlier is not None:  # archived by an earlier monitor, and not removable since
+            self._archived_orphans.add(key)
+            log.warning("orphan {} was archived before ({}); not again", path, earlier.name)
             return None
         bounds = self.config.archive
         try:

@@ -786,3 +786,19 @@ def test_l1_a_password_with_url_characters_is_shown_in_no_message(make_agent, my
     for text in said:
         for piece in ("Pw#", "S3cr", secret):
             assert piece.encode() not in text, text[:2000]
+
+
+def test_h2_an_orphan_is_archived_once_even_across_monitor_restarts(tmp_path: Path) -> None:
+    from agent.archive import archive_orphan, archived_before
+
+    orphan = tmp_path / "claude_session_9"
+    orphan.mkdir()
+    (orphan / "output.md").write_text("x")
+    root = tmp_path / "archive"
+    assert archived_before(root, orphan, orphan.stat()) is None
+    taken = archive_orphan(root, orphan, 1000.0).path
+    # A new monitor (nothing in memory) finds the archive of this very dir by its identity.
+    assert archived_before(root, orphan, orphan.stat()) == taken
+    (orphan / "later.md").write_text("y")  # changed since: a different dir to the sweep
+    os.utime(orphan, ns=(orphan.stat().st_atime_ns, orphan.stat().st_mtime_ns + 10**9))
+    assert archived_before(root, orphan, orphan.stat()) is None
