@@ -400,17 +400,22 @@ class Collector(ChildBase):
             started = datetime.fromtimestamp(timers.started_at, UTC)
         completed = datetime.fromtimestamp(entry.created_at, UTC)
         session = None
-        if transcript and os.path.isfile(transcript):
+        opener = self._opener(reader)
+        if transcript and os.path.isfile(transcript) and opener is not False:
             try:
-                session = read_facts(Path(transcript))
+                session = read_facts(Path(transcript), opener=opener or None)
             except OSError as exc:
                 log.info("the transcript's facts are unavailable: {}", exc)
         evidence = None
         repo = (git_base[0] if git_base else None) or cwd
-        if repo:
+        # git runs as whoever named the directory: the starter for the start's cwd, the
+        # requester for one this request names (never as the agent for another user).
+        namer = requester if getattr(request, "cwd", None) and not git_base else starter
+        git_uid = starter if access.is_self(namer) else namer
+        if repo and not (git_uid == p.REMOTE and not self.config.collect.remote_paths):
             try:
                 evidence = git_evidence.evidence(
-                    repo, git_base[1] if git_base else None, uid=starter
+                    repo, git_base[1] if git_base else None, uid=git_uid
                 )
             except Exception as exc:  # evidence is a bonus: it must never cost the completion
                 log.warning("git evidence failed: {}", exc)
@@ -465,6 +470,15 @@ class Collector(ChildBase):
             log.info("collection problem: {}", problem)
         log.info("collected from {}", collected.source)
         return Result(entry, values, collected.tried)
+
+    def _opener(self, uid: int | None):
+        """How to open a path ``uid`` named: None (as the agent, its own user), a function
+        (agent.access.open_as), or False (a tcp:// peer's path, not read at all)."""
+        if access.is_self(uid):
+            return None
+        if uid == p.REMOTE and not self.config.collect.remote_paths:
+            return False
+        return lambda path: access.open_as(path, uid, remote_paths=self.config.collect.remote_paths)
 
     def _archive(
         self, entry: Entry, session_dir, owners, transcript, reader, report_html, now, log

@@ -73,10 +73,11 @@ def _git(cwd: str, *args: str, timeout: float = TIMEOUT, uid: int | None = None)
     return result.stdout[:MAX_OUTPUT]
 
 
-def head(cwd: str) -> str | None:
-    """The commit HEAD names in `cwd`, or None (not a repository, no commit yet, git missing)."""
+def head(cwd: str, *, uid: int | None = None) -> str | None:
+    """The commit HEAD names in `cwd`, or None (not a repository, no commit yet, git missing);
+    `uid` as for `_git`."""
     try:
-        out = _git(cwd, "rev-parse", "--verify", "-q", "HEAD", timeout=5.0)
+        out = _git(cwd, "rev-parse", "--verify", "-q", "HEAD", timeout=5.0, uid=uid)
     except (OSError, subprocess.SubprocessError):
         return None
     text = out.decode("ascii", "replace").strip()
@@ -94,7 +95,7 @@ def evidence(cwd: str | None, base: str | None, *, uid: int | None = None) -> Gi
         return GitEvidence(None, missing="git did not answer in time")
     except (OSError, subprocess.SubprocessError):
         return GitEvidence(None, missing="the working directory is not a git repository")
-    against = base or head(cwd)
+    against = base or head(cwd, uid=uid)
     if against is None:
         return GitEvidence(None, root=root, missing="the repository has no commit yet")
     try:

@@ -16,7 +16,9 @@ counted and skipped.
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -300,10 +302,18 @@ def _first_text(message: _Message) -> str:
     return ""
 
 
-def read_facts(path: Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> SessionFacts:
-    """Stream `path` and return what the session did. OSError if it cannot be read."""
+def read_facts(
+    path: Path,
+    *,
+    max_line_bytes: int = MAX_LINE_BYTES,
+    opener: Callable[[Path], int] | None = None,
+) -> SessionFacts:
+    """Stream `path` and return what the session did. OSError if it cannot be read.
+
+    `opener` returns a descriptor of the path opened with the requester's rights
+    (agent.access); without it the file is opened as the agent."""
     reader = _Reader()
-    with open(path, "rb") as handle:
+    with os.fdopen(opener(path), "rb") if opener else open(path, "rb") as handle:
         while True:
             data = handle.readline(max_line_bytes + 1)
             if not data:

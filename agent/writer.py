@@ -19,6 +19,8 @@ from enum import StrEnum
 
 from loguru import logger
 
+import protocol as p
+
 from . import git_evidence
 from .dbroute import DbRoute
 from .fleet import Beacon, worst
@@ -261,7 +263,7 @@ class Writer(ChildBase):
             # Before the todo shows as started: the evidence's base is the tree the session
             # began with (a retried start keeps the first HEAD it recorded).
             if entry.kind == Kind.START and entry.attempts == 0:
-                self._record_git_head(entry.todo_id, now)
+                self._record_git_head(entry.todo_id, now, _requester(entry))
         try:
             outcomes = self._store().apply(writes)
         except TransientError as exc:
@@ -392,14 +394,19 @@ class Writer(ChildBase):
         if unreadable is not None:
             self._went_down(now, unreadable)
 
-    def _record_git_head(self, todo_id: int, now: float) -> None:
+    def _record_git_head(self, todo_id: int, now: float, starter: int | None = None) -> None:
         """The HEAD of the session's repository at start: the report's git evidence compares
-        the completion's working tree with it. Bounded by git_evidence's timeout."""
+        the completion's working tree with it. Bounded by git_evidence's timeout.  git runs
+        as the user who started the session (the cwd is theirs to name), never as the agent
+        for someone else; a tcp:// peer's cwd is not looked at."""
+        if starter == p.REMOTE and not self.config.collect.remote_paths:
+            return
         timers = self.journal.timers(todo_id)
         cwd = timers[0].cwd if timers else None
         if not cwd or not os.path.isdir(cwd):
             return
-        commit = git_evidence.head(cwd)
+        uid = None if starter is None or starter == os.geteuid() else starter
+        commit = git_evidence.head(cwd, uid=uid)
         if commit is not None:
             self.journal.record_git_head(todo_id, cwd, commit, now)
 
@@ -554,3 +561,13 @@ def _to_write(entry: Entry) -> TodoWrite:
         source=entry.source or "",
         attempts=entry.attempts + 1,
     )
+
+
+def _requester(entry: Entry) -> int | None:
+    """Who sent the request behind a journal entry (protocol.TodoRequest.requester_uid)."""
+    if not entry.request:
+        return None
+    try:
+        return getattr(p.decode_request(entry.request), "requester_uid", None)
+    except p.ProtocolError:
+        return None

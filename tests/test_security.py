@@ -131,8 +131,27 @@ def test_h1_root_agent_reads_nothing_the_requester_could_not(make_agent) -> None
         vault = agent.root / "vault"
         vault.mkdir(mode=0o700)
         shadow = vault / "shadow"
-        shadow.write_text(transcript_line(SECRET))
+        command = {
+            "type": "assistant",
+            "message": {
+                "id": "msg_0",
+                "role": "assistant",
+                "content": [
+                    {"type": "tool_use", "id": "t1", "name": "Bash", "input": {"command": SECRET}}
+                ],
+            },
+        }
+        shadow.write_text(json.dumps(command) + "\n" + transcript_line(SECRET))
         shadow.chmod(0o600)
+        # Root's repository: git evidence would list its changed files' names.
+        repo = vault / "repo"
+        repo.mkdir()
+        git = ["git", "-c", "user.name=r", "-c", "user.email=r@x", "-C", str(repo)]
+        subprocess.run([*git, "init", "-q"], check=True)
+        (repo / "a").write_text("a")
+        subprocess.run([*git, "add", "a"], check=True)
+        subprocess.run([*git, "commit", "-qm", "a"], check=True)
+        (repo / f"{SECRET}.txt").write_text("x")
         tmux = str(agent.root / "tmux.sock")
         subprocess.run(
             ["tmux", "-S", tmux, "new-session", "-d", "-s", "roots", f"echo {SECRET}; sleep 60"],
@@ -157,7 +176,17 @@ def test_h1_root_agent_reads_nothing_the_requester_could_not(make_agent) -> None
         tmux_todo = agent.add("tmux")
         result = shared.ctl("complete", str(tmux_todo), "--tmux-target", "roots")
         assert result.returncode == 0, result.stderr
-        for todo in (stolen, probed, tmux_todo):
+        # The same through the hook: a payload's transcript_path and cwd.
+        hooked = agent.add("hook")
+        payload = {
+            "hook_event_name": "Stop",
+            "session_id": "s-h1",
+            "transcript_path": str(shadow),
+            "cwd": str(repo),
+        }
+        result = shared.ctl("hook", stdin=json.dumps(payload).encode(), TODO_ID=str(hooked))
+        assert result.returncode == 0 and not result.stdout, result.stderr
+        for todo in (stolen, probed, tmux_todo, hooked):
             finished(agent, todo)
             assert SECRET not in todo_text(agent, todo)
         assert SECRET.encode() not in archive_bytes(agent)
