@@ -265,11 +265,14 @@ class _Gauges:
                     "Whether the database answered the monitor's latest check.",
                     value=1 if checks["database"] == "OK" else 0,
                 )
-            if "tunnel" in checks and checks["tunnel"] != "UNKNOWN":
+            database = next((c for c in health.checks if c.name == "database"), None)
+            if self.exporter.config.database.ssh and database and database.status != "UNKNOWN":
+                # The database check names the hop that failed: "ssh to ..." is the tunnel.
+                down = database.status != "OK" and "ssh to " in database.message
                 yield GaugeMetricFamily(
                     "completiond_tunnel_up",
-                    "Whether the SSH tunnel to the database is up.",
-                    value=1 if checks["tunnel"] == "OK" else 0,
+                    "Whether the agent's SSH tunnel to the database is up (database.ssh).",
+                    value=0 if down else 1,
                 )
 
 
