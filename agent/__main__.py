@@ -10,6 +10,7 @@ import sys
 
 from loguru import logger
 
+from ctl.parser import VersionAction
 from protocol.config import ConfigError, load
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED = 0, 1, 2, 3
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         description="The completion agent: journals completions, collects, writes and monitors.",
     )
     parser.add_argument("--config", metavar="PATH", help="config file (.toml or .json)")
+    parser.add_argument("--version", action=VersionAction, help="print the version and exit")
     args = parser.parse_args(argv)
     try:
         config = load(args.config)

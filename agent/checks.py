@@ -111,15 +111,23 @@ def journal_check(
     return p.Check(name="journal", status="OK", message=f"backlog {waiting}, none dead")
 
 
-def refused_check(rows: list[tuple[int, str | None]]) -> p.Check:
-    """``rows``: (todo id, reason) of the latest refused requests, newest first."""
+def refused_check(rows: list[tuple[int, str | None]], window: float | None = None) -> p.Check:
+    """``rows``: (todo id, reason) of the latest refused requests, newest first — those of the
+    last ``window`` seconds (``health.refused_window``) since the last `ack refused`."""
+    within = f" in the last {window:g} s" if window else ""
     if not rows:
-        return p.Check(name="refused", status="OK", message="no request was refused")
+        return p.Check(
+            name="refused",
+            status="OK",
+            message=f"no request was refused{within}"
+            + (" (or since `completionctl ack refused`)" if window else ""),
+        )
     ids = sorted({row[0] for row in rows})
     return p.Check(
         name="refused",
         status="WARNING",
-        message=f"{len(rows)} request(s) refused by the database; latest: {rows[0][1]}",
+        message=f"{len(rows)} request(s) refused by the database{within}; latest: "
+        f"{rows[0][1]}" + (" (`completionctl ack refused` clears this)" if window else ""),
         todo_ids=ids,
     )
 
@@ -226,6 +234,7 @@ def todo_status(
                 created_at=e.created_at,
                 updated_at=e.updated_at,
                 timings=(timings or {}).get(e.completion_id, {}),
+                archive_path=e.archive_path,
             )
             for e in entries
         ],

@@ -9,6 +9,7 @@ source, because the entry is still ``accepted`` and the next collector simply do
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import os
 import queue
@@ -30,7 +31,7 @@ import protocol as p
 from . import access, git_evidence
 from .archive import archive_session, enforce_bounds
 from .dbroute import DbRoute
-from .journal import Entry, Kind, State, TodoTimers
+from .journal import ANSWER_KINDS, Entry, Kind, State, TodoTimers
 from .loop import ChildBase
 from .report import Report, _first_lines, one_line, render_report, sanitize_capped
 from .report_markdown import md_code_block
@@ -377,6 +378,12 @@ class Collector(ChildBase):
             tmux_timeout=self.config.collect.tmux_timeout,
             tmux_socket=self.config.collect.tmux_socket or None,
         )
+        if _failed_session(entry):
+            # A session whose last word was an API error (hook.on_failure): the report says so.
+            collected = dataclasses.replace(
+                collected,
+                problems=(*collected.problems, f"the session failed: {entry.reason}"),
+            )
         facts = None
         known = False  # whether the database answered (facts None then: no such todo)
         try:
@@ -439,14 +446,23 @@ class Collector(ChildBase):
             # A bug in the renderer must not keep the completion from the database.
             log.exception("rendering the report failed; storing a plain one instead")
             report = plain_report(entry.todo_id, collected, completed)
+        text, summary = report.text, report.summary
+        if _failed_session(entry):
+            said = sanitize_capped(entry.reason or "", 1000)
+            text = f"[The session failed: {said}]\n\n{text}"
+            summary = f"Session failed ({said}). {summary}"[:1000]
         values: dict[str, object] = {
             "html": report.for_database,
-            "text": report.text,
-            "summary": report.summary,
+            "text": text,
+            "summary": summary,
             "source": collected.source,
             "problems": "\n".join(collected.problems) or None,
         }
-        if known and (facts is None or facts.status not in ARCHIVED_STATUSES):
+        if getattr(request, "event", None) == "Stop" and entry.kind in ANSWER_KINDS:
+            # A Stop ends a turn, not necessarily the work: the monitor archives once the
+            # todo's result is final (its session ended, or hook.final_after passed).
+            log.debug("archive deferred until the result is final")
+        elif known and (facts is None or facts.status not in ARCHIVED_STATUSES):
             # The writer will refuse it: nothing of it is worth disk space (or an attacker's
             # completions for todos that do not exist would fill the disk).
             log.info("not archived: the todo does not exist or is {}", facts and facts.status)
@@ -513,6 +529,14 @@ class Collector(ChildBase):
         log.info("archived {} file(s) into {}", result.files, result.path)
         enforce_bounds(self.config, now, log)
         return str(result.path)
+
+
+def _failed_session(entry: Entry) -> bool:
+    """A completion of a session whose last word was StopFailure (hook.on_failure)."""
+    return bool(entry.reason) and (
+        entry.kind == Kind.FAILURE
+        or (entry.kind == Kind.NORMAL and (entry.reason or "").startswith("StopFailure"))
+    )
 
 
 def plain_report(todo_id: int, collected: Collected, completed: datetime) -> Report:

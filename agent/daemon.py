@@ -27,6 +27,7 @@ from protocol.dburl import mask_url
 
 from .checks import ChildInfo
 from .doorbell import CHILDREN, Bells, children_for
+from .httphook import HttpHooks
 from .intake import Intake
 from .journal import Journal
 from .memory import Trimmer
@@ -182,6 +183,7 @@ class Parent:
         self.quota = Quota(config.limits.requests_per_second, config.limits.bytes_per_minute)
         self._peers_monitor: zmq.Socket | None = None
         self._peers: dict[int, int] = {}  # descriptor of a connected client -> its uid
+        self.http_hooks = HttpHooks(config)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -203,6 +205,7 @@ class Parent:
         self.supervisor.start_all(self.clock())
         for child in self.supervisor.children.values():
             self.poller.register(child.pidfd, zmq.POLLIN)
+        self.http_hooks.start()
         logger.info(
             "completiond {} listening on {} (state {}, database {})",
             os.getpid(),
@@ -259,6 +262,7 @@ class Parent:
     def shutdown(self) -> None:
         logger.info("stopping: no new requests; stopping children")
         self.notifier.stopping("stopping the children")
+        self.http_hooks.stop()  # its requests would only be queued in the outbox from here on
         if self._socket_path is not None:
             # New clients find no socket and queue in the outbox at once.
             with contextlib.suppress(FileNotFoundError):

@@ -33,7 +33,11 @@ from .checks import (
     todo_status,
     waiting_check,
 )
-from .journal import Journal, State
+from .journal import ANSWER_KINDS, Journal, Kind, State
+
+ACKNOWLEDGEABLE = ("refused",)  # checks `completionctl ack` can clear
+# SessionStart sources of a session that existed before (not a fresh start of the work).
+RESUMED_SOURCES = ("resume", "clear", "compact")
 
 
 class Refusal(Exception):
@@ -76,6 +80,7 @@ class Intake:
             p.BatchComplete: self._batch_complete,
             p.Schedule: self._schedule,
             p.Cancel: self._cancel,
+            p.Acknowledge: self._acknowledge,
         }
         self._readers: dict[type, Callable[[p.Request, float], p.Reply]] = {
             p.Ping: lambda request, now: p.Pong(version=p.VERSION, pid=_pid()),
@@ -83,6 +88,7 @@ class Intake:
             p.Status: lambda request, now: self.status(request, now),  # type: ignore[arg-type]
             p.Outcomes: lambda request, now: self.outcomes(request),  # type: ignore[arg-type]
             p.Metrics: lambda request, now: self.metrics(request, now),  # type: ignore[arg-type]
+            p.ListTodos: lambda request, now: self.list_todos(request, now),  # type: ignore[arg-type]
         }
 
     # ------------------------------------------------------------ batches
@@ -276,6 +282,31 @@ class Intake:
     def _start(self, db: sqlite3.Connection, request: p.Request, now: float) -> Outcome:
         assert isinstance(request, p.Start)
         todo_id = self.resolve(db, request)
+        if request.source in RESUMED_SOURCES and self.journal.has_completion(db, todo_id):
+            # `claude --resume`, /clear or a compaction of a session whose todo is completed:
+            # the session is alive, nothing starts anew (and nothing is refused).
+            self._record(db, request, todo_id, now)
+            self.journal.heard(
+                db,
+                todo_id,
+                now,
+                default_timeout=self.config.behavior.completion_timeout,
+                session_id=request.session_id,
+            )
+            logger.bind(todo_id=todo_id).info(
+                "session {} {}: the todo is completed already; a heartbeat",
+                request.session_id,
+                request.source,
+            )
+            return Outcome(
+                self._ack(
+                    request,
+                    todo_id,
+                    message=f"todo {todo_id} is completed already; this {request.source} is "
+                    "a heartbeat of its session",
+                ),
+                {"monitor"},
+            )
         behavior = self.config.behavior
         completion_id = f"start-{request.request_id}"
         self._record(db, request, todo_id, now, completion_id)
@@ -293,6 +324,7 @@ class Intake:
             transcript_path=request.transcript_path,
             cwd=request.cwd,
         )
+        self.journal.reopen(db, todo_id)
         logger.bind(todo_id=todo_id).info("start accepted (session {})", request.session_id)
         return Outcome(self._ack(request, todo_id, completion_id), {"writer", "monitor"})
 
@@ -309,6 +341,9 @@ class Intake:
             note=note,
             session_id=request.session_id,
         )
+        if request.event == "StopFailure":
+            # The turn ended with an API error: a SessionEnd after it is not a completion.
+            self.journal.set_last_word(db, todo_id, note, now, stop=False)
         if note:
             logger.bind(todo_id=todo_id).warning("session reported {}", note)
         return Outcome(self._ack(request, todo_id), {"monitor"})
@@ -324,17 +359,85 @@ class Intake:
     def _complete(self, db: sqlite3.Connection, request: p.Request, now: float) -> Outcome:
         assert isinstance(request, p.Complete)
         todo_id = self.resolve(db, request)
+        if request.event == "Stop":
+            self.journal.set_last_word(db, todo_id, "Stop", now, stop=True)
+        else:
+            if request.event == "SessionEnd":
+                word = self.journal.last_word(db, todo_id)
+                if word and word.startswith("StopFailure"):
+                    return self._failed_session(db, request, todo_id, word, now)
+            # The session ended (or a person or script said it is done): the result is final.
+            self.journal.mark_final(db, todo_id, now)
         if request.only_if_open and self.journal.has_completion(db, todo_id):
             self._record(db, request, todo_id, now)
             return Outcome(
-                self._ack(request, todo_id, message="already completed; nothing to do"), set()
+                self._ack(request, todo_id, message="already completed; nothing to do"),
+                {"monitor"},
             )
+        kind = Kind.NORMAL
+        if request.event == "Stop" and self._same_session_answered(db, request, todo_id):
+            kind = Kind.REVISION  # the latest answer wins
         completion_id = request.request_id
         self._record(db, request, todo_id, now, completion_id)
-        self.journal.accept_completion(db, completion_id, todo_id, p.encode(request), now)
+        self.journal.accept_completion(
+            db, completion_id, todo_id, p.encode(request), now, kind=kind
+        )
         self._sent(db, completion_id, request, now)
         logger.bind(todo_id=todo_id, completion_id=completion_id).info(
-            "completion accepted ({})", request.event or "cli"
+            "{} accepted ({})",
+            "revision" if kind == "revision" else "completion",
+            request.event or "cli",
+        )
+        return Outcome(self._ack(request, todo_id, completion_id), {"collector", "monitor"})
+
+    def _same_session_answered(
+        self, db: sqlite3.Connection, request: p.Complete, todo_id: int
+    ) -> bool:
+        """Whether this session's earlier Stop already completed the todo (then this one is a
+        revision; another session's Stop on a completed todo stays a duplicate)."""
+        latest = self.journal.latest_answer(db, todo_id)
+        if latest is None or latest[0] not in ANSWER_KINDS or not request.session_id:
+            return False
+        try:
+            earlier = p.decode_request(latest[1]) if latest[1] else None
+        except p.ProtocolError:
+            return False
+        return (
+            isinstance(earlier, p.Complete)
+            and earlier.event == "Stop"
+            and earlier.session_id == request.session_id
+        )
+
+    def _failed_session(
+        self, db: sqlite3.Connection, request: p.Complete, todo_id: int, word: str, now: float
+    ) -> Outcome:
+        """SessionEnd after StopFailure: ``hook.on_failure`` decides (reset, complete, wait)."""
+        policy = self.config.hook.on_failure
+        log = logger.bind(todo_id=todo_id)
+        self.journal.mark_final(db, todo_id, now)
+        if policy == "wait" or (policy == "complete" and self.journal.has_completion(db, todo_id)):
+            self._record(db, request, todo_id, now)
+            log.warning("session ended after {}; hook.on_failure = {}: nothing done", word, policy)
+            return Outcome(
+                self._ack(
+                    request,
+                    todo_id,
+                    message=f"the session failed ({word}); hook.on_failure = {policy}",
+                ),
+                {"monitor"},
+            )
+        kind = Kind.FAILURE if policy == "reset" else Kind.NORMAL
+        completion_id = request.request_id
+        self._record(db, request, todo_id, now, completion_id)
+        self.journal.accept_completion(
+            db, completion_id, todo_id, p.encode(request), now, kind=kind, reason=word
+        )
+        self._sent(db, completion_id, request, now)
+        log.warning(
+            "session ended after {}; hook.on_failure = {}: {}",
+            word,
+            policy,
+            "the todo goes back to offen" if kind == Kind.FAILURE else "completed with the error",
         )
         return Outcome(self._ack(request, todo_id, completion_id), {"collector", "monitor"})
 
@@ -502,6 +605,24 @@ class Intake:
             self._ack(request, todo_id, message="scheduled completion cancelled"), {"monitor"}
         )
 
+    def _acknowledge(self, db: sqlite3.Connection, request: p.Request, now: float) -> Outcome:
+        assert isinstance(request, p.Acknowledge)
+        if request.check not in ACKNOWLEDGEABLE:
+            raise Refusal(
+                p.ErrorCode.INVALID,
+                f"only {', '.join(ACKNOWLEDGEABLE)} can be acknowledged, not {request.check!r}",
+            )
+        self.journal.acknowledge(db, request.check, now)
+        self.journal.record_request(db, request.request_id, None, None, now)
+        logger.info("health check {} acknowledged", request.check)
+        return Outcome(
+            p.Ack(
+                request_id=request.request_id,
+                state="accepted",
+                message=f"the {request.check} check is clear until the next refusal",
+            )
+        )
+
     # ------------------------------------------------------------ reads
 
     def outcomes(self, request: p.Outcomes) -> p.OutcomeReport:
@@ -542,7 +663,16 @@ class Intake:
                 journal.todos_in((State.DEAD,)) if counts.get(State.DEAD) else [],
                 now,
             ),
-            "refused": refused_check(journal.refused(limit=50)),
+            "refused": refused_check(
+                journal.refused(
+                    limit=50,
+                    since=max(
+                        now - self.config.health.refused_window,
+                        journal.acknowledged_at("refused") or 0.0,
+                    ),
+                ),
+                self.config.health.refused_window,
+            ),
             "waiting_for_person": waiting_check(journal.waiting_for_person()),
         }
         return render_health(parent, journal.checks(), now)
@@ -551,6 +681,34 @@ class Intake:
         from .metrics import report
 
         return report(self.journal, now, request.since)
+
+    def list_todos(self, request: p.ListTodos, now: float) -> p.TodoList:
+        since = now - request.since if request.since else None
+        hanging_after = self.config.behavior.hanging_after
+        todos = []
+        for row in self.journal.todo_summaries(since, request.limit):
+            (todo_id, session, started, heard, due, emergency, waiting, note, done) = row[:9]
+            kind, state, completed, revisions, archive = row[9:]
+            todos.append(
+                p.TodoSummary(
+                    todo_id=todo_id,
+                    session_id=session,
+                    started_at=started,
+                    last_heard_at=heard,
+                    completion_due=due,
+                    emergency_due=emergency,
+                    waiting=waiting,
+                    note=note,
+                    done=bool(done),
+                    hanging=not done and heard is not None and now - heard > hanging_after,
+                    latest_kind=kind,
+                    latest_state=state,
+                    completed_at=completed,
+                    revisions=revisions,
+                    archive_path=archive,
+                )
+            )
+        return p.TodoList(todos=todos)
 
     def status(self, request: p.Status, now: float) -> p.StatusReport:
         if request.todo_id is None:

@@ -13,7 +13,8 @@ changes a row only from the state(s) it expects, so a process that lost a race c
 method                     change                                      called by
 =========================  ==========================================  ===================
 queue_start                new START entry, COLLECTED; arm timers      intake (parent)
-accept_completion          new NORMAL entry, ACCEPTED; disarm timers   intake
+accept_completion          new NORMAL (or REVISION, FAILURE) entry,    intake
+                           ACCEPTED; disarm timers
 queue_emergency            new EMERGENCY entry, ACCEPTED;              intake, monitor
                            completion deadline fired (the only place   (fire_deadline),
                            that sets ``completion_fired = 1``)         health
@@ -34,6 +35,10 @@ supersede_emergencies      ACCEPTED|COLLECTED|WRITTEN|DEAD -> FAILED   monitor (
 queue_reset                new RESET entry, COLLECTED                  monitor, health
 finish_timers              todo timers done (emergency deadline)       monitor
 cleaned                    VERIFIED -> CLEANED; todo done              monitor
+archived_final             archive path of a final answer's entries    monitor
+set_last_word, mark_final, todo facts for revisions and finality:      intake
+reopen                     last word (Stop / StopFailure), final_at
+acknowledge                a health check cleared now (acks)           intake
 force_completion           queue_emergency unless one is in hand       health
 reset_if_idle              queue_reset unless an entry waits           health
 save_checks, bump_counter  health table, counters                      health
@@ -94,6 +99,8 @@ class Kind(StrEnum):
     NORMAL = "normal"
     EMERGENCY = "emergency"
     RESET = "reset"
+    REVISION = "revision"  # a later answer of the session that completed the todo
+    FAILURE = "failure"  # a failed session's todo back to offen (hook.on_failure = "reset")
 
 
 # Entries on their way to the database (health, status and the writer count them).
@@ -104,14 +111,16 @@ WAITING_STATES = (*UNFINISHED_STATES, State.VERIFIED)
 PENDING_STATES = (*UNFINISHED_STATES, State.DEAD)
 TERMINAL_STATES = (State.CLEANED, State.FAILED, State.DEAD)
 MAX_SILENCES = 100_000  # silence samples kept for predictive recovery, newest first
-COMPLETION_KINDS = (Kind.NORMAL, Kind.EMERGENCY)
+COMPLETION_KINDS = (Kind.NORMAL, Kind.EMERGENCY, Kind.REVISION)
+# Kinds whose verified entry waits for the todo's result to be final before cleanup.
+ANSWER_KINDS = (Kind.NORMAL, Kind.REVISION)
 # What the writer may find an entry in when it records a result (see the docstring).
 _WRITER_FROM = (State.COLLECTED, State.WRITTEN, State.FAILED)
 
 
 def after_verify(kind: str) -> State:
     """Starts and resets leave no session files behind: they are finished once verified."""
-    return State.VERIFIED if kind in COMPLETION_KINDS else State.CLEANED
+    return State.VERIFIED if kind in (*COMPLETION_KINDS, Kind.FAILURE) else State.CLEANED
 
 
 def _marks(values: Sequence[object]) -> str:
@@ -288,7 +297,17 @@ CREATE TABLE IF NOT EXISTS git_heads (
     head TEXT NOT NULL,
     recorded_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS acks (
+    name TEXT PRIMARY KEY,
+    at REAL NOT NULL
+);
 """
+# Columns added to the todos table after its first release (added to an older journal at start).
+_TODO_COLUMNS_ADDED = (
+    ("last_word", "TEXT"),  # "Stop", or "StopFailure: <error>": what the session said last
+    ("last_stop_at", "REAL"),  # when the latest Stop's answer was accepted
+    ("final_at", "REAL"),  # when the result became final (its session ended)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,6 +489,10 @@ class Journal:
     def create(cls, path: Path) -> Journal:
         journal = cls(path)
         journal._db.executescript(_SCHEMA)
+        have = {row[1] for row in journal._db.execute("PRAGMA table_info(todos)")}
+        for name, decl in _TODO_COLUMNS_ADDED:
+            if name not in have:
+                journal._db.execute(f"ALTER TABLE todos ADD COLUMN {name} {decl}")
         path.chmod(0o600)
         return journal
 
@@ -556,6 +579,38 @@ class Journal:
             ),
         )
         return cursor.rowcount == 1
+
+    def todo_summaries(self, since: float | None, limit: int) -> list[tuple]:
+        """The newest todos the journal knows (by last sign of life), each with its timers,
+        its latest completion entry and how many revisions it has:
+        (todo_id, session_id, started_at, last_heard_at, completion_due, emergency_due,
+        waiting, note, done, latest_kind, latest_state, first_completed_at, revisions,
+        archive_path)."""
+        return self._db.execute(
+            "SELECT t.todo_id, t.session_id, t.started_at, t.last_heard_at, t.completion_due,"
+            " t.emergency_due, t.waiting, t.note, t.done,"
+            " (SELECT kind FROM entries e WHERE e.todo_id = t.todo_id AND e.kind != 'start'"
+            "  ORDER BY seq DESC LIMIT 1),"
+            " (SELECT state FROM entries e WHERE e.todo_id = t.todo_id AND e.kind != 'start'"
+            "  ORDER BY seq DESC LIMIT 1),"
+            " (SELECT MIN(created_at) FROM entries e WHERE e.todo_id = t.todo_id"
+            "  AND e.kind IN ('normal', 'emergency', 'revision')),"
+            " (SELECT COUNT(*) FROM entries e WHERE e.todo_id = t.todo_id"
+            "  AND e.kind = 'revision'),"
+            " (SELECT archive_path FROM entries e WHERE e.todo_id = t.todo_id"
+            "  AND archive_path IS NOT NULL ORDER BY seq DESC LIMIT 1)"
+            " FROM todos t WHERE COALESCE(t.last_heard_at, t.started_at, 0) >= ?"
+            " ORDER BY COALESCE(t.last_heard_at, t.started_at, 0) DESC LIMIT ?",
+            (since or 0.0, limit),
+        ).fetchall()
+
+    def count_requests(self, todo_id: int) -> int:
+        """How many requests about ``todo_id`` the journal took (tests, diagnostics)."""
+        return int(
+            self._db.execute(
+                "SELECT COUNT(*) FROM requests WHERE todo_id = ?", (todo_id,)
+            ).fetchone()[0]
+        )
 
     def todo_for_session(self, db: sqlite3.Connection, session_id: str) -> int | None:
         row = db.execute(
@@ -670,12 +725,86 @@ class Journal:
         )
 
     def has_completion(self, db: sqlite3.Connection, todo_id: int) -> bool:
+        """A completion that still counts: not failed, and not followed by a failure reset."""
         row = db.execute(
             f"SELECT 1 FROM entries WHERE todo_id = ? AND kind IN ({_marks(COMPLETION_KINDS)})"
-            " AND state != ? LIMIT 1",
-            (todo_id, *COMPLETION_KINDS, State.FAILED),
+            " AND state != ? AND seq > COALESCE((SELECT MAX(seq) FROM entries WHERE todo_id = ?"
+            " AND kind = ? AND state != ?), 0) LIMIT 1",
+            (todo_id, *COMPLETION_KINDS, State.FAILED, todo_id, Kind.FAILURE, State.FAILED),
         ).fetchone()
         return row is not None
+
+    def latest_answer(
+        self, db: sqlite3.Connection, todo_id: int
+    ) -> tuple[str, bytes | None] | None:
+        """(kind, request) of the todo's newest completion that still counts (not failed, not
+        followed by a failure reset), or None."""
+        kinds = (*COMPLETION_KINDS, Kind.FAILURE)
+        row = db.execute(
+            f"SELECT kind, request FROM entries WHERE todo_id = ? AND kind IN ({_marks(kinds)})"
+            " AND state != ? ORDER BY seq DESC LIMIT 1",
+            (todo_id, *kinds, State.FAILED),
+        ).fetchone()
+        if row is None or row[0] == Kind.FAILURE:
+            return None
+        return str(row[0]), row[1]
+
+    def set_last_word(
+        self, db: sqlite3.Connection, todo_id: int, word: str | None, now: float, *, stop: bool
+    ) -> None:
+        """What the session said last ("Stop", "StopFailure: ..."); a Stop also dates the
+        answer, from which ``hook.final_after`` counts."""
+        db.execute(
+            "INSERT INTO todos (todo_id, last_word, last_stop_at) VALUES (?, ?, ?)"
+            " ON CONFLICT(todo_id) DO UPDATE SET last_word = excluded.last_word,"
+            " last_stop_at = COALESCE(excluded.last_stop_at, last_stop_at)",
+            (todo_id, word, now if stop else None),
+        )
+
+    def last_word(self, db: sqlite3.Connection, todo_id: int) -> str | None:
+        row = db.execute("SELECT last_word FROM todos WHERE todo_id = ?", (todo_id,)).fetchone()
+        return row[0] if row else None
+
+    def mark_final(self, db: sqlite3.Connection, todo_id: int, now: float) -> None:
+        """The todo's session ended: its result is final now (archive and cleanup may go)."""
+        db.execute(
+            "UPDATE todos SET final_at = COALESCE(final_at, ?) WHERE todo_id = ?", (now, todo_id)
+        )
+
+    def reopen(self, db: sqlite3.Connection, todo_id: int) -> None:
+        """A new session started the todo: its result is not final any more."""
+        db.execute(
+            "UPDATE todos SET final_at = NULL, last_word = NULL WHERE todo_id = ?", (todo_id,)
+        )
+
+    def final_todos(self, todo_ids: Iterable[int], now: float, final_after: float) -> set[int]:
+        """Those of ``todo_ids`` whose result is final: the session ended, ``final_after``
+        passed since its last Stop, or no Stop answered it (a CLI or SessionEnd completion)."""
+        ids = sorted(set(todo_ids))
+        if not ids:
+            return set()
+        rows = self._db.execute(
+            f"SELECT todo_id, final_at, last_stop_at FROM todos WHERE todo_id IN ({_marks(ids)})",
+            ids,
+        ).fetchall()
+        known = {row[0]: (row[1], row[2]) for row in rows}
+        final = set()
+        for todo_id in ids:
+            final_at, last_stop_at = known.get(todo_id, (None, None))
+            if final_at is not None or last_stop_at is None or now - last_stop_at >= final_after:
+                final.add(todo_id)
+        return final
+
+    def acknowledge(self, db: sqlite3.Connection, name: str, now: float) -> None:
+        db.execute(
+            "INSERT INTO acks (name, at) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET"
+            " at = excluded.at",
+            (name, now),
+        )
+
+    def acknowledged_at(self, name: str) -> float | None:
+        row = self._db.execute("SELECT at FROM acks WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
 
     def queue_start(
         self,
@@ -710,15 +839,25 @@ class Journal:
         return added
 
     def accept_completion(
-        self, db: sqlite3.Connection, completion_id: str, todo_id: int, request: bytes, now: float
+        self,
+        db: sqlite3.Connection,
+        completion_id: str,
+        todo_id: int,
+        request: bytes,
+        now: float,
+        *,
+        kind: Kind = Kind.NORMAL,
+        reason: str | None = None,
     ) -> bool:
-        """A normal completion for the collector; when it is new, it cancels both deadlines and
-        a pending scheduled completion of the todo (False: this completion id was journaled
-        before, and nothing changed)."""
+        """A completion for the collector: NORMAL, a REVISION (a later answer of the session
+        that completed the todo) or a FAILURE (a failed session's todo back to offen, with the
+        error as ``reason``).  When it is new it cancels both deadlines, except a revision's
+        (its todo was disarmed by the first answer).  False: this completion id was journaled
+        before, and nothing changed."""
         added = self.add_entry(
-            db, NewEntry(completion_id, todo_id, Kind.NORMAL, request=request), now
+            db, NewEntry(completion_id, todo_id, kind, request=request, reason=reason), now
         )
-        if added:
+        if added and kind != Kind.REVISION:
             self.disarm(db, todo_id, now)
             self.cancel_schedules(db, todo_id, "a completion came first", now)
         return added
@@ -1056,12 +1195,13 @@ class Journal:
         ).fetchone()
         return row[0]  # type: ignore[no-any-return]
 
-    def refused(self, limit: int = 50) -> list[tuple[int, str | None]]:
-        """(todo id, reason) of the latest requests the database refused, newest first."""
+    def refused(self, limit: int = 50, since: float = 0.0) -> list[tuple[int, str | None]]:
+        """(todo id, reason) of the latest requests the database refused after ``since``,
+        newest first."""
         return self._db.execute(
             "SELECT todo_id, last_error FROM entries WHERE state = ? AND outcome = 'refused'"
-            " ORDER BY seq DESC LIMIT ?",
-            (State.FAILED, limit),
+            " AND updated_at > ? ORDER BY seq DESC LIMIT ?",
+            (State.FAILED, since, limit),
         ).fetchall()
 
     def waiting_for_person(self) -> list[tuple[int, str]]:
@@ -1168,6 +1308,13 @@ class Journal:
         if added:
             self.bump(db, counter)
         return added
+
+    def archived_final(self, heads: Sequence[FinishedHead], path: str, now: float) -> None:
+        """The archive taken once a todo's answer became final, on each of its verified
+        entries (their archive the collector deferred)."""
+        with self.transaction() as db:
+            for head in heads:
+                self._update(db, head.completion_id, {"archive_path": path}, now, (State.VERIFIED,))
 
     def cleaned(self, heads: Sequence[FinishedHead], now: float, sessions_deleted: int) -> None:
         """VERIFIED -> CLEANED after the cleanup; the todo's remaining deadline (the reset) has

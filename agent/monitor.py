@@ -10,14 +10,34 @@ own, so an outage never delays a timer.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
 
-from .archive import STAGING_MAX_AGE, archive_session, remove_stale_staging, remove_tree
+import protocol as p
+
+from . import access
+from .archive import (
+    STAGING_MAX_AGE,
+    archive_session,
+    enforce_bounds,
+    remove_stale_staging,
+    remove_tree,
+)
 from .health import CheckResult, HealthChecker
-from .journal import PENDING_STATES, Kind, ScheduledCompletion, State, TodoTimers
+from .journal import (
+    ANSWER_KINDS,
+    PENDING_STATES,
+    FinishedHead,
+    Kind,
+    ScheduledCompletion,
+    State,
+    TodoTimers,
+)
 from .loop import ChildBase
 from .marker import MarkerBridge
 from .predict import SilenceModel, predict, shortened_due
@@ -417,6 +437,94 @@ class Monitor(ChildBase):
 
     # ------------------------------------------------------------ cleanup
 
+    def _opener(self, uid: int | None) -> Callable[[Path], int]:
+        """Open a client-named file only as ``uid`` could (agent.access)."""
+        remote = self.config.collect.remote_paths
+        return lambda path: access.open_as(path, uid, remote_paths=remote)
+
+    def _starter(self, todo_id: int) -> int | None:
+        """The user whose start request armed the todo (the session's user), if known."""
+        for entry in reversed(self.journal.entries_for_todo(todo_id)):
+            if entry.kind == Kind.START and entry.request:
+                try:
+                    return getattr(p.decode_request(entry.request), "requester_uid", None)
+                except p.ProtocolError:
+                    return None
+        return None
+
+    def _archive_final(self, heads: list[FinishedHead], now: float) -> list[FinishedHead]:
+        """Archive, once per todo, the final answer whose archive the collector deferred
+        (a Stop's); every verified entry of that todo then points at that archive."""
+        newest: dict[int, FinishedHead] = {}
+        for head in heads:
+            if head.kind in ANSWER_KINDS:
+                newest[head.todo_id] = head
+        paths: dict[int, str] = {}
+        for todo_id, head in newest.items():
+            if head.archive_path:
+                continue
+            entry = self.journal.entry(head.completion_id)
+            if entry is None:
+                continue
+            timers = self.journal.timers(todo_id)
+            request = None
+            if entry.request:
+                try:
+                    request = p.decode_request(entry.request)
+                except p.ProtocolError:
+                    request = None
+            if getattr(request, "event", None) != "Stop":
+                continue  # not deferred: the collector archived it (or could not; kept then)
+            # Read as the collector would (agent.access): the client-named transcript with the
+            # rights of whoever named it, the session dir only if its starter's or ours.
+            requester = getattr(request, "requester_uid", None)
+            starter = self._starter(todo_id)
+            transcript = getattr(request, "transcript_path", None)
+            cwd = getattr(request, "cwd", None)
+            reader = requester
+            if not transcript and timers and timers[0].transcript_path:
+                transcript, cwd, reader = timers[0].transcript_path, timers[0].cwd, starter
+            if transcript and cwd and not os.path.isabs(transcript):
+                transcript = os.path.join(cwd, transcript)
+            session = Path(self.config.session_dir_for(todo_id))
+            transcript_path = Path(transcript) if transcript else None
+            if transcript_path is not None and not transcript_path.is_file():
+                transcript_path = None
+            if not session.is_dir() and transcript_path is None:
+                continue
+            log = logger.bind(todo_id=todo_id, completion_id=head.completion_id)
+            bounds = self.config.archive
+
+            try:
+                result = archive_session(
+                    self.config.archive_dir,
+                    todo_id,
+                    now,
+                    session_dir=session if session.is_dir() else None,
+                    transcript=transcript_path,
+                    report_html=entry.html,
+                    session_owners=access.trusted_owners(
+                        starter if starter is not None else requester
+                    ),
+                    transcript_opener=None if access.is_self(reader) else self._opener(reader),
+                    max_bytes=bounds.max_bytes,
+                    max_files=bounds.max_files,
+                )
+            except Exception as exc:
+                log.error("archiving the final result failed: {}; the session files stay", exc)
+                continue
+            enforce_bounds(self.config, now, log)
+            log.info("the result is final: archived {} file(s) into {}", result.files, result.path)
+            paths[todo_id] = str(result.path)
+        if not paths:
+            return heads
+        for todo_id, path in paths.items():
+            self.journal.archived_final([h for h in heads if h.todo_id == todo_id], path, now)
+        return [
+            dataclasses.replace(h, archive_path=paths[h.todo_id]) if h.todo_id in paths else h
+            for h in heads
+        ]
+
     def _clean_up(self, now: float) -> None:
         """After a verified completion: delete the session dir that the collector archived.
 
@@ -424,15 +532,23 @@ class Monitor(ChildBase):
         is still running, and its later real result may need the session's files; the orphan
         sweep archives and removes the dir once its todo is no longer live.
         """
-        entries = self.journal.finished_heads(limit=500)
+        heads = self.journal.finished_heads(limit=500)
+        if not heads:
+            return
+        # A Stop's answer may still be revised: its todo is archived and cleaned up once the
+        # result is final (the session ended, or hook.final_after passed since its last Stop).
+        answers = {h.todo_id for h in heads if h.kind in ANSWER_KINDS}
+        final = self.journal.final_todos(answers, now, self.config.hook.final_after)
+        entries = [h for h in heads if h.todo_id not in answers or h.todo_id in final]
         if not entries:
             return
+        entries = self._archive_final(entries, now)
         deleted = 0
         for entry in entries:
             log = logger.bind(todo_id=entry.todo_id, completion_id=entry.completion_id)
             session = Path(self.config.session_dir_for(entry.todo_id))
             if self.config.collect.cleanup and session.is_dir():
-                if entry.kind != Kind.NORMAL:
+                if entry.kind not in ANSWER_KINDS:
                     log.info("kept session dir {} after a forced completion", session)
                 elif entry.archive_path and (Path(entry.archive_path) / "session").is_dir():
                     # Only a dir whose copy is in the archive may go.

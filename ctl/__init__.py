@@ -186,11 +186,13 @@ class Client:
         transcript_path: str | None = None,
         cwd: str | None = None,
         todo_hint: str | None = None,
+        source: str | None = None,
         request_id: str | None = None,
         wait: float | None = None,
     ) -> p.Ack:
         return self._deliver(
             p.Start(
+                source=source,
                 request_id=request_id or p.new_request_id(),
                 todo_id=todo_id,
                 session_id=session_id,
@@ -260,6 +262,7 @@ class Client:
         todo_hint: str | None = None,
         event: str = "cli",
         only_if_open: bool = False,
+        reason: str | None = None,
         request_id: str | None = None,
         queue_when_unreachable: bool = True,
         wait: float | None = None,
@@ -276,6 +279,7 @@ class Client:
                 cwd=cwd,
                 event=event,
                 only_if_open=only_if_open,
+                reason=reason,
                 sent_at=time.time(),
             ),
             queue=queue_when_unreachable,
@@ -402,6 +406,14 @@ class Client:
         from .export import export_todo
 
         return export_todo(self.config, todo_id, path, metadata_only=metadata_only)
+
+    def acknowledge(self, check: str) -> p.Ack:
+        return self._deliver(p.Acknowledge(request_id=p.new_request_id(), check=check), queue=False)
+
+    def list_todos(self, *, since: float | None = None, limit: int = 50) -> p.TodoList:
+        return self._read(
+            p.ListTodos(request_id=p.new_request_id(), since=since, limit=limit), p.TodoList
+        )
 
     def health(self) -> p.HealthReport:
         return self._read(p.Health(request_id=p.new_request_id()), p.HealthReport)

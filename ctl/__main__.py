@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 HEALTH_EXIT = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
-ADMIN = ("add", "db", "check")
+ADMIN = ("add", "db", "check", "list", "show")
 
 
 def _say_queued(client: Client) -> None:
@@ -66,7 +66,17 @@ def _command_of(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     if argv is not None:
         return run(argv)
-    code = run(sys.argv[1:])
+    try:
+        code = run(sys.argv[1:])
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `completionctl check | head -1`: the reader left; that is no error worth a traceback.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
     # The process exits next: spare the interpreter's final garbage collections their walk over
     # every object the imports made. It costs ~8 ms, more than a hook's whole work beyond
     # starting Python (docs/PERFORMANCE.md); nothing of ours waits for a collection to be done.
@@ -105,6 +115,19 @@ def run(argv: list[str]) -> int:
         return _notify(args, config)
     if args.command == "dashboard":
         return _dashboard(args, config)
+    if args.command == "hook-token":
+        from protocol.hooktoken import ensure_token
+
+        try:
+            print(ensure_token(config.hook_token_path))
+        except OSError as exc:
+            print(f"completionctl: cannot read or make the hook token: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        return EXIT_OK
+    if args.command == "logrotate":
+        from .logrotate import run as write_logrotate
+
+        return write_logrotate(config)
     if args.command in ADMIN or fleet:
         from . import admin
 
@@ -308,6 +331,10 @@ def _retry(client: Client, args: argparse.Namespace) -> int:
     return _print_ack(args, client.retry(args.completion_id, all_dead=args.dead))
 
 
+def _ack(client: Client, args: argparse.Namespace) -> int:
+    return _print_ack(args, client.acknowledge(args.check))
+
+
 def _health(client: Client, args: argparse.Namespace) -> int:
     report = client.health()
     if args.json:
@@ -337,7 +364,16 @@ def _health(client: Client, args: argparse.Namespace) -> int:
 
 
 def _status(client: Client, args: argparse.Namespace) -> int:
-    report = client.status(args.todo_id)
+    try:
+        report = client.status(args.todo_id)
+    except CommandRefused as exc:
+        if args.todo_id is None or exc.code != p.ErrorCode.NOT_FOUND:
+            raise
+        # The agent never saw it: say what the database holds instead.
+        from .admin import describe_row
+
+        print(f"completionctl: refused: {exc}", file=sys.stderr)
+        return describe_row(client.config, args.todo_id, as_json=args.json)
     if args.json:
         shown = report.todo if report.todo is not None else report.agent
         print(json.dumps(p.to_builtins(shown) if shown is not None else None))
@@ -503,6 +539,7 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "health": _health,
     "status": _status,
     "metrics": _metrics,
+    "ack": _ack,
 }
 
 

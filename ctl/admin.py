@@ -51,6 +51,10 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     try:
         if args.command == "add":
             return _add(args, config)
+        if args.command == "list":
+            return _list(args, config)
+        if args.command == "show":
+            return _show(args, config)
         if args.command == "db":
             if args.db_command != "init":
                 print("completionctl: db needs a subcommand: init", file=sys.stderr)
@@ -65,6 +69,187 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     except ValueError as exc:
         print(f"completionctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _time(value) -> str:
+    from datetime import UTC, datetime
+
+    if value is None:
+        return "-"
+    if isinstance(value, int | float):
+        value = datetime.fromtimestamp(value, UTC).replace(tzinfo=None)
+    return value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _agent_view(config: Config, call):
+    """Ask the agent; None (with a note on stderr) when it does not answer."""
+    from . import CommandRefused
+
+    try:
+        with Client(config=config) as client:
+            return call(client)
+    except (AgentUnavailable, CommandRefused) as exc:
+        print(f"completionctl: the agent's view is missing: {exc}", file=sys.stderr)
+        return None
+
+
+def _list(args: argparse.Namespace, config: Config) -> int:
+    """Todos with their database status and what the agent knows of them (UTC times)."""
+    listing = _agent_view(
+        config, lambda c: c.list_todos(since=args.since, limit=max(args.limit, 1))
+    )
+    known = {t.todo_id: t for t in (listing.todos if listing else [])}
+    store = _open(config)
+    try:
+        if args.status:
+            rows = store.todos_with_status(args.status, limit=max(args.limit, 1))
+            if args.since:
+                rows = [r for r in rows if r.id in known]
+        else:
+            found = store.get_todos(list(known))
+            rows = [found[i] for i in known if i in found]
+    finally:
+        store.close()
+    out = []
+    for todo in rows:
+        k = known.get(todo.id)
+        marks = []
+        if k is not None and k.waiting:
+            marks.append("waiting")
+        if k is not None and k.hanging:
+            marks.append("hanging")
+        out.append(
+            {
+                "todo_id": todo.id,
+                "title": todo.title,
+                "status": todo.status,
+                "started_at": _time(todo.started_at),
+                "completed_at": _time(todo.completed_at),
+                "last_heard_at": _time(k.last_heard_at) if k else "-",
+                "marks": marks,
+                "completion_due": _time(k.completion_due) if k else "-",
+                "emergency_due": _time(k.emergency_due) if k else "-",
+                "latest": f"{k.latest_kind} {k.latest_state}" if k and k.latest_kind else "-",
+                "revisions": k.revisions if k else 0,
+            }
+        )
+    if args.json:
+        print(json.dumps(out))
+        return EXIT_OK
+    print(
+        f"{'id':>6}  {'status':<11} {'started (UTC)':<19}  {'completed':<19}  "
+        f"{'last heard':<19}  {'deadline':<19}  latest / marks"
+    )
+    for row in out:
+        flags = f" [{', '.join(row['marks'])}]" if row["marks"] else ""
+        revisions = f", {row['revisions']} revision(s)" if row["revisions"] else ""
+        print(
+            f"{row['todo_id']:>6}  {row['status']:<11} {row['started_at']:<19}  "
+            f"{row['completed_at']:<19}  {row['last_heard_at']:<19}  "
+            f"{row['completion_due']:<19}  {row['latest']}{revisions}{flags}  {row['title'][:40]}"
+        )
+    return EXIT_OK
+
+
+def _show(args: argparse.Namespace, config: Config) -> int:
+    """One todo: its row, summary, times, every revision, the archive and the report."""
+    from pathlib import Path
+
+    store = _open(config)
+    try:
+        todo = store.get_todo(args.todo_id)
+        outputs = store.get_outputs(args.todo_id)
+        logged = store.logged_kinds(args.todo_id)
+    finally:
+        store.close()
+    if todo is None or outputs is None:
+        print(f"completionctl: todo {args.todo_id} does not exist", file=sys.stderr)
+        return EXIT_FAILED
+    report = _agent_view(config, lambda c: c.status(args.todo_id))
+    entries = report.todo.entries if report is not None and report.todo is not None else []
+    archive = next((e.archive_path for e in reversed(entries) if e.archive_path), None)
+    report_path = str(Path(archive) / "report.html") if archive else None
+    summary, text, html = outputs
+    if args.report:
+        if report_path and Path(report_path).is_file():
+            sys.stdout.write(Path(report_path).read_text(encoding="utf-8", errors="replace"))
+        else:
+            sys.stdout.write(html or text or "")
+        return EXIT_OK
+    shown = {
+        "todo_id": todo.id,
+        "title": todo.title,
+        "status": todo.status,
+        "summary": summary,
+        "started_at": _time(todo.started_at),
+        "completed_at": _time(todo.completed_at),
+        "log": [{"completion_id": c, "kind": k} for c, k in logged],
+        "entries": [
+            {"completion_id": e.completion_id, "kind": e.kind, "state": e.state} for e in entries
+        ],
+        "archive_path": archive,
+        "report_path": report_path,
+    }
+    if args.json:
+        print(json.dumps(shown))
+        return EXIT_OK
+    print(f"todo {todo.id}: {todo.title}")
+    print(f"  status     {todo.status}")
+    print(f"  started    {shown['started_at']} UTC")
+    print(f"  completed  {shown['completed_at']} UTC")
+    print(f"  summary    {summary or '-'}")
+    for c, k in logged:
+        print(f"  log        {k:<10} {c}")
+    print(f"  archive    {archive or '- (not archived yet: the result is not final)'}")
+    print(f"  report     {report_path or '- (the database holds it: show --report)'}")
+    return EXIT_OK
+
+
+def describe_row(config: Config, todo_id: int, *, as_json: bool) -> int:
+    """What the database holds for a todo the agent knows nothing about (``status N``)."""
+    from agent.store import StoreError
+    from protocol.config import ConfigError, load
+
+    try:
+        # The client's cached config has no database password: read the whole file.
+        config = load(config.source or None)
+    except ConfigError as exc:
+        print(f"completionctl: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        store = _open(config)
+        try:
+            todo = store.get_todo(todo_id)
+        finally:
+            store.close()
+    except (StoreError, ValueError) as exc:
+        print(f"completionctl: and the database cannot be read: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if todo is None:
+        print(f"todo {todo_id} does not exist in {mask_url(config.database_url)}")
+        return EXIT_FAILED
+    started = todo.started_at.isoformat(" ") if todo.started_at else "never"
+    completed = todo.completed_at.isoformat(" ") if todo.completed_at else "not yet"
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "todo_id": todo_id,
+                    "database_status": todo.status,
+                    "started_at": todo.started_at.isoformat() if todo.started_at else None,
+                    "completed_at": todo.completed_at.isoformat() if todo.completed_at else None,
+                    "entries": [],
+                    "deadlines": [],
+                }
+            )
+        )
+    else:
+        print(
+            f"todo {todo_id} ({todo.title!r}) is {todo.status} in the database; started "
+            f"{started}, completed {completed}. This agent has not seen it start (no journal "
+            "entries, no deadlines)."
+        )
+    return EXIT_FAILED  # still "not known to the agent"; the line above says what is
 
 
 def _add(args: argparse.Namespace, config: Config) -> int:

@@ -27,6 +27,39 @@ def todo_id(text: str) -> int:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    """A number of seconds above zero (a timeout)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 30 * 24 * 3600:  # NaN fails too
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a timeout (seconds, above 0 and at most 30 days)"
+        )
+    return value
+
+
+class VersionAction(argparse.Action):
+    """``--version``: the installed distribution's version, looked up only when asked."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"{parser.prog} {package_version()}")
+        parser.exit()
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("completion-agent")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def _terminal_width() -> int:
     """What shutil.get_terminal_size() answers, without importing shutil (and with it bz2 and
     lzma): argparse asks for the width on every add_argument, help or not."""
@@ -84,7 +117,7 @@ def _add_start(sub, parents) -> None:
     start.add_argument(
         "--timeout",
         dest="completion_timeout",
-        type=float,
+        type=positive_seconds,
         metavar="S",
         help="this todo's completion timeout (default behavior.completion_timeout)",
     )
@@ -258,6 +291,44 @@ def _add_hook(sub, parents) -> None:
     )
 
 
+def _add_hook_token(sub, parents) -> None:
+    sub.add_parser(
+        "hook-token",
+        parents=parents,
+        help="print the HTTP hooks' bearer token (made, 0600, in the state dir if missing)",
+    )
+
+
+def _add_logrotate(sub, parents) -> None:
+    sub.add_parser(
+        "logrotate", parents=parents, help="print the logrotate file for this config's paths"
+    )
+
+
+def _add_ack(sub, parents) -> None:
+    ack = sub.add_parser("ack", parents=parents, help="clear a health check's warning now")
+    ack.add_argument("check", choices=["refused"])
+
+
+def _add_list(sub, parents) -> None:
+    lister = sub.add_parser(
+        "list", parents=parents, help="todos with their status, times, marks and deadlines"
+    )
+    lister.add_argument("--status", help="only todos with this database status")
+    lister.add_argument(
+        "--since", type=positive_seconds, metavar="S", help="only todos heard from in the last S s"
+    )
+    lister.add_argument("--limit", type=int, default=50)
+
+
+def _add_show(sub, parents) -> None:
+    show = sub.add_parser(
+        "show", parents=parents, help="one todo: row, summary, revisions, archive and report"
+    )
+    show.add_argument("todo_id", type=todo_id)
+    show.add_argument("--report", action="store_true", help="print the report")
+
+
 # Each command's arguments, in the order `completionctl --help` lists them.
 SUBPARSERS: dict[str, Callable[[Any, list[argparse.ArgumentParser]], None]] = {
     "add": _add_add,
@@ -276,6 +347,11 @@ SUBPARSERS: dict[str, Callable[[Any, list[argparse.ArgumentParser]], None]] = {
     "check": _add_check,
     "db": _add_db,
     "hook": _add_hook,
+    "hook-token": _add_hook_token,
+    "ack": _add_ack,
+    "logrotate": _add_logrotate,
+    "list": _add_list,
+    "show": _add_show,
 }
 
 
@@ -289,6 +365,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="completionctl",
         description="Talk to completiond: report todo starts, heartbeats and completions.",
     )
+    parser.add_argument("--version", action=VersionAction, help="print the version and exit")
     parser.add_argument("--config", metavar="PATH", help="config file (.toml or .json)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument(

@@ -102,6 +102,9 @@ class Start(TodoRequest, frozen=True, kw_only=True, tag="start"):
     timeout: Seconds | None = None  # this todo's completion timeout
     transcript_path: ShortText | None = None
     cwd: ShortText | None = None
+    # SessionStart's source: "startup", or "resume"/"clear"/"compact" of a session that may
+    # have completed the todo already (then it is a heartbeat, never a refusal).
+    source: ShortText | None = None
 
 
 class Heartbeat(TodoRequest, frozen=True, kw_only=True, tag="heartbeat"):
@@ -122,6 +125,7 @@ class Complete(TodoRequest, frozen=True, kw_only=True, tag="complete"):
     cwd: ShortText | None = None
     event: ShortText | None = None  # "cli", "Stop", "SessionEnd", "marker"
     only_if_open: bool = False  # SessionEnd: complete only when no completion is known yet
+    reason: ShortText | None = None  # SessionEnd's reason (logout, prompt_input_exit, ...)
 
 
 class Emergency(TodoRequest, frozen=True, kw_only=True, tag="emergency"):
@@ -160,6 +164,19 @@ class Health(Request, frozen=True, kw_only=True, tag="health"):
     pass
 
 
+class Acknowledge(Request, frozen=True, kw_only=True, tag="acknowledge"):
+    """Clear a health check's warning now (``completionctl ack refused``)."""
+
+    check: ShortText
+
+
+class ListTodos(Request, frozen=True, kw_only=True, tag="list"):
+    """What the journal knows about recent todos (``completionctl list``)."""
+
+    since: float | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 50
+
+
 class Status(Request, frozen=True, kw_only=True, tag="status"):
     todo_id: TodoId | None = None
 
@@ -196,6 +213,8 @@ AnyRequest = (
     | Cancel
     | Outcomes
     | Metrics
+    | Acknowledge
+    | ListTodos
 )
 # Requests that are queued in the outbox when the agent does not answer.
 QUEUEABLE = (Start, Heartbeat, Waiting, Complete, Emergency, BatchComplete, Schedule, Cancel)
@@ -276,6 +295,7 @@ class Entry(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: float
     # Seconds per stage (intake, collect, write, verify, clean, end_to_end, source:NAME)
     timings: dict[str, float] = {}
+    archive_path: str | None = None
 
 
 class Scheduled(msgspec.Struct, frozen=True, kw_only=True):
@@ -352,7 +372,33 @@ class MetricsReport(Reply, frozen=True, kw_only=True, tag="metrics"):
     hourly: list[HourBucket] = []  # the last 24 h, oldest first
 
 
-AnyReply = Ack | Error | Pong | HealthReport | StatusReport | OutcomeReport | MetricsReport
+class TodoSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """One todo as the journal knows it, for ``completionctl list``."""
+
+    todo_id: int
+    session_id: str | None
+    started_at: float | None
+    last_heard_at: float | None
+    completion_due: float | None
+    emergency_due: float | None
+    waiting: str | None
+    note: str | None
+    done: bool
+    hanging: bool
+    latest_kind: str | None  # the newest completion entry's kind (normal, revision, ...)
+    latest_state: str | None
+    completed_at: float | None  # when the first completion was accepted
+    revisions: int = 0
+    archive_path: str | None = None
+
+
+class TodoList(Reply, frozen=True, kw_only=True, tag="list"):
+    todos: list[TodoSummary]
+
+
+AnyReply = (
+    Ack | Error | Pong | HealthReport | StatusReport | OutcomeReport | MetricsReport | TodoList
+)
 
 
 # ---------------------------------------------------------------- framing

@@ -118,12 +118,43 @@ class Collect(_Section, frozen=True, kw_only=True):
     remote_paths: bool = False
 
 
+SessionEndAction = Literal["complete_if_open", "complete", "heartbeat", "nothing"]
+# The port of the HTTP hook endpoint: fixed, so the shipped settings can name it.
+HTTP_HOOK_PORT = 47613
+
+
+class SessionEndMeans(_Section, frozen=True, kw_only=True):
+    """What SessionEnd does, by its ``reason``; a reason not listed acts as ``other``."""
+
+    clear: SessionEndAction = "nothing"  # /clear: the same work goes on in a new session
+    resume: SessionEndAction = "nothing"  # the session is switched to another one, not ended
+    logout: SessionEndAction = "complete_if_open"
+    prompt_input_exit: SessionEndAction = "complete_if_open"
+    bypass_permissions_disabled: SessionEndAction = "complete_if_open"
+    other: SessionEndAction = "complete_if_open"
+
+    def action(self, reason: str | None) -> SessionEndAction:
+        if reason and reason in self.__struct_fields__:
+            return getattr(self, reason)
+        return self.other
+
+
 class Hook(_Section, frozen=True, kw_only=True):
     timeout: Positive = 0.5
     stop_means: Literal["complete", "heartbeat"] = "complete"
-    session_end_means: Literal["complete_if_open", "complete", "heartbeat", "nothing"] = (
-        "complete_if_open"
-    )
+    # A table by reason; one word (the old form) applies to every reason.
+    session_end_means: SessionEndMeans | SessionEndAction = SessionEndMeans()
+    on_failure: Literal["reset", "complete", "wait"] = "reset"
+    final_after: Positive = 600.0  # seconds after a todo's last Stop when its result is final
+    http_listen: str = f"127.0.0.1:{HTTP_HOOK_PORT}"  # "" = no HTTP hook endpoint
+
+    def session_end_action(self, reason: str | None) -> SessionEndAction:
+        means = self.session_end_means
+        return means if isinstance(means, str) else means.action(reason)
+
+
+class Health(_Section, frozen=True, kw_only=True):
+    refused_window: Positive = 3600.0  # a refusal raises the `refused` check for this long
 
 
 class Marker(_Section, frozen=True, kw_only=True):
@@ -209,6 +240,7 @@ class Config(_Section, frozen=True, kw_only=True):
     behavior: Behavior = Behavior()
     collect: Collect = Collect()
     hook: Hook = Hook()
+    health: Health = Health()
     marker: Marker = Marker()
     journal: Journal = Journal()
     predict: Predict = Predict()
@@ -244,6 +276,10 @@ class Config(_Section, frozen=True, kw_only=True):
     @property
     def journal_path(self) -> Path:
         return Path(self.state_dir) / "journal.db"
+
+    @property
+    def hook_token_path(self) -> Path:
+        return Path(self.state_dir) / "hook-token"
 
     @property
     def pid_path(self) -> Path:
@@ -469,6 +505,7 @@ def _complete(config: Config, path: Path | None) -> Config:
                     "print('whsec_' + base64.b64encode(os.urandom(24)).decode())\"`"
                 )
         notify.append(msgspec.structs.replace(target, name=name))
+    http_listen_address(config.hook.http_listen)
     return msgspec.structs.replace(
         config,
         notify=notify,
@@ -517,6 +554,19 @@ def _check_ssh_tls(db: Database, url: str) -> None:
         raise ConfigError("database.tls_cert and database.tls_key go together: set both or none")
     if db.tls == "off" and (db.tls_ca or db.tls_cert):
         raise ConfigError("database.tls_ca/tls_cert/tls_key need database.tls = require or verify")
+
+
+def http_listen_address(listen: str) -> tuple[str, int] | None:
+    """``hook.http_listen`` as (host, port); None when it is off ("")."""
+    if not listen:
+        return None
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"hook.http_listen: {listen!r} must be HOST:PORT (e.g. 127.0.0.1:{HTTP_HOOK_PORT}), "
+            'or "" to turn the HTTP hook endpoint off'
+        )
+    return host.strip("[]"), int(port)
 
 
 def validate_endpoint(endpoint: str) -> None:

@@ -60,6 +60,8 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     return json.dumps(str(value))
 
 
@@ -116,6 +118,8 @@ class Agent:
                 "transcript_wait": 0.2,
                 "tmux_socket": str(root / "tmux.sock"),
             },
+            # Off unless a test turns it on (on a port of its own): agents run in parallel.
+            "hook": {"http_listen": ""},
             "marker": {
                 "completed_file": str(root / "TASK_COMPLETED"),
                 "current_todo_file": str(root / "CURRENT_TODO_ID"),

@@ -18,6 +18,7 @@ from tests.harness import REPO
 
 BENCHES = {  # name: needs MariaDB
     "hook": False,
+    "httphook": False,
     "report": False,
     "throughput": True,
     "drain": True,

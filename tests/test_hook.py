@@ -37,14 +37,17 @@ def payload(agent: Agent, name: str, **overrides: Any) -> dict[str, Any]:
 def hook(
     agent: Agent, data: dict[str, Any] | str | bytes, todo_id: int | None = None
 ) -> tuple[str, float]:
-    """Run the real hook; it must exit 0 with nothing on stdout. Returns (stderr, seconds)."""
+    """Run the real hook; it must exit 0, and print nothing on stdout or one JSON object
+    holding only a systemMessage. Returns (stderr, seconds)."""
     env = {"TODO_ID": str(todo_id)} if todo_id is not None else None
     raw = data if isinstance(data, str | bytes) else json.dumps(data)
     started = time.monotonic()
     result = agent.ctl("hook", input=raw, env=env)
     took = time.monotonic() - started
     assert result.returncode == 0, result.stderr
-    assert result.stdout == b""
+    if result.stdout:
+        said = json.loads(result.stdout)
+        assert list(said) == ["systemMessage"], said
     return result.stderr.decode(), took
 
 
@@ -76,16 +79,18 @@ def test_session_then_stop_completes_the_mapped_todo_with_the_last_message(agent
     assert kinds(agent, todo) == ["start"]
 
     hook(agent, payload(agent, "stop"))
-    agent.wait_states(todo, "cleaned", "cleaned")
+    # Completed at once, but not final: a later Stop of this session may still revise it.
+    agent.wait_states(todo, "cleaned", "verified")
     row = agent.todo_row(todo)
     assert row["status"] == "completed"
     assert LAST_MESSAGE in row["claude_text_output"]
     assert agent.todo_status(todo)["entries"][1]["source"] == "message"
 
-    # SessionEnd after Stop: complete_if_open finds the completion and adds nothing.
-    before = agent.todo_status(todo)["entries"]
+    # SessionEnd after Stop: complete_if_open finds the completion and adds nothing; the
+    # result is final now, so the monitor archives and cleans up.
     hook(agent, payload(agent, "session-end"))
-    assert agent.todo_status(todo)["entries"] == before
+    agent.wait_states(todo, "cleaned", "cleaned")
+    assert len(agent.todo_status(todo)["entries"]) == 2
     assert [r["kind"] for r in agent.log_rows(todo)] == ["normal"]
     assert outbox(agent) == []
 
@@ -94,7 +99,7 @@ def test_stop_without_last_message_is_collected_from_the_transcript(agent: Agent
     todo = agent.add("From the transcript")
     hook(agent, payload(agent, "session-start", session_id="s-transcript"), todo_id=todo)
     hook(agent, payload(agent, "stop-without-last-message", session_id="s-transcript"))
-    status = agent.wait_states(todo, "cleaned", "cleaned")
+    status = agent.wait_states(todo, "cleaned", "verified")
     assert status["entries"][1]["source"] == "transcript"
     text = agent.todo_row(todo)["claude_text_output"]
     assert FINAL_ANSWER in text
@@ -150,18 +155,20 @@ def test_huge_last_message_is_capped_not_lost(agent: Agent) -> None:
     todo = agent.add("Verbose")
     huge = "head " + "x" * (6 << 20) + " tail"
     hook(agent, payload(agent, "stop", last_assistant_message=huge), todo_id=todo)
-    agent.wait_states(todo, "cleaned", timeout=30)
+    agent.wait_states(todo, "verified", timeout=30)
     row = agent.todo_row(todo)
     assert row["status"] == "completed"
     assert row["claude_text_output"].startswith("head ")
     assert row["claude_text_output"].endswith(" tail")
 
 
-def test_stop_hook_active_is_a_heartbeat_not_a_completion(agent: Agent) -> None:
+def test_stop_hook_active_alone_completes_with_its_answer(agent: Agent) -> None:
     todo = agent.add("Continued by a stop hook")
     hook(agent, payload(agent, "session-start"), todo_id=todo)
     hook(agent, payload(agent, "stop", stop_hook_active=True))
-    assert kinds(agent, todo) == ["start"]
+    agent.wait_states(todo, "cleaned", "verified")
+    assert kinds(agent, todo) == ["start", "normal"]
+    assert LAST_MESSAGE in agent.todo_row(todo)["claude_text_output"]
 
 
 def test_compaction_session_start_is_a_heartbeat(agent: Agent) -> None:
@@ -178,16 +185,16 @@ def test_which_todo_env_beats_session_beats_current_todo_file(agent: Agent) -> N
     hook(agent, payload(agent, "session-start", session_id="s-two"), todo_id=mapped)
     # $TODO_ID wins over the session mapping (s-two maps to `mapped`).
     hook(agent, payload(agent, "stop", session_id="s-two"), todo_id=explicit)
-    agent.wait_states(explicit, "cleaned", "cleaned")
+    agent.wait_states(explicit, "cleaned", "verified")
     assert kinds(agent, mapped) == ["start"]
     # The session mapping wins over the CURRENT_TODO_ID hint.
     hook(agent, payload(agent, "session-start", session_id="s-two"), todo_id=mapped)
     hook(agent, payload(agent, "stop", session_id="s-two"))
-    agent.wait_states(mapped, "cleaned", "cleaned", "cleaned")
+    agent.wait_states(mapped, "cleaned", "cleaned", "verified")
     assert agent.todo_status(hinted) is None
     # An unknown session falls back to the hint.
     hook(agent, payload(agent, "stop", session_id="s-unknown"))
-    agent.wait_states(hinted, "cleaned")
+    agent.wait_states(hinted, "verified")
     assert agent.todo_row(hinted)["status"] == "completed"
 
 
@@ -217,7 +224,7 @@ def test_agent_down_queues_at_once_and_delivers_after_start(make_agent) -> None:
     todo = agent.add("Queued while down")
     assert todo == 1
     agent.start()
-    agent.wait_states(todo, "cleaned", "cleaned", timeout=30)
+    agent.wait_states(todo, "cleaned", "verified", timeout=30)
     assert LAST_MESSAGE in agent.todo_row(todo)["claude_text_output"]
     assert outbox(agent) == []
 
@@ -235,7 +242,7 @@ def test_hung_agent_costs_at_most_the_hook_timeout_and_applies_once(agent: Agent
     assert 0.5 <= took < 5.0, took  # it waited hook.timeout (0.5 s), and no longer
     assert len(queued) == 1
     # The frame that reached the socket and the outbox copy share a request id: applied once.
-    agent.wait_states(todo, "cleaned", "cleaned")
+    agent.wait_states(todo, "cleaned", "verified")
     wait_for(lambda: outbox(agent) == [], what="outbox drained")
     assert [r["kind"] for r in agent.log_rows(todo)] == ["normal"]
 

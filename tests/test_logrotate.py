@@ -24,15 +24,28 @@ CONFIG = REPO / "logrotate.d" / "completiond"
 
 
 def render(agent: Agent) -> Path:
-    text = CONFIG.read_text()
-    text = text.replace("@LOG_DIR@", str(agent.state / "logs"))
-    text = text.replace("@PID_FILE@", str(agent.state / "completiond.pid"))
-    text = text.replace("@USER@", pwd.getpwuid(os.getuid()).pw_name)
-    text = text.replace("@GROUP@", grp.getgrgid(os.getgid()).gr_name)
+    """The file `completionctl logrotate` writes for this agent's state dir."""
+    result = agent.ctl("logrotate")
+    assert result.returncode == 0, result.stderr.decode()
+    text = result.stdout.decode()
+    assert f"{agent.state / 'logs'}/agent.log" in text
+    assert f"su {pwd.getpwuid(os.getuid()).pw_name} {grp.getgrgid(os.getgid()).gr_name}" in text
     assert "@" not in text.split("}")[0].split("{")[1], "a placeholder is left"
     path = agent.root / "logrotate.conf"
     path.write_text(text)
     return path
+
+
+def test_shipped_file_parses_as_it_is(tmpdir_short: Path) -> None:
+    """Copied into /etc/logrotate.d/ unchanged it must not break the system's rotation."""
+    result = subprocess.run(
+        [LOGROTATE, "-d", "-s", str(tmpdir_short / "status"), str(CONFIG)],
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"error" not in result.stderr.lower(), result.stderr.decode()
+    assert b"@" not in CONFIG.read_bytes().split(b"{")[0].splitlines()[-1]
 
 
 def rotate(agent: Agent, config: Path) -> None:

@@ -525,7 +525,11 @@ def test_m5_a_hint_file_others_may_write_redirects_nothing(make_agent) -> None:
 
 
 def postrotate_script(pid_file: Path, user_name: str) -> str:
-    text = (REPO / "logrotate.d" / "completiond").read_text()
+    # The per-configuration file `completionctl logrotate` writes (logrotate.d/completiond is
+    # that script for every user's default paths, with the same checks).
+    from ctl.logrotate import TEMPLATE
+
+    text = TEMPLATE
     body = text[text.index("postrotate") + len("postrotate") : text.index("endscript")]
     return body.replace("@PID_FILE@", str(pid_file)).replace("@USER@", user_name)
 

@@ -236,23 +236,31 @@ def test_example_config_has_every_key_commented_and_parses() -> None:
 
 
 def test_claude_settings_wire_every_event_to_the_hook() -> None:
-    settings = json.loads((REPO / "contrib" / "claude-settings.json").read_text())
-    events = {
-        "SessionStart",
-        "UserPromptSubmit",
-        "PostToolUse",
-        "Notification",
-        "Stop",
-        "SubagentStop",
-        "StopFailure",
-        "SessionEnd",
-        "TaskCompleted",
-    }
-    assert set(settings["hooks"]) == events
-    for event, groups in settings["hooks"].items():
-        commands = [h for group in groups for h in group["hooks"]]
-        assert commands, event
-        for command in commands:
-            assert command["type"] == "command"
-            assert command["command"].split()[-1] == "hook"
-            assert 0 < command["timeout"] <= 10, event
+    for name in ("claude-settings.json", "claude-settings.command-only.json"):
+        settings = json.loads((REPO / "contrib" / name).read_text())
+        events = {
+            "SessionStart",
+            "UserPromptSubmit",
+            "PreToolUse",
+            "PermissionRequest",
+            "PostToolUse",
+            "PostToolUseFailure",
+            "Notification",
+            "SubagentStart",
+            "SubagentStop",
+            "TaskCompleted",
+            "PreCompact",
+            "Stop",
+            "StopFailure",
+            "SessionEnd",
+        }
+        assert set(settings["hooks"]) == events, name
+        for event, groups in settings["hooks"].items():
+            handlers = [h for group in groups for h in group["hooks"]]
+            assert handlers, event
+            for handler in handlers:
+                assert 0 < handler["timeout"] <= 10, event
+                if handler["type"] == "command":
+                    assert handler["command"].split()[-1] == "hook"
+                else:
+                    assert handler["type"] == "http" and handler["url"].endswith("/hook")

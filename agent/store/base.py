@@ -41,8 +41,8 @@ from .profile import (
 )
 
 STATUSES = ("offen", "in_progress", "completed", "blocked", "cancelled", "cron")
-KINDS = ("start", "normal", "emergency", "reset")
-LOG_KINDS = ("normal", "emergency", "reset", "duplicate")
+KINDS = ("start", "normal", "emergency", "reset", "revision", "failure")
+LOG_KINDS = ("normal", "emergency", "reset", "duplicate", "revision", "failure")
 OUTCOMES = ("applied", "duplicate", "refused", "already")
 LOG_TABLE = "completion_log"  # the audit table's name without a prefix (and before prefixes)
 MAX_COMPLETION_ID = 64
@@ -174,6 +174,7 @@ class Store(Protocol):
         self, writes: Sequence[TodoWrite], outcomes: Sequence[WriteOutcome]
     ) -> list[bool]: ...
     def logged_kinds(self, todo_id: int) -> list[tuple[str, str]]: ...
+    def get_outputs(self, todo_id: int) -> tuple[str | None, str | None, str | None] | None: ...
     def ping(self) -> None: ...
     def close(self) -> None: ...
 
@@ -293,6 +294,7 @@ class Decision:
     started: bool = False
     completed: bool = False
     outputs: bool = False
+    uncompleted: bool = False  # clear completed_at (a failed session's todo goes back to offen)
 
 
 def decide(
@@ -332,6 +334,36 @@ def decide(
         if status == "completed":
             return Decision("refused", f"todo {tid} is already completed, nothing to reset")
         return Decision("refused", f"todo {tid} is {status}, only an in_progress todo is reset")
+    if kind == "revision":
+        # A later answer of the session that completed the todo: the latest answer wins.
+        if status == "completed":
+            return Decision(
+                "applied",
+                f"todo {tid}: the result was replaced by a later answer of its session",
+                log_kind="revision",
+                status="completed",
+                outputs=True,
+            )
+        if status in ("offen", "in_progress"):
+            return Decision(
+                "applied", log_kind="revision", status="completed", completed=True, outputs=True
+            )
+        return Decision("refused", f"todo {tid} is {status}, a revision is not recorded")
+    if kind == "failure":
+        # The session's last word was an API error (hook.on_failure = "reset"): back to offen
+        # so the queue retries it; the report (the error, the last answer) stays on the row.
+        if status in ("in_progress", "completed"):
+            return Decision(
+                "applied",
+                f"todo {tid}: its session failed; back to offen",
+                log_kind="failure",
+                status="offen",
+                outputs=True,
+                uncompleted=status == "completed",
+            )
+        if status == "offen":
+            return Decision("duplicate", f"todo {tid} is already offen")
+        return Decision("refused", f"todo {tid} is {status}, a failed session changes nothing")
     # normal / emergency
     if status in ("offen", "in_progress"):
         return Decision("applied", log_kind=kind, status="completed", completed=True, outputs=True)
@@ -813,6 +845,17 @@ class SqlStore:
             ).fetchall()
         return [todo(r) for r in rows]
 
+    def get_outputs(self, todo_id: int) -> tuple[str | None, str | None, str | None] | None:
+        """(claude_summary, claude_text_output, claude_html_output) of a todo, or None."""
+        with self._lock, self._transaction(write=False) as cur:
+            row = self._run(
+                cur,
+                f"SELECT claude_summary, claude_text_output, claude_html_output FROM {self._t}"
+                " WHERE id = ?",
+                (todo_id,),
+            ).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
     def logged_kinds(self, todo_id: int) -> list[tuple[str, str]]:
         with self._lock, self._transaction(write=False) as cur:
             rows = self._run(
@@ -894,11 +937,13 @@ class SqlStore:
             if d.started:
                 for col in r.of("started"):
                     set_time(col, f"COALESCE({self._q(col.name)}, {{}})")
-            if w.kind == "reset" and d.status == "offen":
+            if w.kind in ("reset", "failure") and d.status == "offen":
                 sets.extend(f"{self._q(col.name)} = NULL" for col in r.of("started"))
             if d.completed:
                 for col in r.of("completed"):
                     set_time(col)
+            if d.uncompleted:
+                sets.extend(f"{self._q(col.name)} = NULL" for col in r.of("completed"))
             if d.outputs:
                 for role, value in zip(OUTPUT_ROLES, self._fit_outputs(cur, w), strict=True):
                     for col in r.of(role):
@@ -990,7 +1035,7 @@ def _holds(write: TodoWrite, outcome: WriteOutcome, logged: bool, row: Any) -> b
     status = None if row is None else str(row[0])
     if write.kind == "start":
         return status in ("in_progress", "completed")
-    if write.kind == "reset":
+    if write.kind in ("reset", "failure"):
         return status == "offen" and logged
     done = row is not None and (row[1] == "-" or parse_db_time(row[1]) is not None)
     return status == "completed" and done and logged
