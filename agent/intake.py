@@ -685,6 +685,8 @@ class Intake:
     def list_todos(self, request: p.ListTodos, now: float) -> p.TodoList:
         since = now - request.since if request.since else None
         hanging_after = self.config.behavior.hanging_after
+        pending = {s.todo_id: s.due_at for s in self.journal.pending_schedules()}
+        checks = self.journal.checks()
         todos = []
         for row in self.journal.todo_summaries(since, request.limit):
             (todo_id, session, started, heard, due, emergency, waiting, note, done) = row[:9]
@@ -706,6 +708,8 @@ class Intake:
                     completed_at=completed,
                     revisions=revisions,
                     archive_path=archive,
+                    scheduled_at=pending.get(todo_id),
+                    predicted_hang=predicted_hang(checks, todo_id),
                 )
             )
         return p.TodoList(todos=todos)

@@ -118,6 +118,10 @@ def _list(args: argparse.Namespace, config: Config) -> int:
             marks.append("waiting")
         if k is not None and k.hanging:
             marks.append("hanging")
+        if k is not None and k.predicted_hang:
+            marks.append(f"predicted hang: {k.predicted_hang}")
+        if k is not None and k.scheduled_at:
+            marks.append(f"scheduled {_time(k.scheduled_at)} UTC")
         out.append(
             {
                 "todo_id": todo.id,

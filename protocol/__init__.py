@@ -390,6 +390,8 @@ class TodoSummary(msgspec.Struct, frozen=True, kw_only=True):
     completed_at: float | None  # when the first completion was accepted
     revisions: int = 0
     archive_path: str | None = None
+    scheduled_at: float | None = None  # a pending scheduled completion fires then
+    predicted_hang: str | None = None  # the predicted_hangs check's sentence for this todo
 
 
 class TodoList(Reply, frozen=True, kw_only=True, tag="list"):

@@ -233,3 +233,21 @@ def test_a_long_history_is_learned_in_bounded_passes_before_anything_is_predicte
     status, message, ids = predicted(rig)
     assert (status, ids) == ("WARNING", [7])
     assert "of 412 past gaps" in message
+
+
+def test_list_marks_a_predicted_hang_and_a_pending_schedule(rig: UnitRig) -> None:
+    history(rig, 412)
+    rig.start(7, T0)
+    rig.start(8, T0)
+    rig.heartbeat(8, T0 + 430)
+    rig.send(p.Schedule(request_id="s8", todo_id=8, due_at=T0 + 3600), T0 + 430)
+    rig.run(T0 + 432)
+    listing = rig.intake.list_todos(p.ListTodos(), T0 + 432)
+    by_id = {t.todo_id: t for t in listing.todos}
+    # Todo 8's heartbeat was a 413th gap; todo 7's project is not known here: all projects.
+    assert by_id[7].predicted_hang == (
+        "silent 7 min 12 s; 99 % of 413 past gaps overall were under 3 min"
+    )
+    assert by_id[7].scheduled_at is None
+    assert by_id[8].predicted_hang is None
+    assert by_id[8].scheduled_at == T0 + 3600
