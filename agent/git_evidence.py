@@ -88,16 +88,16 @@ def evidence(cwd: str | None, base: str | None, *, uid: int | None = None) -> Gi
     """What changed in `cwd` since `base` (committed since plus uncommitted, and new untracked
     files); a GitEvidence with `missing` set when git cannot say."""
     if not cwd or not os.path.isdir(cwd):
-        return GitEvidence(None, missing="the session's working directory is unknown")
+        return GitEvidence(None, missing="no_workdir")
     try:
         root = _git(cwd, "rev-parse", "--show-toplevel", uid=uid).decode("utf-8", "replace").strip()
     except subprocess.TimeoutExpired:
-        return GitEvidence(None, missing="git did not answer in time")
+        return GitEvidence(None, missing="git_timeout")
     except (OSError, subprocess.SubprocessError):
-        return GitEvidence(None, missing="the working directory is not a git repository")
+        return GitEvidence(None, missing="not_a_repository")
     against = base or head(cwd, uid=uid)
     if against is None:
-        return GitEvidence(None, root=root, missing="the repository has no commit yet")
+        return GitEvidence(None, root=root, missing="no_commit")
     try:
         numstat = _git(cwd, "diff", "--numstat", "-z", "--no-color", "--no-ext-diff",
                        "--no-textconv", "--no-renames", against, "--", uid=uid)  # fmt: skip
@@ -105,9 +105,11 @@ def evidence(cwd: str | None, base: str | None, *, uid: int | None = None) -> Gi
                     "--no-renames", against, "--", uid=uid)  # fmt: skip
         untracked = _git(cwd, "ls-files", "-z", "--others", "--exclude-standard", uid=uid)
     except subprocess.TimeoutExpired:
-        return GitEvidence(against, root=root, missing="git diff did not finish in time")
+        return GitEvidence(against, root=root, missing="diff_timeout")
     except (OSError, subprocess.SubprocessError) as exc:
-        return GitEvidence(against, root=root, missing=f"git diff failed ({type(exc).__name__})")
+        return GitEvidence(
+            against, root=root, missing="diff_failed", missing_detail=type(exc).__name__
+        )
     changed: list[str] = []
     for record in numstat.split(b"\0"):
         parts = record.split(b"\t", 2)
@@ -115,9 +117,16 @@ def evidence(cwd: str | None, base: str | None, *, uid: int | None = None) -> Gi
             changed.append(parts[2].decode("utf-8", "replace"))
     new = [p.decode("utf-8", "replace") for p in untracked.split(b"\0") if p]
     lines = stat.decode("utf-8", "replace").splitlines()
+    omitted = 0
     if len(lines) > MAX_STAT_LINES:
-        lines = [*lines[: MAX_STAT_LINES - 1], f"… {len(lines) - MAX_STAT_LINES + 1} more lines"]
-    lines += [f" {p} (new, untracked)" for p in new[:MAX_STAT_LINES]]
-    if base is None:
-        lines.insert(0, "HEAD at start unknown: compared with the current HEAD")
-    return GitEvidence(base, sorted({*changed, *new}), lines, root=str(Path(root)))
+        omitted = len(lines) - MAX_STAT_LINES + 1
+        lines = lines[: MAX_STAT_LINES - 1]
+    return GitEvidence(
+        base,
+        sorted({*changed, *new}),
+        lines,
+        root=str(Path(root)),
+        untracked=new[:MAX_STAT_LINES],
+        stat_omitted=omitted,
+        base_unknown=base is None,
+    )

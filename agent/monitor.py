@@ -20,7 +20,7 @@ from loguru import logger
 
 import protocol as p
 
-from . import access
+from . import access, reasons
 from .archive import (
     STAGING_MAX_AGE,
     archive_session,
@@ -315,17 +315,15 @@ class Monitor(ChildBase):
     def _emergency(self, due: Due, now: float, log) -> None:
         completion_id = f"emg-{due.todo_id}-{int(due.due_at)}"
         timeout = self._timeout_of(due.todo_id)
-        reason = f"no completion and no heartbeat for {timeout:.0f} s (completion deadline passed)"
+        reason = reasons.english("deadline", timeout=f"{timeout:.0f}")
         timers = self.journal.timers(due.todo_id)
         timer = timers[0] if timers else None
         if timer is not None and timer.last_heard_at is not None:
             silent = due.due_at - timer.last_heard_at
             if silent < timeout - 0.5:
                 # predict.act = "shorten" brought it forward: say so, and why.
-                reason = (
-                    f"predicted hang: no heartbeat for {silent:.0f} s, past what this project's "
-                    f"history allows (predict.act = shorten; the configured timeout is "
-                    f"{timeout:.0f} s)"
+                reason = reasons.english(
+                    "predicted_hang", silent=f"{silent:.0f}", timeout=f"{timeout:.0f}"
                 )
         # Compare-and-set on the timer: a heartbeat, a completion, a person's emergency or the
         # health round's auto-recovery that came first wins, and this stands down.

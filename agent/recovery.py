@@ -15,7 +15,7 @@ from loguru import logger
 from protocol.config import Config
 from protocol.markers import trusted_stat
 
-from . import access
+from . import access, reasons
 from .archive import archive_orphan, archived_before, enforce_bounds, remove_tree
 from .journal import Journal
 
@@ -37,9 +37,11 @@ class Recovery:
         added = journal.force_completion(
             todo_id,
             completion_id,
-            "auto-recovery: the todo was hanging (in_progress with nothing heard for "
-            f"{now - since:.0f} s, over hanging_after "
-            f"{self.config.behavior.hanging_after:.0f} s)",
+            reasons.english(
+                "hanging",
+                silent=f"{now - since:.0f}",
+                limit=f"{self.config.behavior.hanging_after:.0f}",
+            ),
             now,
         )
         if added:
@@ -52,9 +54,7 @@ class Recovery:
 
     def reset_inconsistent(self, journal: Journal, todo_id: int, since: float, now: float) -> bool:
         completion_id = f"fix-{todo_id}-{int(since)}"
-        added = journal.reset_if_idle(
-            todo_id, completion_id, "auto-recovery: in_progress with no live session", now
-        )
+        added = journal.reset_if_idle(todo_id, completion_id, reasons.english("no_session"), now)
         if added:
             logger.bind(todo_id=todo_id, completion_id=completion_id, emergency=True).warning(
                 "auto-recovery: todo {} is in_progress in the database, but this agent's session "

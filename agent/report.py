@@ -26,6 +26,7 @@ from html import escape
 import nh3
 from markdown_it_pyrs import MarkdownIt as FastMarkdown
 
+from agent.reasons import localize
 from agent.report_markdown import report_markdown
 from agent.session_facts import SessionFacts
 from agent.session_report import GitEvidence, session_view
@@ -168,6 +169,8 @@ def render_report(
     only for a ``max_report_bytes`` below ``MIN_REPORT_BYTES``.
     """
     words = STRINGS.get(language, STRINGS["de"])
+    if reason:
+        reason = localize(reason, language)  # the agent's own reasons: in the report's language
     zone = zone if zone is not None else UTC
     # Any other kind the journal may carry is reported as normal: a report must not fail on it.
     kind = "emergency" if kind == "emergency" else "normal"

@@ -48,6 +48,15 @@ WORDS: dict[str, dict[str, str]] = {
         "git_unclaimed": "Von git gesehen, aber nicht gemeldet: {path}",
         "git_stat": "{line}",
         "git_missing": "Kein git-Nachweis: {why}",
+        "git_base_unknown": "Stand beim Start unbekannt: verglichen mit dem aktuellen HEAD",
+        "git_untracked": "{path} (neu, nicht versioniert)",
+        "git_more_lines": "… {n} weitere Zeilen",
+        "missing_no_workdir": "das Arbeitsverzeichnis der Sitzung ist unbekannt",
+        "missing_git_timeout": "git hat nicht rechtzeitig geantwortet",
+        "missing_not_a_repository": "das Arbeitsverzeichnis ist kein git-Repository",
+        "missing_no_commit": "das Repository hat noch keinen Commit",
+        "missing_diff_timeout": "git diff ist nicht rechtzeitig fertig geworden",
+        "missing_diff_failed": "git diff ist fehlgeschlagen ({detail})",
     },
     "en": {
         "files": "Files",
@@ -74,6 +83,15 @@ WORDS: dict[str, dict[str, str]] = {
         "git_unclaimed": "Seen by git, not claimed: {path}",
         "git_stat": "{line}",
         "git_missing": "No git evidence: {why}",
+        "git_base_unknown": "HEAD at start unknown: compared with the current HEAD",
+        "git_untracked": "{path} (new, untracked)",
+        "git_more_lines": "… {n} more lines",
+        "missing_no_workdir": "the session's working directory is unknown",
+        "missing_git_timeout": "git did not answer in time",
+        "missing_not_a_repository": "the working directory is not a git repository",
+        "missing_no_commit": "the repository has no commit yet",
+        "missing_diff_timeout": "git diff did not finish in time",
+        "missing_diff_failed": "git diff failed ({detail})",
     },
 }
 
@@ -114,7 +132,13 @@ class GitEvidence:
     changed: list[str] = field(default_factory=list)  # paths, relative to the repository
     stat_lines: list[str] = field(default_factory=list)  # `git diff --stat` lines, bounded
     root: str = ""  # the repository's top level
-    missing: str | None = None  # why there is no evidence (not a repository, timeout...)
+    # why there is no evidence: a code ("not_a_repository", "git_timeout", ...; WORDS has
+    # "missing_<code>"), with `missing_detail` for "diff_failed"
+    missing: str | None = None
+    missing_detail: str = ""
+    untracked: list[str] = field(default_factory=list)  # new files, bounded
+    stat_omitted: int = 0  # `git diff --stat` lines left out
+    base_unknown: bool = False  # no HEAD recorded at start: compared with the current HEAD
 
 
 @dataclass
@@ -245,8 +269,12 @@ def _evidence_items(
     clean: Callable[[str], str],
 ) -> list[str]:
     if evidence.missing:
-        return [words["git_missing"].format(why=clean(evidence.missing))]
+        why = words.get("missing_" + evidence.missing)
+        why = why.format(detail=clean(evidence.missing_detail)) if why else clean(evidence.missing)
+        return [words["git_missing"].format(why=why)]
     items = []
+    if evidence.base_unknown:
+        items.append(words["git_base_unknown"])
     if evidence.head:
         items.append(words["git_head"].format(head=evidence.head[:12]))
     seen = set(evidence.changed)
@@ -260,6 +288,9 @@ def _evidence_items(
         for path in sorted(seen - set(claimed))[:MAX_FILES_SHOWN]:
             items.append(words["git_unclaimed"].format(path=clean(path)))
     items += [clean(line) for line in evidence.stat_lines]
+    if evidence.stat_omitted:
+        items.append(words["git_more_lines"].format(n=evidence.stat_omitted))
+    items += [" " + words["git_untracked"].format(path=clean(p)) for p in evidence.untracked]
     return items
 
 

@@ -49,7 +49,9 @@ def test_past_its_completion_deadline_a_todo_is_emergency_completed_once(make_ag
     assert row["status"] == "completed"
     assert row["claude_summary"].startswith("⚠️ Notabschluss: ")
     assert "## Erzwungener Abschluss" in row["claude_html_output"]
-    assert "no completion and no heartbeat for 2 s" in row["claude_html_output"]
+    # The journal and the log keep the reason in English; the report says it in report.language.
+    assert "kein Abschluss und kein Lebenszeichen seit 2 s" in row["claude_html_output"]
+    assert "no completion" not in row["claude_html_output"] + row["claude_summary"]
     assert "half of the work" in row["claude_text_output"]
     assert [r["kind"] for r in agent.log_rows(todo)] == ["emergency"]
     log = emergency_log(agent)

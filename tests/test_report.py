@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import git_evidence, reasons
 from agent.report import (
     CONTENT_SECURITY_POLICY,
     MARKDOWN_MAX_BYTES,
@@ -299,3 +300,52 @@ def test_markdown_keeps_list_numbers_table_alignment_and_anchors_but_no_relative
     assert set(markup.attrs("td", "style")) == {"text-align:left", "text-align:right"}
     assert markup.attrs("a", "href") == ["#top"]
     assert "rel" in page and "<s>gone</s>" in page
+
+
+# ----------------------------------------------------------------- one language
+
+
+# Fixed fragments of each language that must not leak into a report in the other one.
+ENGLISH = ["no completion", "heartbeat", "deadline passed", "not a git repository", "No git"]
+GERMAN = ["Abschluss und", "Lebenszeichen", "Frist", "kein git-Repository", "Kein git", "Notab"]
+
+
+def _all_text(rendered) -> str:
+    return "\n".join([rendered.summary, rendered.db, rendered.html])
+
+
+@pytest.mark.parametrize("language", ["de", "en"])
+def test_agent_reasons_and_git_evidence_follow_the_report_language(language, tmp_path):
+    evidence = git_evidence.evidence(str(tmp_path), None)  # a plain dir: not a repository
+    assert evidence.missing == "not_a_repository"
+    made = {
+        "deadline": reasons.english("deadline", timeout="5"),
+        "predicted_hang": reasons.english("predicted_hang", silent="40", timeout="600"),
+        "hanging": reasons.english("hanging", silent="7300", limit="7200"),
+    }
+    for key, reason in made.items():
+        rendered = report(
+            "half of the work",
+            kind="emergency",
+            reason=reason,
+            language=language,
+            evidence=evidence,
+        )
+        text = _all_text(rendered)
+        foreign = ENGLISH if language == "de" else GERMAN
+        assert not [f for f in foreign if f in text], (key, rendered.summary)
+        if language == "de":
+            assert rendered.summary.startswith("⚠️ Notabschluss: ")
+            assert "Kein git-Nachweis: das Arbeitsverzeichnis ist kein git-Repository" in text
+        else:
+            assert rendered.summary.startswith("⚠️ Forced completion: ")
+            assert "No git evidence: the working directory is not a git repository" in text
+    # The deadline's numbers survive the translation; a person's own reason is shown as given.
+    de = report("x", kind="emergency", reason=made["deadline"], language="de")
+    assert de.summary == (
+        "⚠️ Notabschluss: kein Abschluss und kein Lebenszeichen seit 5 s (Abschlussfrist abgelaufen)"
+    )
+    own = report("x", kind="emergency", reason="stuck, said Anna", language=language)
+    assert own.summary.endswith(": stuck, said Anna")
+    # The journal and the logs keep the English form.
+    assert made["deadline"] == "no completion and no heartbeat for 5 s (completion deadline passed)"

@@ -380,7 +380,7 @@ def test_git_evidence_sees_the_sessions_changes_and_flags_a_claim(tmp_path: Path
 
 def test_git_evidence_outside_a_repository_says_why(tmp_path: Path) -> None:
     ev = git_evidence.evidence(str(tmp_path), None)
-    assert ev.missing == "the working directory is not a git repository"
+    assert ev.missing == "not_a_repository"
     assert git_evidence.head(str(tmp_path)) is None
 
 

@@ -76,6 +76,12 @@ def test_unit_passes_systemd_analyze_verify(tmpdir_short: Path) -> None:
     ):
         assert re.search(rf"^{re.escape(line)}$", text, re.M), line
     assert re.search(rf"^ReadWritePaths={tmpdir_short}/state /tmp$", text, re.M)
+    # ReadWritePaths= of a missing dir fails with 226/NAMESPACE: it is made first, as the user,
+    # outside the sandbox ("+"), with its parents (a fresh install has no ~/.local/state).
+    pre = re.search(r"^ExecStartPre=\+(.*)$", text, re.M)
+    assert pre, text
+    assert pre.group(1).split()[-5:] == ["/bin/mkdir", "-p", "-m", "0700", f"{tmpdir_short}/state"]
+    assert "--reuid=root" in pre.group(1) and "--init-groups" in pre.group(1)
     watchdog = int(re.search(r"^WatchdogSec=(\d+)$", text, re.M).group(1))
     stop = int(re.search(r"^TimeoutStopSec=(\d+)$", text, re.M).group(1))
     assert stop > 10, "the agent's own stop bound is 10 s"
