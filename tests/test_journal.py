@@ -61,16 +61,10 @@ def test_stored_values_are_the_plain_strings(journal: Journal, tmp_path: Path) -
     _add(journal, "c-1", Kind.EMERGENCY)
     raw = sqlite3.connect(tmp_path / "journal.db").execute("SELECT kind, state FROM entries")
     assert raw.fetchall() == [("emergency", "accepted")]
-    assert [s.value for s in State] == [
-        "accepted",
-        "collected",
-        "written",
-        "verified",
-        "cleaned",
-        "failed",
-        "dead",
-    ]
-    assert [k.value for k in Kind] == ["start", "normal", "emergency", "reset"]
+    # The values stored before the enums existed stay what they were (members may be added).
+    stored = {"accepted", "collected", "written", "verified", "cleaned", "failed", "dead"}
+    assert stored <= {s.value for s in State}
+    assert {"start", "normal", "emergency", "reset"} <= {k.value for k in Kind}
     assert set(UNFINISHED_STATES) < set(PENDING_STATES) and set(COMPLETION_KINDS) < set(Kind)
 
 
