@@ -99,6 +99,11 @@ def main() -> int:
     if not args.no_write:
         write_doc(block)
         print(f"\nwritten into {DOC.relative_to(REPO)}", file=sys.stderr)
+        if "recovery" in outcomes:
+            from bench import recovery
+
+            recovery.write_doc(outcomes["recovery"], args.size)
+            print(f"written into {recovery.DOC.relative_to(REPO)}", file=sys.stderr)
     rows = [row for outcome in outcomes.values() for row in outcome.rows]
     return 1 if any(row.met is False for row in rows) else 0
 

@@ -9,11 +9,13 @@ WordPress row in MariaDB, read it back. The peers:
 - **huey** (``SqliteHuey``): the hook process enqueues, ``huey_consumer -w 2`` (threads) does
   the work (``peer_huey.py``);
 - **the agent**: ``completionctl hook`` with a Stop payload carrying the answer (process hook),
-  and ``ctl.Client.complete`` in a loop (library loop); against huey's enqueue loop.
+  and ``ctl.Client.complete`` from a loop (library loop, 4 threads with a client each); against
+  huey's enqueue loop (4 threads).
 
 Every process runs in the production layout (``pip install .``, built offline; huey copied into
 it). Rows: hook wall; hook start until the row is visible (polled from here); completions per
-second (process modes: two launchers at a time, the cores there are); CPU per completion split
+second (process modes: two launchers at a time, the cores there are; the modes take turns in
+chunks, so a shared machine's drifting load falls on all alike); CPU per completion split
 into the hook processes, the service (the agent's processes, huey's consumer) and the MariaDB
 server (which other users of the shared server also keep busy).
 """
@@ -55,18 +57,18 @@ from bench.throughput import agent_config
 from tests.dbfixtures import MYSQL_HOST, MYSQL_PASSWORD, MYSQL_PORT, MYSQL_USER
 
 LAUNCHERS = 2  # process modes: hooks started at once (one per core)
+SENDERS = 4  # loop modes: threads sending at once, each with its own client
 PEER_FILES = ("peer_work.py", "peer_original.py", "peer_huey.py")
 HUEY_HOOK = "import sys, peer_huey; peer_huey.complete(int(sys.argv[1]), sys.stdin.read())"
 
 
 @dataclass
 class Mode:
-    """One way of completing: how a hook is started, or how a loop sends."""
+    """One way of completing as a process per completion: how its hook is started."""
 
     name: str
     argv: Callable[[int], list[str]] | None = None  # a process per completion
     env: dict[str, str] = field(default_factory=dict)
-    send: Callable[[int, str], None] | None = None  # in this process
     service: list[Any] = field(default_factory=list)  # psutil processes doing the work
 
 
@@ -185,18 +187,58 @@ def processes_until_visible(
     return time.perf_counter() - started, cpu[0]
 
 
-def loop_until_visible(mode: Mode, ids: list[int], conn: Any) -> tuple[float, float]:
-    """Seconds to send all from one loop here until every row is visible, and this CPU."""
-    assert mode.send is not None
+def loop_until_visible(
+    name: str, make_sender: Callable[[], Callable[[int, str], None]], ids: list[int], conn: Any
+) -> tuple[float, float]:
+    """Seconds to send all from SENDERS threads here (a sender each) until every row is
+    visible, and this process's CPU meanwhile."""
     outputs = {todo: markdown_answer(todo) for todo in ids}
+    sends = [make_sender() for _ in range(SENDERS)]
+    errors: list[BaseException] = []
+
+    def sender(index: int) -> None:
+        try:
+            for todo in ids[index::SENDERS]:
+                sends[index](todo, outputs[todo])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sender, args=(i,)) for i in range(SENDERS)]
     before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
-    for todo in ids:
-        mode.send(todo, outputs[todo])
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     after = resource.getrusage(resource.RUSAGE_SELF)
-    wait_all(conn, ids, mode.name)
+    if errors:
+        raise SystemExit(f"peers bench: {name} loop failed: {errors[0]!r}")
+    wait_all(conn, ids, name)
     elapsed = time.perf_counter() - started
     return elapsed, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+
+@dataclass
+class Totals:
+    elapsed: float = 0.0
+    hook: float = 0.0
+    service: float = 0.0
+    mysqld: float = 0.0
+    count: int = 0
+
+    def add(self, elapsed: float, hook: float, used: dict[str, float], count: int) -> None:
+        self.elapsed += elapsed
+        self.hook += hook
+        self.service += sum(v for k, v in used.items() if k.startswith("service"))
+        self.mysqld += used.get("mysqld", float("nan"))
+        self.count += count
+
+    def per_completion(self) -> dict[str, float]:
+        return {
+            "hook": self.hook / self.count,
+            "service": self.service / self.count,
+            "mysqld": self.mysqld / self.count,
+        }
 
 
 def wait_all(conn: Any, ids: list[int], name: str) -> None:
@@ -229,7 +271,7 @@ def run(size: str) -> Outcome:
 
     if not server_answers():
         raise SystemExit("peers bench: MariaDB does not answer on 127.0.0.1:3306")
-    samples, processes, loops = (3, 6, 20) if size == "tiny" else (30, 300, 1000)
+    samples, processes, loops, chunks = (3, 6, 20, 1) if size == "tiny" else (30, 300, 1000, 5)
     with private_dir("bp-") as root, fresh_database() as db:
         python = str(deployed_python(root, extra=("huey",)))
         (root / "peers").mkdir()
@@ -304,42 +346,56 @@ def run(size: str) -> Outcome:
                 idle.append((acked, time.perf_counter() - started))
             idle = idle[warm:]
 
-            # Throughput and CPU, each mode in turn.
+            # Throughput and CPU: the modes take turns in chunks, the order rotating, so that the
+            # load of a shared machine, which drifts over minutes, falls on all of them alike.
             def meter(mode_service: list[Any]) -> CpuMeter:
                 named = {f"service {i}": p for i, p in enumerate(mode_service)}
                 if server is not None:
                     named["mysqld"] = server
                 return CpuMeter(named)
 
-            rates: dict[str, float] = {}
-            cpu: dict[str, dict[str, float]] = {}
-            for name, mode in modes.items():
-                ids = add_todos(db, processes)
-                files = {todo: inputs[name](root, todo) for todo in ids}
-                m = meter(mode.service)
-                m.start()
-                elapsed, hook_cpu = processes_until_visible(mode, ids, files, conn)
-                used = m.stop()
-                rates[f"{name} process"] = processes / elapsed
-                cpu[f"{name} process"] = split(used, hook_cpu, processes)
+            def agent_sender() -> Callable[[int, str], None]:
+                own = Client(str(agent.config_path), timeout=30)
+                senders.append(own)
 
-            def agent_send(todo: int, output: str) -> None:
-                client.complete(todo, output=output, queue_when_unreachable=False)
+                def send(todo: int, output: str) -> None:
+                    own.complete(todo, output=output, queue_when_unreachable=False)
 
-            def huey_send(todo: int, output: str) -> None:
-                peer_huey.complete(todo, output)
+                return send
 
-            for name, send, service in (
-                ("agent", agent_send, family),
-                ("huey", huey_send, [psutil.Process(consumer.pid)]),
-            ):
-                ids = add_todos(db, loops)
-                m = meter(service)
-                m.start()
-                elapsed, hook_cpu = loop_until_visible(Mode(name, send=send), ids, conn)
-                used = m.stop()
-                rates[f"{name} loop"] = loops / elapsed
-                cpu[f"{name} loop"] = split(used, hook_cpu, loops)
+            def huey_sender() -> Callable[[int, str], None]:
+                return peer_huey.complete
+
+            senders: list[Any] = []
+            loop_modes = {
+                "agent": (agent_sender, family),
+                "huey": (huey_sender, [psutil.Process(consumer.pid)]),
+            }
+            totals: dict[str, Totals] = {}
+            for chunk in range(chunks):
+                names = list(modes)[chunk % 3 :] + list(modes)[: chunk % 3]
+                for name in names:
+                    ids = add_todos(db, processes // chunks)
+                    files = {todo: inputs[name](root, todo) for todo in ids}
+                    m = meter(modes[name].service)
+                    m.start()
+                    elapsed, hook_cpu = processes_until_visible(modes[name], ids, files, conn)
+                    totals.setdefault(f"{name} process", Totals()).add(
+                        elapsed, hook_cpu, m.stop(), len(ids)
+                    )
+                for name in list(loop_modes)[chunk % 2 :] + list(loop_modes)[: chunk % 2]:
+                    make, service = loop_modes[name]
+                    ids = add_todos(db, loops // chunks)
+                    m = meter(service)
+                    m.start()
+                    elapsed, hook_cpu = loop_until_visible(name, make, ids, conn)
+                    totals.setdefault(f"{name} loop", Totals()).add(
+                        elapsed, hook_cpu, m.stop(), len(ids)
+                    )
+            for own in senders:
+                own.close()
+            rates = {key: t.count / t.elapsed for key, t in totals.items()}
+            cpu = {key: t.per_completion() for key, t in totals.items()}
             client.close()
             conn.close()
         finally:
@@ -352,15 +408,6 @@ def run(size: str) -> Outcome:
             agent.cleanup()
 
     return Outcome(rows(latency, idle, rates, cpu, processes, loops))
-
-
-def split(used: dict[str, float], hook_cpu: float, count: int) -> dict[str, float]:
-    service = sum(v for k, v in used.items() if k.startswith("service"))
-    return {
-        "hook": hook_cpu / count,
-        "service": service / count,
-        "mysqld": used.get("mysqld", float("nan")) / count,
-    }
 
 
 def cpu_text(c: dict[str, float]) -> str:
@@ -444,7 +491,8 @@ def rows(
     out.append(
         Row(
             "P",
-            f"completions/s, {loops} from one loop: agent `Client.complete`, against the original"
+            f"completions/s, {loops} from a loop ({SENDERS} threads): agent `Client.complete`,"
+            " against the original"
             f" system's processes ({cpu_text(cpu['agent loop'])})",
             f"{rates['agent loop']:.0f}/s",
             f"original {rates['original process']:.1f}/s",
@@ -456,7 +504,8 @@ def rows(
     out.append(
         Row(
             "P",
-            f"completions/s, {loops} from one loop: agent, against huey's enqueue loop"
+            f"completions/s, {loops} from a loop ({SENDERS} threads): agent, against huey's"
+            " enqueue loop"
             f" (huey {cpu_text(cpu['huey loop'])})",
             f"{rates['agent loop']:.0f}/s",
             f"huey {rates['huey loop']:.0f}/s",
