@@ -259,14 +259,21 @@ class CpuMeter:
         self._before: dict[str, float] = {}
 
     def _now(self) -> dict[str, float]:
-        return {name: sum(p.cpu_times()[:2]) for name, p in self._processes.items()}
+        import psutil
+
+        seen = {}
+        for name, proc in self._processes.items():
+            # One that is gone (a shared database server restarted by someone) is left out.
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                seen[name] = sum(proc.cpu_times()[:2])
+        return seen
 
     def start(self) -> None:
         self._before = self._now()
 
     def stop(self) -> dict[str, float]:
         now = self._now()
-        return {name: now[name] - self._before[name] for name in now}
+        return {name: now[name] - self._before[name] for name in now if name in self._before}
 
 
 def database_server_process() -> Any | None:

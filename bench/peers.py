@@ -121,9 +121,16 @@ def one_process(mode: Mode, todo: int, stdin: Path, conn: Any) -> tuple[float, f
     env = {**mode.env, "TODO_ID": str(todo)}
     with stdin.open("rb") as source:
         started = time.perf_counter()
-        proc = subprocess.Popen(
-            mode.argv(todo), env=env, stdin=source, stdout=subprocess.DEVNULL, cwd=mode.env["CWD"]
-        )
+        errors = stdin.with_suffix(".err")
+        with errors.open("wb") as sink:
+            proc = subprocess.Popen(
+                mode.argv(todo),
+                env=env,
+                stdin=source,
+                stdout=subprocess.DEVNULL,
+                stderr=sink,
+                cwd=mode.env["CWD"],
+            )
         wall = seen = None
         cpu = 0.0
         deadline = started + 60
@@ -135,7 +142,10 @@ def one_process(mode: Mode, todo: int, stdin: Path, conn: Any) -> tuple[float, f
                     cpu = usage.ru_utime + usage.ru_stime
                     proc.returncode = os.waitstatus_to_exitcode(status)
                     if proc.returncode != 0:
-                        raise SystemExit(f"peers bench: {mode.name} hook exited {proc.returncode}")
+                        said = errors.read_text(errors="replace").strip().splitlines()[-1:]
+                        raise SystemExit(
+                            f"peers bench: {mode.name} hook exited {proc.returncode}: {said}"
+                        )
             if seen is None and visible(conn, todo):
                 seen = time.perf_counter() - started
             if time.perf_counter() > deadline:
@@ -161,19 +171,22 @@ def processes_until_visible(
                 if not pending or failed:
                     return
                 todo = pending.pop()
-            with inputs[todo].open("rb") as source:
+            errors = inputs[todo].with_suffix(".err")
+            with inputs[todo].open("rb") as source, errors.open("wb") as sink:
                 proc = subprocess.Popen(
                     mode.argv(todo),  # type: ignore[misc]
                     env={**mode.env, "TODO_ID": str(todo)},
                     stdin=source,
                     stdout=subprocess.DEVNULL,
+                    stderr=sink,
                     cwd=mode.env["CWD"],
                 )
                 _, status, usage = os.wait4(proc.pid, 0)
             with lock:
                 cpu[0] += usage.ru_utime + usage.ru_stime
                 if os.waitstatus_to_exitcode(status) != 0:
-                    failed.append(f"todo {todo}")
+                    said = errors.read_text(errors="replace").strip().splitlines()[-1:]
+                    failed.append(f"todo {todo}: {said}")
 
     started = time.perf_counter()
     threads = [threading.Thread(target=launcher) for _ in range(LAUNCHERS)]
