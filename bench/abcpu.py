@@ -30,8 +30,8 @@ from bench.common import (
     private_dir,
     verdict,
 )
-from bench.db import add_todos, fresh_database, markdown_answer, server_answers
-from bench.throughput import agent_config, send_all, wait_verified
+from bench.db import add_todos, fresh_database, server_answers
+from bench.throughput import agent_config, wait_verified
 
 CLIENTS = 4
 BEFORE = "e828304"  # main before issue 20 (its renderer, markdown-it-py, is in the test extra)
@@ -61,7 +61,30 @@ def agent_processes(agent) -> dict[str, object]:
     return named
 
 
-def one_round(agent, db, count: int) -> dict[str, float]:
+SEND = """
+import json, sys
+from bench.db import markdown_answer
+from bench.throughput import send_all
+ids = json.loads(sys.argv[2])
+send_all(sys.argv[1], {todo: markdown_answer(todo) for todo in ids}, int(sys.argv[3]))
+"""
+
+
+def send_from(tree: Path, config: Path, ids: list[int]) -> None:
+    """Send with the client of the agent's own tree (the wire protocol may have moved on)."""
+    import json
+    import os
+
+    env = {**os.environ, "PYTHONPATH": f"{tree}:{REPO}"}
+    subprocess.run(
+        [sys.executable, "-c", SEND, str(config), json.dumps(ids), str(CLIENTS)],
+        env=env,
+        cwd=tree,  # python -c puts its cwd first on the path: the tree's ctl must win
+        check=True,
+    )
+
+
+def one_round(agent, db, count: int, tree: Path) -> dict[str, float]:
     ids = add_todos(db, count)
     named = agent_processes(agent)
     server = database_server_process()
@@ -69,7 +92,7 @@ def one_round(agent, db, count: int) -> dict[str, float]:
         named["MariaDB server"] = server
     meter = CpuMeter(named)
     meter.start()
-    send_all(agent.config_path, {todo: markdown_answer(todo) for todo in ids}, CLIENTS)
+    send_from(tree, agent.config_path, ids)
     wait_verified(agent.state / "journal.db", ids)
     return {name: seconds / count for name, seconds in meter.stop().items()}
 
@@ -93,11 +116,12 @@ def run(commit: str, size: str) -> Outcome:
                     agent.env["PYTHONPATH"] = str(tree)
                     agent.env = compiled_env(root / side, agent.env)
                     agents[side] = agent.start()
-                    one_round(agent, dbs[side], min(count, 50))  # warm-up
+                    one_round(agent, dbs[side], min(count, 50), tree)  # warm-up
                 for index in range(rounds):
                     order = ["before", "after"] if index % 2 == 0 else ["after", "before"]
                     for side in order:
-                        results[side].append(one_round(agents[side], dbs[side], count))
+                        tree = old if side == "before" else REPO
+                        results[side].append(one_round(agents[side], dbs[side], count, tree))
             except BaseException:
                 for side, agent in agents.items():
                     print(f"--- {side} agent's output\n{agent.output()[-4000:]}", file=sys.stderr)
