@@ -49,6 +49,16 @@ def unpack(commit: str, into: Path) -> Path:
     return into
 
 
+def old_config(agent) -> None:
+    """The harness's config without the keys the older tree does not know (it refuses them)."""
+    from tests.harness import render_toml
+
+    agent.config.get("hook", {}).pop("http_listen", None)
+    if not agent.config.get("hook", True):
+        agent.config.pop("hook")
+    agent.config_path.write_text(render_toml(agent.config))
+
+
 def agent_processes(agent) -> dict[str, object]:
     """The parent and its three children by role (not a tool a child runs for a moment)."""
     named: dict[str, object] = {}
@@ -113,6 +123,8 @@ def run(commit: str, size: str) -> Outcome:
                 for side, tree in (("before", old), ("after", REPO)):
                     (root / side).mkdir()
                     agent = Agent(root / side, agent_config(dbs[side]))
+                    if side == "before":
+                        old_config(agent)
                     agent.env["PYTHONPATH"] = str(tree)
                     agent.env = compiled_env(root / side, agent.env)
                     agents[side] = agent.start()
