@@ -62,11 +62,15 @@ class Mariadbd:
         self.datadir = root / "data"
         self.socket = root / "mysqld.sock"
         self.log = root / "error.log"
+        # Its own tmpdir: a bootstrap in the shared /tmp failed once on a temp table file that
+        # vanished under it ("Error on delete of '/tmp/#sql-temptable-…'").
+        self.tmpdir = root / "tmp"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def install(self) -> Mariadbd:
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o755)
+        self.tmpdir.mkdir(mode=0o700, exist_ok=True)
         # User mysql must be able to walk down to its datadir (test dirs are 0700).
         for parent in self.root.parents:
             if parent == Path("/tmp") or parent == parent.parent:
@@ -79,6 +83,7 @@ class Mariadbd:
                     "mariadb-install-db",
                     "--no-defaults",
                     f"--datadir={self.datadir}",
+                    f"--tmpdir={self.tmpdir}",
                     "--user=mysql",
                     "--auth-root-authentication-method=normal",
                     "--skip-test-db",
@@ -100,6 +105,7 @@ class Mariadbd:
             "--no-defaults",
             "--user=mysql",
             f"--datadir={self.datadir}",
+            f"--tmpdir={self.tmpdir}",
             f"--port={self.port}",
             "--bind-address=127.0.0.1",
             f"--socket={self.socket}",
