@@ -12,11 +12,9 @@ import re
 import shutil
 import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from html.parser import HTMLParser
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -157,45 +155,10 @@ def report_pages(name: str, text: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- the browser
 
 
-class Pages:
-    """A local HTTP server: /r/NAME serves a page; any other request is a hit (something a
-    page tried to load), as is a call of the detector (/hit/NAME/...)."""
-
-    def __init__(self) -> None:
-        self.pages: dict[str, str] = {}
-        self.hits: list[str] = []
-        pages, hits = self.pages, self.hits
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path.startswith("/r/") and self.path[3:] in pages:
-                    body = pages[self.path[3:]].encode("utf-8", "surrogatepass")
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/html; charset=utf-8")
-                    self.end_headers()
-                    self.wfile.write(body)
-                    return
-                if self.path != "/favicon.ico":
-                    hits.append(self.path)
-                self.send_response(404)
-                self.end_headers()
-
-            do_POST = do_GET
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def beacon(self, name: str) -> str:
-        return f"{self.base}/beacon/{name}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+class Pages(Browser):
+    """tests/plugin_views.Browser's server (/r/NAME serves a page; any other request is a hit,
+    as is a call of the detector, /hit/NAME/...), with pages whose CSP can be stripped and one
+    Chromium run that returns the DOM and the log."""
 
     def add(self, name: str, page: str, *, strip_csp: bool = False) -> None:
         if strip_csp:
