@@ -11,29 +11,16 @@ import protocol as p
 from agent.intake import Intake
 from agent.journal import Journal
 from agent.monitor import Monitor
-from protocol.config import Config, load
-from tests.harness import merge, render_toml
-
-T0 = 1_700_000_000.0
+from protocol.config import Config
+from tests.harness import T0, merge
+from tests.harness import unit_config as harness_unit_config
 
 
 def unit_config(root: Path, extra: dict[str, Any] | None = None) -> Config:
-    """A config whose every path lies inside ``root``; the state dir and logs dir exist."""
-    base: dict[str, Any] = {
-        "state_dir": str(root / "state"),
-        "behavior": {"completion_timeout": 600, "emergency_timeout": 3600, "sweep_interval": 0.5},
-        "collect": {"session_dir": str(root / "sessions" / "claude_session_{todo_id}")},
-        "marker": {
-            "completed_file": str(root / "TASK_COMPLETED"),
-            "current_todo_file": str(root / "CURRENT_TODO_ID"),
-        },
-    }
-    path = root / "config.toml"
-    path.write_text(render_toml(merge(base, extra or {})))
-    config = load(str(path))
-    for directory in (config.state_path, config.logs_dir, root / "sessions"):
-        directory.mkdir(parents=True, exist_ok=True)
-    return config
+    """tests.harness.unit_config with deadlines long enough that only the test's clock fires
+    them."""
+    long_deadlines = {"behavior": {"completion_timeout": 600, "emergency_timeout": 3600}}
+    return harness_unit_config(root, merge(long_deadlines, extra or {}))
 
 
 class UnitRig:
