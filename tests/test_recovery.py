@@ -92,12 +92,21 @@ def test_emergency_deadline_resets_a_todo_whose_writes_keep_failing(
     tcp_proxy.cut()
 
     # The completion deadline fires; the emergency completion cannot land.
-    def failed_attempt() -> bool:
+    # Either the writer tried it and failed, or it had already seen the outage and holds it
+    # (probing once a second, trying nothing): on a loaded machine both orders happen.
+    def held_back() -> bool:
         emg = entries(agent, lost, "emergency")
-        return bool(emg) and emg[0]["attempts"] >= 1 and emg[0]["state"] == "collected"
+        if not emg or emg[0]["state"] != "collected":
+            return False
+        if emg[0]["attempts"] >= 1:
+            return True
+        report = health(agent)
+        return bool(report) and check_of(report[1], "database")["status"] == "CRITICAL"
 
-    wait_for(failed_attempt, 30, what="a failed write of the emergency completion")
-    assert "will retry" in entries(agent, lost, "emergency")[0]["last_error"]
+    wait_for(held_back, 30, what="the emergency completion held back by the outage")
+    emg = entries(agent, lost, "emergency")[0]
+    if emg["attempts"] >= 1:
+        assert "will retry" in emg["last_error"]
     code, report = wait_for(
         lambda: (r := health(agent)) and check_of(r[1], "database")["status"] == "CRITICAL" and r,
         what="database CRITICAL",
