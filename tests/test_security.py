@@ -464,7 +464,11 @@ def test_m3_another_users_markers_complete_nothing_and_the_monitor_lives(make_ag
             result = shared.attacker.run("sh", "-c", f"printf %s '{text}' > {agent.root / name}")
             assert result.returncode == 0, result.stderr
         log = agent.state / "logs" / "monitor.log"
-        wait_for(lambda: "ignored" in log.read_text(errors="replace"), 20, what="the refusal")
+        wait_for(
+            lambda: log.exists() and "ignored" in log.read_text(errors="replace"),
+            20,
+            what="the refusal",
+        )
         monitor = agent.children()["monitor"]
         time.sleep(2)  # several sweeps and health rounds
         assert [e["kind"] for e in agent.todo_status(todo)["entries"]] == ["start"]
