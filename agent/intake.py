@@ -33,7 +33,7 @@ from .checks import (
     todo_status,
     waiting_check,
 )
-from .journal import ANSWER_KINDS, Journal, Kind, State
+from .journal import ANSWER_KINDS, Journal, Kind, State, scheduled_completion_id
 
 ACKNOWLEDGEABLE = ("refused",)  # checks `completionctl ack` can clear
 # SessionStart sources of a session that existed before (not a fresh start of the work).
@@ -570,6 +570,7 @@ class Intake:
             output=request.output,
             event="scheduled",
             sent_at=request.sent_at,
+            not_created_after=now,
         )
         self.journal.schedule(
             db, request.request_id, todo_id, request.due_at, p.encode(single), now
@@ -712,6 +713,28 @@ class Intake:
                     predicted_hang=predicted_hang(checks, todo_id),
                 )
             )
+        # A todo known only by its scheduled completion (never started here) is listed too.
+        listed = {t.todo_id for t in todos}
+        for todo_id, due_at in pending.items():
+            if todo_id not in listed and len(todos) < request.limit:
+                todos.append(
+                    p.TodoSummary(
+                        todo_id=todo_id,
+                        session_id=None,
+                        started_at=None,
+                        last_heard_at=None,
+                        completion_due=None,
+                        emergency_due=None,
+                        waiting=None,
+                        note=None,
+                        done=False,
+                        hanging=False,
+                        latest_kind=None,
+                        latest_state=None,
+                        completed_at=None,
+                        scheduled_at=due_at,
+                    )
+                )
         return p.TodoList(todos=todos)
 
     def status(self, request: p.Status, now: float) -> p.StatusReport:
@@ -759,10 +782,6 @@ class Intake:
 def batch_completion_id(request_id: str, todo_id: int) -> str:
     # Fits completion_log's 64-character column: a request id is at most 48 characters.
     return f"{request_id[:40]}-{todo_id}"
-
-
-def scheduled_completion_id(request_id: str) -> str:
-    return f"sched-{request_id}"
 
 
 def _with_id(request: p.Request, request_id: str) -> p.Request:

@@ -372,6 +372,14 @@ class ScheduledCompletion:
     updated_at: float
 
 
+SCHEDULED_PREFIX = "sched-"
+
+
+def scheduled_completion_id(request_id: str) -> str:
+    """The completion id a scheduled completion fires as."""
+    return f"{SCHEDULED_PREFIX}{request_id}"
+
+
 class ScheduleState(StrEnum):
     """Where a scheduled completion is (stored as these strings)."""
 

@@ -37,6 +37,7 @@ from .journal import (
     ScheduledCompletion,
     State,
     TodoTimers,
+    scheduled_completion_id,
 )
 from .loop import ChildBase
 from .marker import MarkerBridge
@@ -151,17 +152,21 @@ class Monitor(ChildBase):
             "emergency_enabled": behavior.enable_emergency_handlers,
         }
         wake = now + self.sweep
+        # A todo with a scheduled completion still to come keeps its deadlines on hold: the
+        # user said when it completes (the schedule fires first, and disarms them).
+        held: set[int] = set()
         for scheduled in self.journal.pending_schedules():
             if scheduled.due_at > now:
                 wake = min(wake, scheduled.due_at)
-                break
+                held.add(scheduled.todo_id)
+                continue
             self._fire_schedule(scheduled, now)
         self._predict(now)
         if self.config.predict.enabled and not self.model.caught_up:
             wake = min(wake, now + RECHECK)  # more history to learn: go on soon
-        for due in due_deadlines(self.journal.armed_timers(), now, **flags):
+        for due in due_deadlines(self._timers(held), now, **flags):
             self._act(due, now)
-        upcoming = next_deadline(self.journal.armed_timers(), **flags)
+        upcoming = next_deadline(self._timers(held), **flags)
         if upcoming is not None:
             # A deadline that is due but held back (a reset waiting for a completion to settle)
             # is looked at again soon, not in a busy loop.
@@ -196,11 +201,14 @@ class Monitor(ChildBase):
             self.next_prune = now + PRUNE_EVERY
         return wake
 
+    def _timers(self, held: set[int]) -> list[TodoTimers]:
+        return [t for t in self.journal.armed_timers() if t.todo_id not in held]
+
     # ------------------------------------------------------------ scheduled completions
 
     def _fire_schedule(self, scheduled: ScheduledCompletion, now: float) -> None:
         """A scheduled completion's time has come: journal it as the user's completion."""
-        completion_id = f"sched-{scheduled.request_id}"
+        completion_id = scheduled_completion_id(scheduled.request_id)
         if not self.journal.fire_schedule(scheduled, completion_id, now):
             return  # cancelled, or fired by another pass, since it was read
         logger.bind(todo_id=scheduled.todo_id, completion_id=completion_id).info(

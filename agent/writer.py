@@ -24,7 +24,15 @@ import protocol as p
 from . import git_evidence
 from .dbroute import DbRoute
 from .fleet import Beacon, worst
-from .journal import COMPLETION_KINDS, PENDING_STATES, UNFINISHED_STATES, Entry, Kind, State
+from .journal import (
+    COMPLETION_KINDS,
+    PENDING_STATES,
+    SCHEDULED_PREFIX,
+    UNFINISHED_STATES,
+    Entry,
+    Kind,
+    State,
+)
 from .loop import ChildBase
 from .store import (
     PermanentError,
@@ -560,7 +568,20 @@ def _to_write(entry: Entry) -> TodoWrite:
         summary=entry.summary,
         source=entry.source or "",
         attempts=entry.attempts + 1,
+        not_created_after=_not_created_after(entry),
     )
+
+
+def _not_created_after(entry: Entry) -> datetime | None:
+    """A scheduled completion may only complete a todo that existed when it was scheduled."""
+    if not entry.completion_id.startswith(SCHEDULED_PREFIX) or not entry.request:
+        return None
+    try:
+        request = p.decode_request(entry.request)
+    except p.ProtocolError:
+        return None
+    at = getattr(request, "not_created_after", None)
+    return None if at is None else datetime.fromtimestamp(at, UTC)
 
 
 def _requester(entry: Entry) -> int | None:

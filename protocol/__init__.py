@@ -126,6 +126,10 @@ class Complete(TodoRequest, frozen=True, kw_only=True, tag="complete"):
     event: ShortText | None = None  # "cli", "Stop", "SessionEnd", "marker"
     only_if_open: bool = False  # SessionEnd: complete only when no completion is known yet
     reason: ShortText | None = None  # SessionEnd's reason (logout, prompt_input_exit, ...)
+    # Refuse the completion if the todo's row was created after this moment (epoch seconds):
+    # a scheduled completion carries the time it was scheduled, so that it never completes a
+    # todo created later under the id it named.
+    not_created_after: float | None = None
 
 
 class Emergency(TodoRequest, frozen=True, kw_only=True, tag="emergency"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -104,6 +105,32 @@ def test_status_shows_the_schedule(rig: UnitRig) -> None:
     assert agent is not None and [x.todo_id for x in agent.scheduled] == [4]
 
 
+def test_a_pending_schedule_holds_the_todos_deadlines_until_it_fires(rig: UnitRig) -> None:
+    rig.start(1, timeout=60)  # completion deadline T0 + 60
+    schedule(rig, 1, T0 + 600)
+    assert rig.run(T0 + 100) <= T0 + 600  # past the deadline: held, the schedule is next
+    assert rig.entries(1, "emergency") == []
+    rig.run(T0 + 600)
+    assert [e.kind for e in rig.entries(1) if e.kind != "start"] == ["normal"]
+    rig.run(T0 + 5000)
+    assert rig.entries(1, "emergency") == []  # the schedule's completion disarmed them
+    # Cancelled, the hold ends: the todo's own deadline fires on the next pass.
+    rig.start(2, at=T0, timeout=60)
+    schedule(rig, 2, T0 + 600)
+    rig.send(p.Cancel(request_id="c2", todo_id=2), T0 + 100)
+    rig.run(T0 + 101)
+    assert len(rig.entries(2, "emergency")) == 1
+
+
+def test_list_shows_a_todo_known_only_by_its_schedule(rig: UnitRig) -> None:
+    rig.start(1)
+    schedule(rig, 7, T0 + 600)  # never started here
+    todos = {t.todo_id: t for t in rig.intake.list_todos(p.ListTodos(), T0).todos}
+    assert set(todos) == {1, 7}
+    assert todos[7].scheduled_at == T0 + 600 and not todos[7].done
+    assert todos[1].scheduled_at is None
+
+
 # ------------------------------------------------------------------ the command line's times
 
 
@@ -167,6 +194,30 @@ def test_scheduled_completion_survives_kill_9_of_the_whole_agent(
     assert "released on time" in (agent.todo_row(todo)["claude_text_output"] or "")
     [s] = agent.todo_status(todo)["scheduled"]
     assert s["state"] == "fired"
+
+
+@pytest.mark.slow
+def test_a_schedule_never_completes_a_todo_created_after_it(agent: Agent) -> None:
+    """Issue 18: a schedule accepted for an id that did not exist yet must not fire on the
+    unrelated todo that later gets that id; status says why it was refused."""
+    first = agent.add("An existing todo")
+    ghost = first + 1  # no row has this id yet
+    result = agent.ctl("complete", str(ghost), "--in", "3s", "--output", "not yours")
+    assert result.returncode == 0, result.stderr.decode()
+    # The rows keep whole seconds: the todo is created in a later second than the schedule.
+    scheduled_in = int(time.time())
+    wait_for(lambda: int(time.time()) > scheduled_in, timeout=5, what="the next second")
+    unrelated = agent.add("Created after the schedule")
+    assert unrelated == ghost
+    status = agent.wait_states(unrelated, "failed", timeout=30)
+    [entry] = status["entries"]
+    assert "after this completion was scheduled" in (entry["last_error"] or entry["outcome"])
+    row = agent.todo_row(unrelated)
+    assert row is not None and row["status"] == "offen"
+    assert "not yours" not in (row["claude_text_output"] or "")
+    assert agent.log_rows(unrelated) == []
+    text = agent.ctl("status", str(unrelated)).stdout.decode()
+    assert "after this completion was scheduled" in text
 
 
 @pytest.mark.slow

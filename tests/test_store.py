@@ -7,7 +7,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pymysql
@@ -181,6 +181,33 @@ def test_missing_todo_is_refused(store: Store) -> None:
     assert [o.outcome for o in outcomes] == ["refused", "refused"]
     assert outcomes[0].reason == "todo 4242 does not exist"
     assert store.logged_kinds(4242) == []
+
+
+def test_a_scheduled_write_refuses_a_todo_created_after_it_was_scheduled(store: Store) -> None:
+    """A schedule for an id that did not exist yet must not complete the todo that later got
+    that id (issue 18): the row's created_at is compared with the schedule's time."""
+    tid = store.add_todo("created just now")
+    now = datetime.now(UTC)
+    made_before = now - timedelta(hours=1)
+    [refused] = store.apply([W("sched-a", tid, "normal", now, not_created_after=made_before)])
+    assert refused.outcome == "refused" and refused.log_kind is None
+    assert f"todo {tid} was created at" in refused.reason
+    assert "after this completion was scheduled" in refused.reason
+    assert store.get_todo(tid).status == "offen"  # type: ignore[union-attr]
+    assert store.logged_kinds(tid) == []
+    # Scheduled after the row existed (and a write without the field): applied as ever.
+    [ok] = store.apply([W("sched-b", tid, "normal", now, not_created_after=now)])
+    assert ok.outcome == "applied"
+    assert store.get_todo(tid).status == "completed"  # type: ignore[union-attr]
+    # Within one batch, only the write that names a younger row is refused.
+    young, old = store.add_todo("young"), tid
+    outcomes = store.apply(
+        [
+            W("sched-c", young, "normal", now, not_created_after=made_before),
+            W("c-plain", old, "normal", now),
+        ]
+    )
+    assert [o.outcome for o in outcomes] == ["refused", "duplicate"]
 
 
 def test_start_is_compare_and_set(store: Store, store_url: str) -> None:

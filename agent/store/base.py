@@ -84,6 +84,9 @@ class TodoWrite:
     summary: str | None = None
     source: str = ""
     attempts: int = 1
+    # Refuse if the todo's row was created after this moment (a scheduled completion's
+    # schedule time: it must not complete a todo created later under the id it named).
+    not_created_after: datetime | None = None
 
     def __post_init__(self) -> None:
         # A malformed write is a bug in the caller; refuse it before it reaches a transaction.
@@ -895,8 +898,13 @@ class SqlStore:
                     cids,
                 ).fetchall()
             }
+            born = self._created_after(cur, [w for w in writes if w.not_created_after])
             pending: list[tuple[Any, ...]] = []
-            outcomes = [self._apply_one(cur, w, status, logged, pending) for w in writes]
+            outcomes = [
+                _refuse_if_newer(w, born.get(w.todo_id))
+                or self._apply_one(cur, w, status, logged, pending)
+                for w in writes
+            ]
             if pending:
                 cur.executemany(
                     self._sql(
@@ -906,6 +914,21 @@ class SqlStore:
                     pending,
                 )
             return outcomes
+
+    def _created_after(self, cur: Any, writes: Sequence[TodoWrite]) -> dict[int, datetime]:
+        """When the rows these writes name were created (UTC), where the table says so."""
+        r = self._profile(cur)
+        if not writes or not r.has("created_at"):
+            return {}
+        col = Column("created_at", r.table_columns["created_at"])
+        ids = sorted({w.todo_id for w in writes})
+        rows = self._run(
+            cur,
+            f"SELECT id, {self._read_time_expr(col)} FROM {self._t} WHERE id IN ({_marks(ids)})",
+            ids,
+        ).fetchall()
+        born = {int(r[0]): self._read_time(col, r[1]) for r in rows}
+        return {k: v for k, v in born.items() if v is not None}
 
     def _apply_one(
         self,
@@ -1005,6 +1028,25 @@ class SqlStore:
     def verify(self, write: TodoWrite, outcome: WriteOutcome) -> bool:
         """Read back, in a fresh transaction, whether `outcome` is what the database now holds."""
         return self.verify_many([write], [outcome])[0]
+
+
+def _refuse_if_newer(w: TodoWrite, created: datetime | None) -> WriteOutcome | None:
+    """The refusal of a write whose todo row is younger than the write's request."""
+    if w.not_created_after is None or created is None:
+        return None
+    # Whole seconds on both sides (what a DATETIME column keeps): a row created within the
+    # second the schedule was made counts as older.  A server clock ahead of ours errs towards
+    # refusing, which the user sees and can redo; the other way would complete a stranger's todo.
+    made = to_utc_naive(w.not_created_after)
+    if to_utc_naive(created) <= made:
+        return None
+    return WriteOutcome(
+        w.completion_id,
+        "refused",
+        f"todo {w.todo_id} was created at {to_utc_naive(created):%Y-%m-%d %H:%M:%S} UTC, after "
+        f"this completion was scheduled ({made:%Y-%m-%d %H:%M:%S} UTC): a schedule only "
+        "completes the todo that had its id then",
+    )
 
 
 def _priority_value(col: Column, priority: str) -> Any:
