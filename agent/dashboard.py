@@ -42,6 +42,10 @@ REPORT_CSP = (
 SHOWN_KINDS = (*COMPLETION_KINDS, "revision")
 
 
+class BadForm(ValueError):
+    """An action's form lacks what the action needs (400)."""
+
+
 class Sessions:
     """Logged-in browsers: session id -> (CSRF token, expiry); in memory, so a restart of the
     web process logs everyone out (they take a new URL from ``completionctl dashboard``)."""
@@ -344,14 +348,26 @@ def dashboard_app(config: Config, journal: Journal, live: Any):
         now = time.time()
         with lock:
             dead = journal.entries_in(("dead",), limit=200)
-            refused = journal.refused(limit=50)
+            refusals = journal.refusals(limit=50)
+            acked_at = journal.acknowledged_at("refused")
             resets = [h for h in journal.entry_heads_since(now - 7 * 86400) if h.kind == "reset"][
                 -50:
             ]
             reasons = journal.reasons([h.completion_id for h in resets])
+        refused = [
+            {
+                "todo_id": todo_id,
+                "reason": reason,
+                "when": _when(at),
+                "acknowledged": acked_at is not None and at <= acked_at,
+            }
+            for todo_id, reason, at in refusals
+        ]
         return {
             "dead": dead,
             "refused": refused,
+            "unacknowledged": sum(not r["acknowledged"] for r in refused),
+            "acknowledged_at": _when(acked_at) if acked_at else None,
             "resets": [
                 {
                     "todo_id": h.todo_id,
@@ -442,6 +458,31 @@ def dashboard_app(config: Config, journal: Journal, live: Any):
 
         return JSONResponse({"version": await run_in_threadpool(mark)})
 
+    # Actions: each takes the posted form, asks the parent (a ctl.Client request, as the CLI's
+    # command does) and names the page to go back to; BadForm is the caller's mistake (400).
+    def retry_dead(form: Any) -> str:
+        if form.get("all"):
+            live.retry(all_dead=True)
+        else:
+            live.retry(str(form.get("completion_id") or ""))
+        return "/problems"
+
+    def force_emergency(form: Any) -> str:
+        todo_id = _int(str(form.get("todo_id") or ""))
+        if todo_id is None:
+            raise BadForm("todo_id missing")
+        live.emergency(todo_id, reason="forced from the dashboard")
+        return "/inflight"
+
+    def acknowledge(form: Any) -> str:
+        check = str(form.get("check") or "")
+        if not check:
+            raise BadForm("check missing")
+        live.acknowledge(check)
+        return "/problems"
+
+    actions = {"retry": retry_dead, "emergency": force_emergency, "ack": acknowledge}
+
     async def action(request: Request) -> Response:
         user = who(request)
         if user is None:
@@ -451,30 +492,16 @@ def dashboard_app(config: Config, journal: Journal, live: Any):
             presented = str(form.get("csrf") or request.headers.get("x-csrf-token") or "")
             if not hmac.compare_digest(presented.encode(), str(user[1]).encode()):
                 return PlainTextResponse("CSRF token missing or wrong", status_code=403)
-        what = request.path_params["what"]
-
-        def act() -> tuple[int, str, str]:
-            if what == "retry":
-                if form.get("all"):
-                    ack = live.retry(all_dead=True)
-                else:
-                    ack = live.retry(str(form.get("completion_id") or ""))
-                return 303, "/problems", ack.message
-            if what == "emergency":
-                todo_id = _int(str(form.get("todo_id") or ""))
-                if todo_id is None:
-                    return 400, "", "todo_id missing"
-                live.emergency(todo_id, reason="forced from the dashboard")
-                return 303, "/inflight", "forced"
-            return 404, "", "no such action"
-
+        act = actions.get(request.path_params["what"])
+        if act is None:
+            return PlainTextResponse("no such action", status_code=404)
         try:
-            code, where, message = await run_in_threadpool(act)
+            where = await run_in_threadpool(act, form)
+        except BadForm as exc:
+            return PlainTextResponse(str(exc), status_code=400)
         except Exception as exc:  # a refusal or the agent away: say so
             return PlainTextResponse(f"not done: {exc}", status_code=409)
-        if code == 303:
-            return RedirectResponse(where, status_code=303)
-        return PlainTextResponse(message, status_code=code)
+        return RedirectResponse(where, status_code=303)
 
     async def css(request: Request) -> Response:
         return Response(CSS, media_type="text/css")

@@ -150,9 +150,11 @@ TEMPLATES = {
 <td><form class="inline" method="post" action="/action/retry"><input type="hidden" name="csrf" value="{{ csrf }}"><input type="hidden" name="completion_id" value="{{ e.completion_id }}"><button type="submit">{{ t.retry }}</button></form></td></tr>
 {% else %}<tr><td colspan="5">{{ t.none }}</td></tr>{% endfor %}</table>
 <h2>{{ t.refusals }}</h2>
-<table id="refused"><tr><th>Todo</th><th>{{ t.reason }}</th></tr>
-{% for todo_id, reason in refused %}<tr><td><a href="/todo/{{ todo_id }}">{{ todo_id }}</a></td><td>{{ reason or "" }}</td></tr>
-{% else %}<tr><td colspan="2">{{ t.none }}</td></tr>{% endfor %}</table>
+{% if unacknowledged %}<form method="post" action="/action/ack"><input type="hidden" name="csrf" value="{{ csrf }}"><input type="hidden" name="check" value="refused"><button type="submit" id="ack-refused">{{ t.ack_refused }}</button></form>{% endif %}
+{% if acknowledged_at %}<p id="refused-acknowledged">{{ t.acknowledged_at }} {{ acknowledged_at }}</p>{% endif %}
+<table id="refused"><tr><th>Todo</th><th>{{ t.reason }}</th><th>{{ t.when }}</th><th>{{ t.ack_column }}</th></tr>
+{% for r in refused %}<tr data-todo="{{ r.todo_id }}"><td><a href="/todo/{{ r.todo_id }}">{{ r.todo_id }}</a></td><td>{{ r.reason or "" }}</td><td>{{ r.when }}</td><td>{% if r.acknowledged %}{{ t.acknowledged }}{% endif %}</td></tr>
+{% else %}<tr><td colspan="4">{{ t.none }}</td></tr>{% endfor %}</table>
 <h2>{{ t.resets }}</h2>
 <table id="resets"><tr><th>Todo</th><th>{{ t.completion }}</th><th>{{ t.state }}</th><th>{{ t.reason }}</th><th>{{ t.when }}</th></tr>
 {% for e in resets %}<tr><td><a href="/todo/{{ e.todo_id }}">{{ e.todo_id }}</a></td><td>{{ e.completion_id }}</td><td>{{ e.state }}</td><td>{{ e.reason or "" }}</td><td>{{ e.when }}</td></tr>
@@ -210,6 +212,10 @@ TEXT = {
         "retry": "Retry",
         "retry_all": "Retry all dead entries",
         "refusals": "Refused by the database",
+        "ack_refused": "Acknowledge refusals",
+        "acknowledged": "acknowledged",
+        "ack_column": "Acknowledged",
+        "acknowledged_at": "Refusals acknowledged at",
         "reason": "Reason",
         "resets": "Resets",
         "emergency_log": "Emergency log (latest lines)",
@@ -264,6 +270,10 @@ TEXT = {
         "retry": "Erneut versuchen",
         "retry_all": "Alle aufgegebenen erneut versuchen",
         "refusals": "Von der Datenbank abgelehnt",
+        "ack_refused": "Ablehnungen bestätigen",
+        "acknowledged": "bestätigt",
+        "ack_column": "Bestätigt",
+        "acknowledged_at": "Ablehnungen bestätigt am",
         "reason": "Grund",
         "resets": "Zurückgesetzt",
         "emergency_log": "Notfallprotokoll (letzte Zeilen)",

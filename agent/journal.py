@@ -1206,9 +1206,13 @@ class Journal:
     def refused(self, limit: int = 50, since: float = 0.0) -> list[tuple[int, str | None]]:
         """(todo id, reason) of the latest requests the database refused after ``since``,
         newest first."""
+        return [(todo_id, reason) for todo_id, reason, _ in self.refusals(limit, since)]
+
+    def refusals(self, limit: int = 50, since: float = 0.0) -> list[tuple[int, str | None, float]]:
+        """``refused`` with the time of each refusal (to tell those acknowledged since)."""
         return self._db.execute(
-            "SELECT todo_id, last_error FROM entries WHERE state = ? AND outcome = 'refused'"
-            " AND updated_at > ? ORDER BY seq DESC LIMIT ?",
+            "SELECT todo_id, last_error, updated_at FROM entries WHERE state = ?"
+            " AND outcome = 'refused' AND updated_at > ? ORDER BY seq DESC LIMIT ?",
             (State.FAILED, since, limit),
         ).fetchall()
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.harness import REPO, Agent, wait_for
+from tests.harness import REPO, Agent, check_of, health, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -314,8 +314,72 @@ def test_pages_render_match_the_journal_and_update_live(make_agent, browser) -> 
 
     browser.get(base + "/problems")
     assert str(refused) in text_of(browser, "refused")
+    assert text_of(browser, "ack-refused") == "Acknowledge refusals"  # shown in the screenshot
     browser.save_screenshot(str(REPO / "docs" / "dashboard-problems.png"))
     assert not fired(browser) and no_alert(browser)
+
+
+def overview_check(driver: Any, base: str, name: str) -> str:
+    """The state the overview shows for one health check."""
+    driver.get(base + "/")
+    cell = driver.find_element("xpath", f"//table[@id='checks']//tr[td[1]='{name}']/td[2]")
+    return str(cell.text)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_acknowledging_refusals_needs_a_login_and_the_csrf_token(make_agent, browser) -> None:
+    agent, base = dashboard_agent(make_agent, language="de")
+    refused = 434343  # not in the database: refused
+    assert agent.ctl("complete", str(refused), "--output", "x").returncode == 0
+    wait_for(lambda: agent.entry_states(refused) == ["failed"], what="the refusal")
+    login(agent, browser)
+    wait_for(lambda: overview_check(browser, base, "refused") == "WARNING", what="the warning")
+
+    def refusal_row() -> str:
+        return str(browser.find_element("css selector", f'#refused tr[data-todo="{refused}"]').text)
+
+    def press_ack(csrf: str | None = None) -> None:
+        browser.get(base + "/problems")
+        assert "bestätigt" not in refusal_row()
+        button = browser.find_element("id", "ack-refused")
+        assert button.text == "Ablehnungen bestätigen"
+        if csrf is not None:
+            browser.execute_script(
+                "arguments[0].form.querySelector('[name=csrf]').value = arguments[1]",
+                button,
+                csrf,
+            )
+        button.click()
+
+    def body() -> str:
+        return str(browser.find_element("tag name", "body").text)
+
+    # A wrong CSRF token: refused, nothing changes.
+    press_ack("wrong")
+    wait_for(lambda: "CSRF token missing or wrong" in body(), what="the 403")
+    assert check_of(health(agent)[1], "refused")["status"] == "WARNING"
+    assert overview_check(browser, base, "refused") == "WARNING"
+
+    # Without a login (the cookie gone, the page's token still in the form): refused too.
+    browser.get(base + "/problems")
+    button = browser.find_element("id", "ack-refused")
+    browser.delete_all_cookies()
+    button.click()
+    wait_for(lambda: "Anmeldung nötig" in body(), what="the 401")
+    assert check_of(health(agent)[1], "refused")["status"] == "WARNING"
+
+    # Logged in, with the page's token: done; the check is clear and the list says so.
+    login(agent, browser)
+    press_ack()
+    wait_for(lambda: browser.find_elements("id", "refused-acknowledged"), what="the ack note")
+    assert browser.current_url == base + "/problems"
+    assert "Ablehnungen bestätigt am" in text_of(browser, "refused-acknowledged")
+    assert "bestätigt" in refusal_row()
+    assert not browser.find_elements("id", "ack-refused")  # nothing left to acknowledge
+    assert check_of(health(agent)[1], "refused")["status"] == "OK"
+    assert overview_check(browser, base, "refused") == "OK"
+    assert not fired(browser)
 
 
 @pytest.mark.slow
