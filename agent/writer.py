@@ -569,6 +569,7 @@ def _to_write(entry: Entry) -> TodoWrite:
         source=entry.source or "",
         attempts=entry.attempts + 1,
         not_created_after=_not_created_after(entry),
+        note=entry.reason,
     )
 
 

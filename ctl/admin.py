@@ -163,7 +163,7 @@ def _show(args: argparse.Namespace, config: Config) -> int:
     try:
         todo = store.get_todo(args.todo_id)
         outputs = store.get_outputs(args.todo_id)
-        logged = store.logged_kinds(args.todo_id)
+        logged = store.audit_rows(args.todo_id)
     finally:
         store.close()
     if todo is None or outputs is None:
@@ -187,7 +187,7 @@ def _show(args: argparse.Namespace, config: Config) -> int:
         "summary": summary,
         "started_at": _time(todo.started_at),
         "completed_at": _time(todo.completed_at),
-        "log": [{"completion_id": c, "kind": k} for c, k in logged],
+        "log": [{"completion_id": c, "kind": k, "note": n} for c, k, n in logged],
         "entries": [
             {"completion_id": e.completion_id, "kind": e.kind, "state": e.state} for e in entries
         ],
@@ -202,8 +202,8 @@ def _show(args: argparse.Namespace, config: Config) -> int:
     print(f"  started    {shown['started_at']} UTC")
     print(f"  completed  {shown['completed_at']} UTC")
     print(f"  summary    {summary or '-'}")
-    for c, k in logged:
-        print(f"  log        {k:<10} {c}")
+    for c, k, n in logged:
+        print(f"  log        {k:<10} {c}" + (f"  ({n})" if n else ""))
     print(f"  archive    {archive or '- (not archived yet: the result is not final)'}")
     print(f"  report     {report_path or '- (the database holds it: show --report)'}")
     return EXIT_OK

@@ -289,7 +289,11 @@ def test_stop_failure_then_session_end_resets_with_the_error_in_the_report(agent
     row = agent.todo_row(todo)
     assert row["status"] == "offen"  # the queue retries it
     assert "rate_limit" in row["claude_text_output"] and "429" in row["claude_text_output"]
-    assert [r["kind"] for r in agent.log_rows(todo)] == ["failure"]
+    (audit,) = agent.log_rows(todo)
+    assert audit["kind"] == "failure"
+    assert audit["note"] == "StopFailure: rate_limit: 429 Too Many Requests"
+    shown = agent.ctl("show", str(todo))
+    assert "failure" in shown.stdout.decode() and "429 Too Many Requests" in shown.stdout.decode()
 
 
 def test_on_failure_wait_leaves_the_todo_to_its_deadlines(make_agent) -> None:

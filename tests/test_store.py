@@ -3,8 +3,10 @@ handling, output fitting, and failure behaviour (through the fault-injecting TCP
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import secrets
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -32,6 +34,7 @@ from agent.store.base import TRUNCATION_NOTE, fit_text
 from agent.store.mysql import _Limits, _wire_size, _wire_size_bound, classify
 from agent.store.profile import SiteProfile, resolve
 from tests.dbfixtures import (
+    MysqlServer,
     backend_of,
     fetch_row,
     hold_row_lock,
@@ -437,6 +440,137 @@ def test_db_init_creates_the_mysql_todo_table(mysql_url: str) -> None:
     assert "InnoDB" in show_create_table(mysql_url, "stage_completion_log")
     assert s.check_schema() == []
     s.close()
+
+
+# The audit table as completiond made it before `note` existed.
+OLD_LOG_DDL = {
+    "sqlite": (
+        "CREATE TABLE stage_completion_log (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+        "completion_id TEXT NOT NULL UNIQUE, todo_id INTEGER NOT NULL, kind TEXT NOT NULL, "
+        "sources TEXT NOT NULL DEFAULT '', attempts INTEGER NOT NULL DEFAULT 1, "
+        "created_at TEXT NOT NULL, logged_at TEXT NOT NULL)"
+    ),
+    "mysql": (
+        "CREATE TABLE stage_completion_log (`id` BIGINT UNSIGNED NOT NULL AUTO_INCREMENT, "
+        "`completion_id` VARCHAR(64) COLLATE utf8mb4_bin NOT NULL, `todo_id` BIGINT NOT NULL, "
+        "`kind` VARCHAR(16) NOT NULL, `sources` VARCHAR(255) NOT NULL DEFAULT '', "
+        "`attempts` INT NOT NULL DEFAULT 1, `created_at` DATETIME NOT NULL, "
+        "`logged_at` DATETIME NOT NULL, PRIMARY KEY (`id`), "
+        "UNIQUE KEY `uq_completion_id` (`completion_id`), KEY `ix_todo_id` (`todo_id`)"
+        ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci"
+    ),
+}
+
+
+def log_columns(url: str) -> list[str]:
+    if backend_of(url) == "sqlite":
+        return [r[1] for r in raw_execute(url, "PRAGMA table_info(stage_completion_log)")]
+    rows = raw_execute(
+        url,
+        "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE()"
+        " AND TABLE_NAME = 'stage_completion_log' ORDER BY ORDINAL_POSITION",
+    )
+    return [r[0] for r in rows]
+
+
+def test_the_audit_row_keeps_the_reason(store: Store, store_url: str) -> None:
+    failed, forced, done = (store.add_todo(t) for t in ("failed", "forced", "done"))
+    for tid in (failed, forced, done):
+        apply_one(store, W(f"s-{tid}", tid, "start", T0))
+    error = "StopFailure: rate_limit: 429 Too Many Requests"
+    assert apply_one(store, W("f-1", failed, "failure", note=error, text="half")).outcome == (
+        "applied"
+    )
+    long_reason = "no sign of life for 2 h; " + "ü" * 5000
+    apply_one(store, W("e-1", forced, "emergency", note=long_reason))
+    apply_one(store, W("c-1", done, "normal", text="ok"))
+    assert store.audit_rows(failed) == [("f-1", "failure", error)]
+    ((cid, kind, note),) = store.audit_rows(forced)
+    assert (cid, kind) == ("e-1", "emergency")
+    assert note is not None and len(note) <= 1024 and note.startswith("no sign of life for 2 h; ü")
+    assert note.endswith("bytes omitted to fit the column]")
+    assert store.audit_rows(done) == [("c-1", "normal", None)]
+    (row,) = raw_execute(
+        store_url, "SELECT note FROM stage_completion_log WHERE completion_id = ?", ("f-1",)
+    )
+    assert row[0] == error
+    assert fetch_row(store_url, failed)["status"] == "offen"  # type: ignore[index]
+
+
+def test_an_older_audit_table_gains_its_note_column(store_url: str) -> None:
+    s = open_store(store_url, timeout=5)
+    s.ensure_schema(create_todo_table=True)
+    tid = s.add_todo("before the note")
+    s.close()
+    raw_execute(store_url, "DROP TABLE stage_completion_log")
+    raw_execute(store_url, OLD_LOG_DDL[backend_of(store_url)])
+    raw_execute(
+        store_url,
+        "INSERT INTO stage_completion_log (completion_id, todo_id, kind, created_at, logged_at)"
+        " VALUES ('old-1', ?, 'reset', '2024-05-06 07:08:09', '2024-05-06 07:08:09')",
+        (tid,),
+    )
+    old = open_store(store_url, timeout=5)
+    # An agent on the old table is not broken: no problem, a line saying how to add the column,
+    # and writes without a note.
+    assert old.check_schema() == []
+    (line,) = [x for x in old.describe_profile() if "`note`" in x]
+    assert "ALTER TABLE `stage_completion_log` ADD COLUMN `note`" in line
+    apply_one(old, W("s-1", tid, "start", T0))
+    assert apply_one(old, W("f-1", tid, "failure", note="StopFailure: boom")).outcome == "applied"
+    assert old.audit_rows(tid) == [("old-1", "reset", None), ("f-1", "failure", None)]
+
+    old.ensure_schema(create_todo_table=False)  # what completiond and `db init` do at start
+    assert log_columns(store_url)[-1] == "note"
+    assert old.check_schema() == []
+    assert not [x for x in old.describe_profile() if "`note`" in x]
+    apply_one(old, W("s-2", tid, "start", T1))
+    apply_one(old, W("f-2", tid, "failure", T2, note="StopFailure: again"))
+    assert old.audit_rows(tid)[-1] == ("f-2", "failure", "StopFailure: again")
+    assert old.audit_rows(tid)[0] == ("old-1", "reset", None)  # the old rows stay as they were
+    old.ensure_schema(create_todo_table=False)  # idempotent
+    assert log_columns(store_url).count("note") == 1
+    old.close()
+
+
+@pytest.mark.mysql
+def test_a_user_who_may_not_alter_the_audit_table_runs_without_notes(
+    mysql_server: MysqlServer, mysql_url: str
+) -> None:
+    s = open_store(mysql_url, timeout=5)
+    s.ensure_schema(create_todo_table=True)
+    tid = s.add_todo("no ALTER grant")
+    s.close()
+    raw_execute(mysql_url, "DROP TABLE stage_completion_log")
+    raw_execute(mysql_url, OLD_LOG_DDL["mysql"])
+    database = mysql_url.rsplit("/", 1)[1]
+    user, password = f"cn_{secrets.token_hex(4)}", f"Pw-{secrets.token_hex(12)}"
+    hosts = ("%", "localhost", "127.0.0.1")
+    admin = mysql_server.connect(autocommit=True)
+    try:
+        with admin.cursor() as cur:
+            for host in hosts:
+                cur.execute(f"CREATE USER '{user}'@'{host}' IDENTIFIED BY '{password}'")
+                cur.execute(
+                    f"GRANT SELECT, INSERT, UPDATE, DELETE, CREATE ON `{database}`.* "
+                    f"TO '{user}'@'{host}'"
+                )
+        url = f"mysql://{user}:{password}@{mysql_server.host}:{mysql_server.port}/{database}"
+        limited = open_store(url, timeout=5)
+        limited.ensure_schema(create_todo_table=False)  # the ALTER is refused: no failure
+        assert "note" not in log_columns(mysql_url)
+        assert limited.check_schema() == []
+        assert any("may ALTER" in x for x in limited.describe_profile())
+        apply_one(limited, W("s-1", tid, "start", T0))
+        apply_one(limited, W("f-1", tid, "failure", note="StopFailure: boom"))
+        assert limited.audit_rows(tid) == [("f-1", "failure", None)]
+        limited.close()
+    finally:
+        with admin.cursor() as cur:
+            for host in hosts:
+                with contextlib.suppress(pymysql.MySQLError):
+                    cur.execute(f"DROP USER '{user}'@'{host}'")
+        admin.close()
 
 
 # --------------------------------------------------------------------------- output fitting

@@ -45,6 +45,10 @@ KINDS = ("start", "normal", "emergency", "reset", "revision", "failure")
 LOG_KINDS = ("normal", "emergency", "reset", "duplicate", "revision", "failure")
 OUTCOMES = ("applied", "duplicate", "refused", "already")
 LOG_TABLE = "completion_log"  # the audit table's name without a prefix (and before prefixes)
+LOG_NOTE = (
+    "note"  # the audit row's reason (a failed session's error), added after the first release
+)
+MAX_NOTE = 1024  # characters of a note kept in the audit row
 MAX_COMPLETION_ID = 64
 MAX_SOURCES = 255
 
@@ -87,6 +91,8 @@ class TodoWrite:
     # Refuse if the todo's row was created after this moment (a scheduled completion's
     # schedule time: it must not complete a todo created later under the id it named).
     not_created_after: datetime | None = None
+    # Why, for the audit row: a failed session's error, an emergency's or a reset's reason.
+    note: str | None = None
 
     def __post_init__(self) -> None:
         # A malformed write is a bug in the caller; refuse it before it reaches a transaction.
@@ -177,6 +183,7 @@ class Store(Protocol):
         self, writes: Sequence[TodoWrite], outcomes: Sequence[WriteOutcome]
     ) -> list[bool]: ...
     def logged_kinds(self, todo_id: int) -> list[tuple[str, str]]: ...
+    def audit_rows(self, todo_id: int) -> list[tuple[str, str, str | None]]: ...
     def get_outputs(self, todo_id: int) -> tuple[str | None, str | None, str | None] | None: ...
     def ping(self) -> None: ...
     def close(self) -> None: ...
@@ -415,6 +422,8 @@ LOG_COLUMNS = (
     "created_at",
     "logged_at",
 )
+# The audit row's columns since `note` (ensure_schema adds it to an older table).
+LOG_ROW_COLUMNS = (*LOG_COLUMNS, LOG_NOTE)
 
 
 class SqlStore:
@@ -428,6 +437,7 @@ class SqlStore:
 
     placeholder = "?"
     lock_clause = ""  # MySQL: " FOR UPDATE"
+    note_decl = "TEXT"  # the audit table's `note` column, as ensure_schema adds it
     # MySQL: TIMESTAMP columns go through the session's +00:00, and "SYSTEM" is the server's zone.
     server_zone = False
 
@@ -441,6 +451,7 @@ class SqlStore:
         self._t = self._q(self.table)
         self._log = self._q(self.log_table)
         self._resolved: Resolved | None = None
+        self._log_note: bool | None = None  # whether the audit table has `note` (read once)
 
     # ---- backend hooks
     def _q(self, name: str) -> str:
@@ -481,6 +492,27 @@ class SqlStore:
                 return resolve(self.profile, columns)
             self._resolved = resolve(self.profile, columns)
         return self._resolved
+
+    def _has_note(self, cur: Any) -> bool:
+        """Whether the audit table has its `note` column, read once it exists (a table made
+        before `note` lacks it until ensure_schema adds it)."""
+        if self._log_note is None:
+            columns = self._columns(cur, self.log_table)
+            if not columns:
+                return False
+            self._log_note = LOG_NOTE in columns
+        return self._log_note
+
+    def _add_log_note(self) -> None:
+        """Add `note` to an audit table made before it existed. The audit table is the agent's
+        own (the todo table is never altered); no plugin reads it."""
+        with self._lock, self._transaction(write=True) as cur:
+            columns = self._columns(cur, self.log_table)
+            if columns and LOG_NOTE not in columns:
+                self._run(
+                    cur, f"ALTER TABLE {self._log} ADD COLUMN {self._q(LOG_NOTE)} {self.note_decl}"
+                )
+        self._log_note = None
 
     def _output_names(self, cur: Any) -> tuple[str | None, ...]:
         """The column each output is fitted to (the first of its role), None when it has none."""
@@ -624,6 +656,7 @@ class SqlStore:
         """Lines for `check`: which column gets what, what cannot be filled, the audit table."""
         with self._lock, self._transaction(write=False) as cur:
             todo_cols = self._columns(cur, self.table)
+            log_cols = self._columns(cur, self.log_table)
             legacy = self._legacy_rows(cur)
         if not todo_cols:
             return [f"table `{self.table}` does not exist: nothing to map yet"]
@@ -669,6 +702,14 @@ class SqlStore:
                     "written to this table (every write is refused) until its status column "
                     "has them"
                 )
+        if log_cols and LOG_NOTE not in log_cols:
+            lines.append(
+                f"`{self.log_table}` has no `{LOG_NOTE}` column (it was made by an older "
+                "completiond): the errors of failed sessions are not kept in its rows. completiond "
+                "adds it when it starts, if its database user may ALTER that table; or run "
+                f"ALTER TABLE `{self.log_table}` ADD COLUMN `{LOG_NOTE}` {self.note_decl}"
+                " and restart completiond"
+            )
         if legacy is not None:
             mine, total, target_rows = legacy
             if target_rows == 0 and mine:
@@ -718,7 +759,10 @@ class SqlStore:
             legacy = self._legacy_rows(cur)
             if legacy is None or legacy[2] != 0 or legacy[0] == 0:
                 return 0
-            cols = ", ".join(c for c in LOG_COLUMNS if c != "id")
+            copied = [c for c in LOG_COLUMNS if c != "id"]
+            if LOG_NOTE in self._columns(cur, LOG_TABLE) and self._has_note(cur):
+                copied.append(LOG_NOTE)
+            cols = ", ".join(copied)
             old = self._q(LOG_TABLE)
             self._run(
                 cur,
@@ -868,6 +912,18 @@ class SqlStore:
             ).fetchall()
         return [(str(a), str(b)) for a, b in rows]
 
+    def audit_rows(self, todo_id: int) -> list[tuple[str, str, str | None]]:
+        """(completion id, kind, note) of a todo's audit rows, oldest first."""
+        with self._lock, self._transaction(write=False) as cur:
+            note = self._q(LOG_NOTE) if self._has_note(cur) else "NULL"
+            rows = self._run(
+                cur,
+                f"SELECT completion_id, kind, {note} FROM {self._log} WHERE todo_id = ?"
+                " ORDER BY id",
+                (todo_id,),
+            ).fetchall()
+        return [(str(a), str(b), None if c is None else str(c)) for a, b, c in rows]
+
     def apply(self, writes: Sequence[TodoWrite]) -> list[WriteOutcome]:
         """Apply the whole batch in ONE transaction; outcomes in the order of `writes`.
 
@@ -906,10 +962,13 @@ class SqlStore:
                 for w in writes
             ]
             if pending:
+                names = [c for c in LOG_ROW_COLUMNS if c != "id"]
+                if not self._has_note(cur):  # an older audit table the agent could not alter
+                    names.pop()
+                    pending = [row[:-1] for row in pending]
                 cur.executemany(
                     self._sql(
-                        f"INSERT INTO {self._log} (completion_id, todo_id, kind, sources,"
-                        " attempts, created_at, logged_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                        f"INSERT INTO {self._log} ({', '.join(names)}) VALUES ({_marks(names)})"
                     ),
                     pending,
                 )
@@ -986,6 +1045,7 @@ class SqlStore:
                     int(w.attempts),
                     db_time(w.at),
                     db_time(utcnow()),
+                    None if not w.note else fit_text(w.note, None, MAX_NOTE, "utf8mb4"),
                 )
             )
             logged[w.completion_id] = d.log_kind

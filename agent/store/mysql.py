@@ -87,6 +87,7 @@ PERMANENT_ERRNOS: dict[int, str] = {
     1698: "access denied for this user: check the user and its authentication",
     2059: "the authentication plugin cannot be loaded",
 }
+_NO_PRIVILEGE = (1044, 1142, 1227)  # the user may not do this (here: ALTER the audit table)
 _PERMANENT_CLASSES = (
     pymysql.err.ProgrammingError,
     pymysql.err.DataError,
@@ -147,6 +148,7 @@ class MysqlStore(SqlStore):
     """`Store` on MySQL/MariaDB. Connects lazily; never retries by itself (the writer does)."""
 
     placeholder = "%s"
+    note_decl = "TEXT NULL"
     lock_clause = " FOR UPDATE"
     server_zone = True
 
@@ -381,10 +383,12 @@ class MysqlStore(SqlStore):
         }.get(category, "LONGTEXT NULL")
 
     def ensure_schema(self, *, create_todo_table: bool) -> None:
-        """Create the audit table (and the todo table if asked) where missing; never alter.
+        """Create the audit table (and the todo table if asked) where missing; the todo table
+        is never altered, an older audit table gains its `note` column.
 
         Existence is checked first, so a user without CREATE privilege can still run the agent
-        once the audit table exists. An unprefixed completion_log's rows for this table move
+        once the audit table exists; one that may not ALTER it runs without `note` (`check`
+        says how to add it). An unprefixed completion_log's rows for this table move
         into the prefixed audit table in a transaction of their own (MySQL commits DDL).
         """
         statuses = ", ".join(f"'{s}'" for s in STATUSES)
@@ -425,12 +429,20 @@ class MysqlStore(SqlStore):
                     "`attempts` INT NOT NULL DEFAULT 1, "
                     "`created_at` DATETIME NOT NULL, "
                     "`logged_at` DATETIME NOT NULL, "
+                    "`note` TEXT NULL, "
                     "PRIMARY KEY (`id`), "
                     "UNIQUE KEY `uq_completion_id` (`completion_id`), "
                     "KEY `ix_todo_id` (`todo_id`)"
                     ") ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci"
                 )
         self._resolved = None
+        try:
+            self._add_log_note()
+        except StoreError as exc:
+            # 1060: another agent added it a moment ago; a refused ALTER leaves the rows
+            # without notes rather than the agent without a database.
+            if exc.errno not in (1060, *_NO_PRIVILEGE):
+                raise
         self._move_legacy_log()
 
     # ---- output fitting

@@ -147,7 +147,8 @@ class SqliteStore(SqlStore):
         )
 
     def ensure_schema(self, *, create_todo_table: bool) -> None:
-        """Create the audit table (and the todo table if asked) where missing; never alter.
+        """Create the audit table (and the todo table if asked) where missing; the todo table
+        is never altered, an older audit table gains its `note` column.
 
         Rows of an unprefixed completion_log for this table move into the prefixed one, once."""
         statuses = ", ".join(f"'{s}'" for s in STATUSES)
@@ -182,12 +183,14 @@ class SqliteStore(SqlStore):
                 "sources TEXT NOT NULL DEFAULT '', "
                 "attempts INTEGER NOT NULL DEFAULT 1, "
                 "created_at TEXT NOT NULL, "
-                "logged_at TEXT NOT NULL)"
+                "logged_at TEXT NOT NULL, "
+                "note TEXT)"
             )
             cur.execute(
                 f'CREATE INDEX IF NOT EXISTS "ix_{self.log_table}_todo_id" ON {self._log} (todo_id)'
             )
         self._resolved = None
+        self._add_log_note()
         self._move_legacy_log()
 
     def ping(self) -> None:
