@@ -155,6 +155,19 @@ def run(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------- commands
 
+Command = Callable[["Client", "argparse.Namespace"], int]
+# The commands that talk to the agent, registered with ``@command`` (their grammar is in
+# ctl/parser.py; the database's own commands are in ctl/admin.py).
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str) -> Callable[[Command], Command]:
+    def register(run: Command) -> Command:
+        COMMANDS[name] = run
+        return run
+
+    return register
+
 
 def _print_ack(args: argparse.Namespace, ack: p.Ack) -> int:
     if args.json:
@@ -169,6 +182,7 @@ def _print_ack(args: argparse.Namespace, ack: p.Ack) -> int:
     return EXIT_UNREACHABLE if ack.state == "queued" else EXIT_OK
 
 
+@command("start")
 def _start(client: Client, args: argparse.Namespace) -> int:
     return _print_ack(
         args,
@@ -181,10 +195,12 @@ def _start(client: Client, args: argparse.Namespace) -> int:
     )
 
 
+@command("heartbeat")
 def _heartbeat(client: Client, args: argparse.Namespace) -> int:
     return _print_ack(args, client.heartbeat(args.todo_id, session_id=args.session_id))
 
 
+@command("complete")
 def _complete(client: Client, args: argparse.Namespace) -> int:
     ids = list(args.todo_ids)
     try:
@@ -295,10 +311,12 @@ def msgspec_replace(struct, **changes):
     return msgspec.structs.replace(struct, **changes)
 
 
+@command("cancel")
 def _cancel(client: Client, args: argparse.Namespace) -> int:
     return _print_ack(args, client.cancel_scheduled(args.todo_id))
 
 
+@command("export")
 def _export(client: Client, args: argparse.Namespace) -> int:
     from .export import ExportError
 
@@ -320,10 +338,12 @@ def _export(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@command("emergency")
 def _emergency(client: Client, args: argparse.Namespace) -> int:
     return _print_ack(args, client.emergency(args.todo_id, reason=args.reason))
 
 
+@command("retry")
 def _retry(client: Client, args: argparse.Namespace) -> int:
     if not args.completion_id and not args.dead:
         print("completionctl: retry needs a COMPLETION_ID or --dead", file=sys.stderr)
@@ -331,10 +351,12 @@ def _retry(client: Client, args: argparse.Namespace) -> int:
     return _print_ack(args, client.retry(args.completion_id, all_dead=args.dead))
 
 
+@command("ack")
 def _ack(client: Client, args: argparse.Namespace) -> int:
     return _print_ack(args, client.acknowledge(args.check))
 
 
+@command("health")
 def _health(client: Client, args: argparse.Namespace) -> int:
     report = client.health()
     if args.json:
@@ -363,6 +385,7 @@ def _health(client: Client, args: argparse.Namespace) -> int:
     return HEALTH_EXIT.get(report.status, EXIT_UNREACHABLE)
 
 
+@command("status")
 def _status(client: Client, args: argparse.Namespace) -> int:
     try:
         report = client.status(args.todo_id)
@@ -420,6 +443,7 @@ def _status(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@command("metrics")
 def _metrics(client: Client, args: argparse.Namespace) -> int:
     report = client.metrics(args.since)
     if args.json:
@@ -526,21 +550,6 @@ def _when(ts: float) -> str:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
-    "start": _start,
-    "heartbeat": _heartbeat,
-    "complete": _complete,
-    "emergency": _emergency,
-    "cancel": _cancel,
-    "export": _export,
-    "retry": _retry,
-    "health": _health,
-    "status": _status,
-    "metrics": _metrics,
-    "ack": _ack,
-}
 
 
 if __name__ == "__main__":

@@ -91,6 +91,23 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+Grammar = Callable[[Any, list[argparse.ArgumentParser]], None]
+# Each command's arguments, registered with ``@grammar``; `completionctl --help` lists them in
+# the order they are defined here.
+SUBPARSERS: dict[str, Grammar] = {}
+
+
+def grammar(name: str) -> Callable[[Grammar], Grammar]:
+    """Register a command's subparser builder under its name."""
+
+    def register(build: Grammar) -> Grammar:
+        SUBPARSERS[name] = build
+        return build
+
+    return register
+
+
+@grammar("add")
 def _add_add(sub, parents) -> None:
     add = sub.add_parser("add", parents=parents, help="create a todo (opens the database directly)")
     add.add_argument("title")
@@ -108,6 +125,7 @@ def _add_add(sub, parents) -> None:
     )
 
 
+@grammar("start")
 def _add_start(sub, parents) -> None:
     start = sub.add_parser(
         "start", parents=parents, help="mark a todo in_progress and arm its deadlines"
@@ -124,6 +142,7 @@ def _add_start(sub, parents) -> None:
     start.add_argument("--transcript", dest="transcript_path")
 
 
+@grammar("heartbeat")
 def _add_heartbeat(sub, parents) -> None:
     heartbeat = sub.add_parser(
         "heartbeat", parents=parents, help="the session is alive: push the deadline back"
@@ -132,6 +151,7 @@ def _add_heartbeat(sub, parents) -> None:
     heartbeat.add_argument("--session", dest="session_id")
 
 
+@grammar("complete")
 def _add_complete(sub, parents) -> None:
     complete = sub.add_parser(
         "complete",
@@ -171,6 +191,7 @@ def _add_complete(sub, parents) -> None:
     complete.add_argument("--tmux-target", dest="tmux_target")
 
 
+@grammar("emergency")
 def _add_emergency(sub, parents) -> None:
     emergency = sub.add_parser(
         "emergency", parents=parents, help="force an emergency completion now"
@@ -179,11 +200,13 @@ def _add_emergency(sub, parents) -> None:
     emergency.add_argument("--reason")
 
 
+@grammar("cancel")
 def _add_cancel(sub, parents) -> None:
     cancel = sub.add_parser("cancel", parents=parents, help="cancel a todo's scheduled completion")
     cancel.add_argument("todo_id", type=todo_id)
 
 
+@grammar("export")
 def _add_export(sub, parents) -> None:
     export = sub.add_parser(
         "export",
@@ -201,6 +224,7 @@ def _add_export(sub, parents) -> None:
     )
 
 
+@grammar("health")
 def _add_health(sub, parents) -> None:
     health = sub.add_parser(
         "health",
@@ -214,6 +238,7 @@ def _add_health(sub, parents) -> None:
     )
 
 
+@grammar("status")
 def _add_status(sub, parents) -> None:
     status = sub.add_parser(
         "status", parents=parents, help="the agent's state, or one todo's journal entries"
@@ -221,6 +246,7 @@ def _add_status(sub, parents) -> None:
     status.add_argument("todo_id", type=todo_id, nargs="?")
 
 
+@grammar("retry")
 def _add_retry(sub, parents) -> None:
     retry = sub.add_parser("retry", parents=parents, help="queue dead completions again")
     retry.add_argument("completion_id", nargs="?")
@@ -242,6 +268,7 @@ def duration(text: str) -> float:
     return seconds
 
 
+@grammar("metrics")
 def _add_metrics(sub, parents) -> None:
     metrics = sub.add_parser(
         "metrics",
@@ -253,6 +280,7 @@ def _add_metrics(sub, parents) -> None:
     )
 
 
+@grammar("notify")
 def _add_notify(sub, parents) -> None:
     notify = sub.add_parser("notify", parents=parents, help="notification targets")
     notify_sub = notify.add_subparsers(dest="notify_command", metavar="SUBCOMMAND")
@@ -262,6 +290,7 @@ def _add_notify(sub, parents) -> None:
     test.add_argument("name", nargs="?", help="only this [[notify]] entry")
 
 
+@grammar("dashboard")
 def _add_dashboard(sub, parents) -> None:
     dashboard = sub.add_parser(
         "dashboard", parents=parents, help="print the dashboard's URL with a one-time login"
@@ -271,12 +300,14 @@ def _add_dashboard(sub, parents) -> None:
     )
 
 
+@grammar("check")
 def _add_check(sub, parents) -> None:
     sub.add_parser(
         "check", parents=parents, help="preflight: config, state dir, socket, database, tmux"
     )
 
 
+@grammar("db")
 def _add_db(sub, parents) -> None:
     db = sub.add_parser("db", parents=parents, help="database administration")
     db_sub = db.add_subparsers(dest="db_command", metavar="DB_COMMAND", parser_class=Parser)
@@ -285,12 +316,14 @@ def _add_db(sub, parents) -> None:
     )
 
 
+@grammar("hook")
 def _add_hook(sub, parents) -> None:
     sub.add_parser(
         "hook", parents=parents, help="read a Claude Code hook's JSON on stdin (always exits 0)"
     )
 
 
+@grammar("hook-token")
 def _add_hook_token(sub, parents) -> None:
     sub.add_parser(
         "hook-token",
@@ -299,17 +332,20 @@ def _add_hook_token(sub, parents) -> None:
     )
 
 
+@grammar("ack")
+def _add_ack(sub, parents) -> None:
+    ack = sub.add_parser("ack", parents=parents, help="clear a health check's warning now")
+    ack.add_argument("check", choices=["refused"])
+
+
+@grammar("logrotate")
 def _add_logrotate(sub, parents) -> None:
     sub.add_parser(
         "logrotate", parents=parents, help="print the logrotate file for this config's paths"
     )
 
 
-def _add_ack(sub, parents) -> None:
-    ack = sub.add_parser("ack", parents=parents, help="clear a health check's warning now")
-    ack.add_argument("check", choices=["refused"])
-
-
+@grammar("list")
 def _add_list(sub, parents) -> None:
     lister = sub.add_parser(
         "list", parents=parents, help="todos with their status, times, marks and deadlines"
@@ -321,38 +357,13 @@ def _add_list(sub, parents) -> None:
     lister.add_argument("--limit", type=int, default=50)
 
 
+@grammar("show")
 def _add_show(sub, parents) -> None:
     show = sub.add_parser(
         "show", parents=parents, help="one todo: row, summary, revisions, archive and report"
     )
     show.add_argument("todo_id", type=todo_id)
     show.add_argument("--report", action="store_true", help="print the report")
-
-
-# Each command's arguments, in the order `completionctl --help` lists them.
-SUBPARSERS: dict[str, Callable[[Any, list[argparse.ArgumentParser]], None]] = {
-    "add": _add_add,
-    "start": _add_start,
-    "heartbeat": _add_heartbeat,
-    "complete": _add_complete,
-    "emergency": _add_emergency,
-    "cancel": _add_cancel,
-    "export": _add_export,
-    "health": _add_health,
-    "status": _add_status,
-    "retry": _add_retry,
-    "metrics": _add_metrics,
-    "notify": _add_notify,
-    "dashboard": _add_dashboard,
-    "check": _add_check,
-    "db": _add_db,
-    "hook": _add_hook,
-    "hook-token": _add_hook_token,
-    "ack": _add_ack,
-    "logrotate": _add_logrotate,
-    "list": _add_list,
-    "show": _add_show,
-}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
