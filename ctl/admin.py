@@ -94,22 +94,30 @@ def _agent_view(config: Config, call):
 
 
 def _list(args: argparse.Namespace, config: Config) -> int:
-    """Todos with their database status and what the agent knows of them (UTC times)."""
-    listing = _agent_view(
-        config, lambda c: c.list_todos(since=args.since, limit=max(args.limit, 1))
-    )
+    """Todos with their database status and what the agent knows of them (UTC times), the
+    most recently active first.
+
+    Plain: the todos the journal knows and the database's live ones (in progress, or queued)
+    even if this agent never heard of them; ``--status``: the database's todos of that status;
+    ``--since``: only todos heard from in that window (which only the journal knows).
+    """
+    limit = max(args.limit, 1)
+    listing = _agent_view(config, lambda c: c.list_todos(since=args.since, limit=limit))
     known = {t.todo_id: t for t in (listing.todos if listing else [])}
     store = _open(config)
     try:
         if args.status:
-            rows = store.todos_with_status(args.status, limit=max(args.limit, 1))
+            rows = store.recent_todos(limit, status=args.status)
             if args.since:
                 rows = [r for r in rows if r.id in known]
         else:
             found = store.get_todos(list(known))
-            rows = [found[i] for i in known if i in found]
+            rows = list(found.values())
+            if not args.since:
+                rows += [t for t in store.recent_todos(limit) if t.id not in found]
     finally:
         store.close()
+    rows = sorted(rows, key=lambda t: _last_active(t, known.get(t.id)), reverse=True)[:limit]
     out = []
     for todo in rows:
         k = known.get(todo.id)
@@ -122,6 +130,8 @@ def _list(args: argparse.Namespace, config: Config) -> int:
             marks.append(f"predicted hang: {k.predicted_hang}")
         if k is not None and k.scheduled_at:
             marks.append(f"scheduled {_time(k.scheduled_at)} UTC")
+        if k is None and listing is not None and todo.status == "in_progress":
+            marks.append("not started through this agent")
         out.append(
             {
                 "todo_id": todo.id,
@@ -135,6 +145,7 @@ def _list(args: argparse.Namespace, config: Config) -> int:
                 "emergency_due": _time(k.emergency_due) if k else "-",
                 "latest": f"{k.latest_kind} {k.latest_state}" if k and k.latest_kind else "-",
                 "revisions": k.revisions if k else 0,
+                "known_to_agent": k is not None,
             }
         )
     if args.json:
@@ -153,6 +164,21 @@ def _list(args: argparse.Namespace, config: Config) -> int:
             f"{row['completion_due']:<19}  {row['latest']}{revisions}{flags}  {row['title'][:40]}"
         )
     return EXIT_OK
+
+
+def _last_active(todo, known) -> tuple[float, int]:
+    """When the todo last showed a sign of life, in the database or to this agent; then its
+    id (the newest first among todos of the same moment or with no time at all)."""
+    from datetime import UTC
+
+    moments = [
+        t.replace(tzinfo=UTC).timestamp()
+        for t in (todo.updated_at, todo.started_at, todo.completed_at)
+        if t is not None
+    ]
+    if known is not None:
+        moments += [t for t in (known.last_heard_at, known.started_at) if t is not None]
+    return max(moments, default=0.0), todo.id
 
 
 def _show(args: argparse.Namespace, config: Config) -> int:

@@ -455,7 +455,8 @@ def test_list_and_show_tell_a_user_what_happened(agent: Agent) -> None:
     [row] = [r for r in listed if r["todo_id"] == todo]
     assert row["status"] == "completed" and row["revisions"] == 1
     assert row["latest"] == "revision verified" and row["last_heard_at"] != "-"
-    assert other not in [r["todo_id"] for r in listed]
+    [queued] = [r for r in listed if r["todo_id"] == other]  # queued: live, though never started
+    assert (queued["status"], queued["known_to_agent"], queued["latest"]) == ("offen", False, "-")
     offen = agent.ctl_json("list", "--status", "offen")
     assert [r["todo_id"] for r in offen] == [other]
     human = agent.ctl("list").stdout.decode()
@@ -471,6 +472,57 @@ def test_list_and_show_tell_a_user_what_happened(agent: Agent) -> None:
     assert shown["report_path"] and Path(shown["report_path"]).is_file()
     report = agent.ctl("show", str(todo), "--report").stdout.decode()
     assert "second and last" in report
+
+
+def test_plain_list_shows_the_databases_live_todos_too(agent: Agent) -> None:
+    import sqlite3
+
+    heard = agent.add("Heard here")
+    run_hook(agent, ev(agent, "SessionStart", "s-heard"), heard)
+    elsewhere = agent.add("Started by the plugin's CLI")
+    parked = int(agent.ctl_json("add", "Not in the queue", "--no-queue")["id"])
+    finished = agent.add("Finished elsewhere")
+    queued = agent.add("Waits in the queue")
+    # The plugin (not this agent) starts one todo and finishes another.
+    with sqlite3.connect(agent.sqlite_path) as db:
+        db.execute(
+            "UPDATE stage_project_todos SET status = 'in_progress',"
+            " started_at = datetime('now', 'localtime', '+1 minute'),"
+            " updated_at = datetime('now', 'localtime', '+1 minute') WHERE id = ?",
+            (elsewhere,),
+        )
+        db.execute(
+            "UPDATE stage_project_todos SET status = 'completed',"
+            " completed_at = datetime('now', 'localtime', '+2 minutes') WHERE id = ?",
+            (finished,),
+        )
+        # ...and touches the queued one later still (the whole seconds of the database's
+        # clock must not tie with the start this agent heard).
+        db.execute(
+            "UPDATE stage_project_todos SET updated_at = datetime('now', 'localtime',"
+            " '+30 seconds') WHERE id = ?",
+            (queued,),
+        )
+    db.close()
+
+    listed = agent.ctl_json("list")
+    ids = [r["todo_id"] for r in listed]
+    # The journal's todo and the live rows, the most recently active first; neither the
+    # completed todo this agent never heard of nor the one outside the queue.
+    assert ids == [elsewhere, queued, heard]
+    assert all(set(r) == set(listed[0]) for r in listed)  # one shape for every row
+    rows = {r["todo_id"]: r for r in listed}
+    assert rows[heard]["known_to_agent"] and rows[heard]["last_heard_at"] != "-"
+    assert rows[elsewhere]["marks"] == ["not started through this agent"]
+    assert rows[elsewhere]["started_at"] != "-" and rows[elsewhere]["last_heard_at"] == "-"
+    assert rows[queued]["marks"] == [] and rows[queued]["status"] == "offen"
+    assert [r["todo_id"] for r in agent.ctl_json("list", "--limit", "2")] == [elsewhere, queued]
+    assert [r["todo_id"] for r in agent.ctl_json("list", "--since", "3600")] == [heard]
+    assert [r["todo_id"] for r in agent.ctl_json("list", "--status", "offen")] == [queued, parked]
+    assert [r["todo_id"] for r in agent.ctl_json("list", "--status", "completed")] == [finished]
+    human = agent.ctl("list").stdout.decode().splitlines()
+    assert [int(line.split()[0]) for line in human[1:]] == [elsewhere, queued, heard]
+    assert "not started through this agent" in human[1]
 
 
 def test_a_closed_pipe_is_no_traceback(agent: Agent) -> None:

@@ -325,6 +325,24 @@ def test_todos_with_status_and_aware_times(store: Store) -> None:
     assert store.get_todo(999_999) is None
 
 
+def test_recent_todos_are_the_live_ones_most_recently_changed_first(store: Store) -> None:
+    started, queued, parked, done, late = (
+        store.add_todo(n, queued=n != "parked")
+        for n in ("started", "queued", "parked", "done", "late")
+    )
+    store.apply([W("s-1", started, "start", T0), W("s-2", done, "start", T0)])
+    store.apply([W("c-2", done, "normal", T1), W("s-3", late, "start", T2)])
+    live = store.recent_todos(10)
+    # `late` and `started` changed at T2 and T0 (the agent's event times); the queued todo at
+    # its creation, now: after both.
+    assert [t.id for t in live] == [queued, late, started]
+    assert live[1].updated_at == T2 and live[2].started_at == T0
+    assert [t.id for t in store.recent_todos(1)] == [queued]
+    assert [t.id for t in store.recent_todos(10, status="offen")] == [parked, queued]
+    assert [t.id for t in store.recent_todos(10, status="completed")] == [done]
+    assert store.recent_todos(10, status="blocked") == []
+
+
 def test_get_todos_reads_those_that_exist(store: Store) -> None:
     a, b = store.add_todo("first", "one"), store.add_todo("second", "two", "/srv")
     found = store.get_todos([b, 999_999, a, a])

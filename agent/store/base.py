@@ -30,6 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 from .profile import (
     OUTPUT_ROLES,
     ROLES,
+    TIME_ROLES,
     Column,
     Resolved,
     SiteProfile,
@@ -69,6 +70,7 @@ class Todo:
     status: str
     started_at: datetime | None
     completed_at: datetime | None
+    updated_at: datetime | None = None  # the row's last change (the profile's `updated` column)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +177,7 @@ class Store(Protocol):
     def get_todo(self, todo_id: int) -> Todo | None: ...
     def get_todos(self, todo_ids: Sequence[int]) -> dict[int, Todo]: ...
     def todos_with_status(self, status: str, limit: int = 10000) -> list[Todo]: ...
+    def recent_todos(self, limit: int, status: str | None = None) -> list[Todo]: ...
     def project_ids(self, todo_ids: Sequence[int]) -> dict[int, int]: ...
     def row(self, todo_id: int) -> dict[str, Any] | None: ...
     def apply(self, writes: Sequence[TodoWrite]) -> list[WriteOutcome]: ...
@@ -571,7 +574,7 @@ class SqlStore:
     def _todo_select(self, cur: Any) -> tuple[str, Callable[[Sequence[Any]], Todo]]:
         r = self._profile(cur)
         details = [self._q(c) if r.has(c) else "''" for c in DETAIL_COLUMNS]
-        started, completed = r.first("started"), r.first("completed")
+        started, completed, updated = (r.first(role) for role in TIME_ROLES)
         select = ", ".join(
             [
                 "id",
@@ -580,6 +583,7 @@ class SqlStore:
                 "status",
                 self._read_time_expr(started),
                 self._read_time_expr(completed),
+                self._read_time_expr(updated),
             ]
         )
 
@@ -592,6 +596,7 @@ class SqlStore:
                 status=row[4] or "",
                 started_at=self._read_time(started, row[5]),
                 completed_at=self._read_time(completed, row[6]),
+                updated_at=self._read_time(updated, row[7]),
             )
 
         return select, todo
@@ -889,6 +894,29 @@ class SqlStore:
                 cur,
                 f"SELECT {select} FROM {self._t} WHERE status = ? ORDER BY id LIMIT ?",
                 (status, int(limit)),
+            ).fetchall()
+        return [todo(r) for r in rows]
+
+    def recent_todos(self, limit: int, status: str | None = None) -> list[Todo]:
+        """The most recently changed todos (by the `updated` column, then the newest id): with
+        `status`, those of that status; without, the live ones — `in_progress`, and `offen` ones
+        in the plugin's queue (the queue flag set, where the table has one)."""
+        with self._lock, self._transaction(write=False) as cur:
+            r = self._profile(cur)
+            select, todo = self._todo_select(cur)
+            params: list[Any]
+            if status is not None:
+                where, params = "status = ?", [status]
+            else:
+                flag = r.first("queue_flag")
+                queued = f" AND {self._q(flag.name)} = 1" if flag else ""
+                where, params = f"status = 'in_progress' OR (status = 'offen'{queued})", []
+            updated = r.first("updated")
+            order = f"{self._q(updated.name)} DESC, id DESC" if updated else "id DESC"
+            rows = self._run(
+                cur,
+                f"SELECT {select} FROM {self._t} WHERE {where} ORDER BY {order} LIMIT ?",
+                [*params, int(limit)],
             ).fetchall()
         return [todo(r) for r in rows]
 
