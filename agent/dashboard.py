@@ -24,7 +24,7 @@ from xml.sax.saxutils import escape as xml_escape
 from protocol.config import Config
 
 from .dashboard_assets import CSS, JS, TEMPLATES, TEXT
-from .journal import COMPLETION_KINDS, Journal
+from .journal import COMPLETION_KINDS, Journal, Kind, State
 from .webauth import bearer_ok, take_login_token
 
 COOKIE = "completiond_session"
@@ -39,7 +39,7 @@ REPORT_CSP = (
     "default-src 'none'; style-src 'unsafe-inline'; img-src data:; sandbox; "
     "frame-ancestors 'self'; form-action 'none'; base-uri 'none'"
 )
-SHOWN_KINDS = (*COMPLETION_KINDS, "revision")
+SHOWN_KINDS = COMPLETION_KINDS  # normal, emergency, revision
 
 
 class BadForm(ValueError):
@@ -297,7 +297,7 @@ def dashboard_app(config: Config, journal: Journal, live: Any):
             summaries = journal.summaries([h.completion_id for h in heads])
         revisions: dict[int, int] = {}
         for head in heads:
-            if head.kind == "revision":
+            if head.kind == Kind.REVISION:
                 revisions[head.todo_id] = revisions.get(head.todo_id, 0) + 1
         rows = [
             {
@@ -347,12 +347,12 @@ def dashboard_app(config: Config, journal: Journal, live: Any):
     def problems_data() -> dict[str, Any]:
         now = time.time()
         with lock:
-            dead = journal.entries_in(("dead",), limit=200)
+            dead = journal.entries_in((State.DEAD,), limit=200)
             refusals = journal.refusals(limit=50)
             acked_at = journal.acknowledged_at("refused")
-            resets = [h for h in journal.entry_heads_since(now - 7 * 86400) if h.kind == "reset"][
-                -50:
-            ]
+            resets = [
+                h for h in journal.entry_heads_since(now - 7 * 86400) if h.kind == Kind.RESET
+            ][-50:]
             reasons = journal.reasons([h.completion_id for h in resets])
         refused = [
             {

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 
 import protocol as p
 
-from .journal import EntryHead, Journal, StageRow
+from .journal import COMPLETION_KINDS, UNFINISHED_STATES, EntryHead, Journal, Kind, StageRow, State
 
-COMPLETION_KINDS = ("normal", "emergency")
-WAITING = ("accepted", "collected", "written")
+# The kinds counted as completions made (a revision replaces an answer: not one more made).
+COUNTED_KINDS = (Kind.NORMAL, Kind.EMERGENCY)
+WAITING = UNFINISHED_STATES
 STAGES = ("intake", "collect", "write", "verify", "clean", "end_to_end")
 
 
@@ -50,9 +51,9 @@ def durations(rows: Iterable[StageRow]) -> list[tuple[str, float, float]]:
                 out.append((row.stage, row.seconds, row.at))
             continue
         first.setdefault(row.stage, row.at)
-    sent, accepted = first.get("sent"), first.get("accepted")
-    collected, written = first.get("collected"), first.get("written")
-    verified, cleaned = first.get("verified"), first.get("cleaned")
+    sent, accepted = first.get("sent"), first.get(State.ACCEPTED)
+    collected, written = first.get(State.COLLECTED), first.get(State.WRITTEN)
+    verified, cleaned = first.get(State.VERIFIED), first.get(State.CLEANED)
     landed = min((t for t in (written, verified) if t is not None), default=None)
 
     def span(name: str, start: float | None, end: float | None) -> None:
@@ -107,8 +108,8 @@ def label(head: EntryHead) -> str:
     """The outcome a count is filed under: what the database did, or where the entry waits."""
     if head.state in WAITING:
         return "pending"
-    if head.state in ("dead", "failed"):
-        return head.outcome if head.state == "failed" and head.outcome else head.state
+    if head.state in (State.DEAD, State.FAILED):
+        return head.outcome if head.state == State.FAILED and head.outcome else head.state
     return head.outcome or head.state
 
 
@@ -129,24 +130,24 @@ def report(journal: Journal, now: float, since: float) -> p.MetricsReport:
     hours = {start: _Hour() for start in range(first_hour, int(now // 3600) * 3600 + 1, 3600)}
     for head in heads:
         timed = durations(by_completion.get(head.completion_id, ()))
-        if head.created_at >= day_start and head.kind in COMPLETION_KINDS:
+        if head.created_at >= day_start and head.kind in COUNTED_KINDS:
             bucket = hours.get(int(head.created_at // 3600) * 3600)
             if bucket is not None:
                 bucket.made += 1
-                bucket.done += head.state in ("verified", "cleaned")
-                bucket.failed += head.state == "failed"
-                bucket.dead += head.state == "dead"
+                bucket.done += head.state in (State.VERIFIED, State.CLEANED)
+                bucket.failed += head.state == State.FAILED
+                bucket.dead += head.state == State.DEAD
                 bucket.e2e.extend(s for stage, s, _ in timed if stage == "end_to_end")
         if head.created_at < window_start:
             continue
         counts[head.kind][label(head)] += 1
         retries += max(head.attempts - 1, 0)
-        dead += head.state == "dead"
+        dead += head.state == State.DEAD
         cid = head.completion_id
         fires += cid.startswith(("emg-", "reset-"))
         recoveries += cid.startswith(("hang-", "fix-"))
-        revisions += head.kind == "revision"
-        if head.kind in COMPLETION_KINDS or head.kind == "revision":
+        revisions += head.kind == Kind.REVISION
+        if head.kind in COMPLETION_KINDS:
             for stage, seconds, _ in timed:
                 per_stage[stage].append(seconds)
     state_counts = journal.count_by_state()
@@ -171,7 +172,7 @@ def report(journal: Journal, now: float, since: float) -> p.MetricsReport:
         counts={kind: dict(outcomes) for kind, outcomes in counts.items()},
         stages={name: summarize(values) for name, values in sorted(per_stage.items())},
         backlog=sum(state_counts.get(s, 0) for s in WAITING),
-        dead_now=state_counts.get("dead", 0),
+        dead_now=state_counts.get(State.DEAD, 0),
         retries=retries,
         dead=dead,
         deadline_fires=fires,

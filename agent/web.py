@@ -22,7 +22,7 @@ from loguru import logger
 
 from protocol.config import Config, split_listen
 
-from .journal import Journal, StageRow
+from .journal import COMPLETION_KINDS, Journal, StageRow, State
 from .loop import ChildBase
 from .metrics import WAITING, durations
 
@@ -52,7 +52,7 @@ HEALTH_LEVEL = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
 
 def error_class(text: str | None, stage: str) -> str | None:
     """A low-cardinality label for what went wrong in an attempt (never the message itself)."""
-    if stage == "dead":
+    if stage == State.DEAD:
         return "permanent"
     if not text:
         return None
@@ -148,7 +148,7 @@ class Exporter:
                     continue
                 if name.startswith("source:"):
                     self.source_seconds.labels(name.removeprefix("source:")).observe(seconds)
-                elif kind in ("normal", "emergency", "revision"):
+                elif kind in COMPLETION_KINDS:
                     self.stage_seconds.labels(name).observe(seconds)
             for stage in stages:
                 if stage.rowid in new:
@@ -160,13 +160,13 @@ class Exporter:
             cls = error_class(stage.detail, "attempt")
             if cls is not None:
                 self.errors.labels(cls).inc()
-        elif stage.stage == "dead":
+        elif stage.stage == State.DEAD:
             self.errors.labels("permanent").inc()
-            self.finished.labels(kind, "dead").inc()
-        elif stage.stage == "failed":
-            self.finished.labels(kind, outcome or "failed").inc()
-        elif stage.stage == "verified" or (
-            stage.stage == "cleaned" and kind not in ("normal", "emergency", "revision")
+            self.finished.labels(kind, State.DEAD).inc()
+        elif stage.stage == State.FAILED:
+            self.finished.labels(kind, outcome or State.FAILED).inc()
+        elif stage.stage == State.VERIFIED or (
+            stage.stage == State.CLEANED and kind not in COMPLETION_KINDS
         ):
             self.finished.labels(kind, outcome or "applied").inc()
 
@@ -200,7 +200,7 @@ class _Gauges:
         yield GaugeMetricFamily(
             "completiond_dead_entries",
             "Entries dead after a permanent error.",
-            states.get("dead", 0),
+            states.get(State.DEAD, 0),
         )
         oldest = journal.oldest_unfinished_at()
         yield GaugeMetricFamily(

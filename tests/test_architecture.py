@@ -94,3 +94,50 @@ def test_no_test_module_imports_another() -> None:
         if pattern.search(path.read_text())
     ]
     assert offenders == []
+
+
+# Comparisons of an entry's state, kind or stage with a bare string: the enums say it once.
+_WATCHED_ATTRS = {"state", "kind", "stage"}
+
+
+def _state_literals(text: str) -> list[int]:
+    """Line numbers where ``x.state``/``x.kind``/``x.stage`` is compared with a string literal
+    (or a tuple of them) that is a journal State or Kind value."""
+    import ast
+
+    from agent.journal import Kind, State
+
+    values = {str(v) for v in (*State, *Kind)}
+    found = []
+    for node in ast.walk(ast.parse(text)):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        watched = [s for s in sides if isinstance(s, ast.Attribute) and s.attr in _WATCHED_ATTRS]
+        # An Ack's state is the protocol's word ("accepted", "queued"), not the journal's.
+        if not watched or all(
+            isinstance(s.value, ast.Name) and s.value.id == "ack" for s in watched
+        ):
+            continue
+        for side in sides:
+            items = side.elts if isinstance(side, ast.Tuple | ast.List | ast.Set) else [side]
+            if any(isinstance(i, ast.Constant) and i.value in values for i in items):
+                found.append(node.lineno)
+    return found
+
+
+def test_the_literal_guard_finds_bare_states() -> None:
+    assert _state_literals("ok = entry.state == 'dead'\nx = h.kind in ('normal', 'x')") == [1, 2]
+    assert _state_literals("ok = entry.state == State.DEAD\nack.state == 'accepted'") == []
+
+
+def test_states_and_kinds_are_compared_through_their_enums() -> None:
+    # The agent's processes; not the store (the database's own vocabulary, store.base.KINDS,
+    # below the journal) nor ctl and protocol (they read states off the wire).
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for path in sorted((ROOT / "agent").glob("*.py"))
+        if path != JOURNAL
+        for line in _state_literals(path.read_text())
+    ]
+    assert offenders == [], f"compare with State/Kind (agent/journal.py), not strings: {offenders}"
