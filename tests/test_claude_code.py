@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 
 from tests import claude_events as ce
-from tests.harness import Agent, wait_for
+from tests.dbfixtures import fetch_row, proxied_url
+from tests.harness import Agent, check_of, entries, health, wait_for
+from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.slow
 
@@ -161,22 +163,37 @@ def test_http_hook_wrong_or_missing_token_is_401_and_nothing_journaled(make_agen
     wait_for(lambda: kinds(agent, todo) == ["start"], what="start journaled")
 
 
-def test_http_thousand_heartbeats_from_8_senders_with_the_database_cut(make_agent) -> None:
-    """1,000 PostToolUse events from 8 concurrent senders while the database is unreachable:
-    every one is journaled (intake never waits on the database), none lost."""
+@pytest.mark.mysql
+def test_http_thousand_heartbeats_from_8_senders_with_the_database_cut(
+    make_agent, mysql_url: str, wordpress_table: str, tcp_proxy: TcpProxy
+) -> None:
+    """1,000 PostToolUse events from 8 concurrent senders, the MariaDB cut under the connected
+    agent a third of the way through: every event is journaled (intake never waits on the
+    database), none lost; the answer sent during the outage lands once it is over."""
     port = free_port()
-    dead_db = f"mysql://root@127.0.0.1:{free_port()}/cut"  # nothing listens there
     agent = make_agent(
-        {"hook": {"http_listen": f"127.0.0.1:{port}"}, "database": {"url": dead_db}}
+        {
+            "hook": {"http_listen": f"127.0.0.1:{port}"},
+            "database": {"url": proxied_url(mysql_url, tcp_proxy)},
+            "behavior": {"database_timeout": 2, "max_retries": 1, "retry_max_delay": 1},
+        }
     ).start()
     token = agent.ctl("hook-token").stdout.decode().strip()
     url = f"http://127.0.0.1:{port}/"
-    todo = 7
-    assert _post(url, ev(agent, "SessionStart", "s-load"), token, {"X-Todo-Id": "7"}) == (200, b"")
+    todo = agent.add("Under load")
+    start = ev(agent, "SessionStart", "s-load")
+    assert _post(url, start, token, {"X-Todo-Id": str(todo)}) == (200, b"")
+    # The agent is connected and has written through the proxy before the cut.
+    agent.wait_states(todo, "cleaned")
+    assert fetch_row(mysql_url, todo)["status"] == "in_progress"  # type: ignore[index]
+    assert tcp_proxy.open_connections > 0
     errors: list[object] = []
+    cut = threading.Event()
 
     def sender(n: int) -> None:
         for i in range(125):
+            if i == 40 and not cut.wait(60):  # the rest goes after the cut
+                errors.append("the database was never cut")
             data = ev(agent, "PostToolUse", "s-load", tool_use_id=f"t-{n}-{i}")
             try:
                 result = _post(url, data, token)
@@ -188,12 +205,42 @@ def test_http_thousand_heartbeats_from_8_senders_with_the_database_cut(make_agen
     threads = [threading.Thread(target=sender, args=(n,)) for n in range(8)]
     for t in threads:
         t.start()
+    wait_for(lambda: journal_requests(agent, todo) == 321, timeout=60, what="a third journaled")
+    tcp_proxy.mode = "blackhole"  # connections accepted, nothing answers: the worst outage
+    tcp_proxy.cut()
+    cut.set()
+    answer = "Finished while the database was away."
+    stop = ev(agent, "Stop", "s-load", last_assistant_message=answer)
+    assert _post(url, stop, token) == (200, b"")
     for t in threads:
-        t.join(timeout=240)
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
     assert errors == []
-    # Each is journaled, or queued in the outbox and ingested on the next sweep.
-    wait_for(lambda: journal_requests(agent, todo) == 1001, timeout=60, what="1,001 requests")
+    wait_for(lambda: journal_requests(agent, todo) == 1002, timeout=30, what="1,002 requests")
     assert list((agent.state / "outbox").glob("*.req")) == []
+
+    # The writer met the outage: it tried the answer and failed, or it had seen the outage
+    # already and holds it while it probes (a loaded machine gives either order).
+    def held_back() -> bool:
+        [normal] = entries(agent, todo, "normal") or [None]
+        if normal is None or normal["state"] != "collected":
+            return False
+        if normal["attempts"] >= 1:
+            return True
+        return check_of(health(agent)[1], "database")["status"] == "CRITICAL"
+
+    wait_for(held_back, timeout=30, what="the answer held back by the outage")
+    assert fetch_row(mysql_url, todo)["status"] == "in_progress"  # type: ignore[index]
+
+    tcp_proxy.mode = "pass"
+    wait_for(
+        lambda: fetch_row(mysql_url, todo)["status"] == "completed",  # type: ignore[index]
+        timeout=30,
+        what="the answer to drain into the database",
+    )
+    assert answer in fetch_row(mysql_url, todo)["claude_text_output"]  # type: ignore[index]
+    wait_for(lambda: kinds(agent, todo) == ["start", "normal"], what="the journal to settle")
+    assert journal_requests(agent, todo) == 1002
 
 
 # ---------------------------------------------------------------- revisions
