@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"completiond: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    from .web import missing_web_packages
+
+    if (problem := missing_web_packages(config)) is not None:
+        print(f"completiond: configuration error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     if config.database.ssh or config.database.tls != "off":
         from .dbroute import preflight
 

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from loguru import logger
@@ -48,6 +48,34 @@ STAGE_BUCKETS = (
 )
 LIVE_TIMEOUT = 0.5  # how long a scrape waits for the parent's answer
 HEALTH_LEVEL = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
+
+
+# The web extra's packages (pyproject.toml), by import name.
+WEB_PACKAGES = ("starlette", "uvicorn", "jinja2", "multipart", "prometheus_client")
+
+
+def missing_web_packages(
+    config: Config, find: Callable[[str], object | None] | None = None
+) -> str | None:
+    """Why the web process cannot run as configured (its extra is not installed), or None."""
+    if not (config.metrics.listen or config.web.listen):
+        return None
+    from importlib.util import find_spec
+
+    look = find or find_spec
+    missing = [name for name in WEB_PACKAGES if look(name) is None]
+    if not missing:
+        return None
+    keys = " and ".join(
+        k
+        for k, v in (("metrics.listen", config.metrics.listen), ("web.listen", config.web.listen))
+        if v
+    )
+    return (
+        f"{keys} need the web extra, which is not installed (missing: {', '.join(missing)}): "
+        "pip install 'completion-agent[web]' (from a checkout: pip install '.[web]'), "
+        f"or leave {keys} empty"
+    )
 
 
 def error_class(text: str | None, stage: str) -> str | None:

@@ -49,6 +49,20 @@ def value(parsed, name: str, **labels: str) -> float | None:
 # ---------------------------------------------------------------- without processes
 
 
+def test_the_web_process_without_its_extra_is_a_configuration_error(tmpdir_short) -> None:
+    from agent.web import missing_web_packages
+    from tests.harness import unit_config
+
+    off = unit_config(tmpdir_short)
+    assert missing_web_packages(off, find=lambda name: None) is None  # no web child: fine
+    on = unit_config(tmpdir_short, {"web": {"listen": "127.0.0.1:8765"}})
+    assert missing_web_packages(on) is None  # the test venv has the extra
+    problem = missing_web_packages(on, find=lambda name: None if name == "uvicorn" else object())
+    assert problem is not None
+    assert "web.listen need the web extra" in problem and "missing: uvicorn" in problem
+    assert "pip install 'completion-agent[web]'" in problem
+
+
 def test_stage_durations_from_a_completions_rows() -> None:
     def row(i: int, stage: str, at: float, seconds: float | None = None) -> StageRow:
         return StageRow(i, "c", stage, at, seconds, None)
