@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 from loguru import logger
 
@@ -15,25 +13,14 @@ import protocol as p
 from protocol.config import Config
 
 from .journal import ANSWER_KINDS, Journal, Kind, scheduled_completion_id
-from .replies import Outcome, Refusal, ack
+from .replies import Outcome, Refusal, Registry, ack
 
 ACKNOWLEDGEABLE = ("refused",)  # checks `completionctl ack` can clear
 # SessionStart sources of a session that existed before (not a fresh start of the work).
 RESUMED_SOURCES = ("resume", "clear", "compact")
 
-Handler = Callable[[Any, sqlite3.Connection, Any, float], Outcome]
-HANDLERS: dict[type[p.Request], Handler] = {}
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def handles(kind: type[p.Request]) -> Callable[[F], F]:
-    """Register the method that takes requests of this type."""
-
-    def register(method: F) -> F:
-        HANDLERS[kind] = method
-        return method
-
-    return register
+handles = Registry()  # @handles(p.X) on the method that takes requests of type X
+HANDLERS = handles.by_type
 
 
 class Handlers:

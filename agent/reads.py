@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
 
 import protocol as p
 from protocol.config import Config
@@ -23,21 +22,10 @@ from .checks import (
     waiting_check,
 )
 from .journal import Journal, State
-from .replies import Refusal
+from .replies import Refusal, Registry
 
-Reader = Callable[[Any, Any, float], p.Reply]
-READERS: dict[type[p.Request], Reader] = {}
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def reads(kind: type[p.Request]) -> Callable[[F], F]:
-    """Register the method that answers requests of this type."""
-
-    def register(method: F) -> F:
-        READERS[kind] = method
-        return method
-
-    return register
+reads = Registry()  # @reads(p.X) on the method that answers requests of type X
+READERS = reads.by_type
 
 
 class Reads:
@@ -155,24 +143,7 @@ class Reads:
         listed = {t.todo_id for t in todos}
         for todo_id, due_at in pending.items():
             if todo_id not in listed and len(todos) < request.limit:
-                todos.append(
-                    p.TodoSummary(
-                        todo_id=todo_id,
-                        session_id=None,
-                        started_at=None,
-                        last_heard_at=None,
-                        completion_due=None,
-                        emergency_due=None,
-                        waiting=None,
-                        note=None,
-                        done=False,
-                        hanging=False,
-                        latest_kind=None,
-                        latest_state=None,
-                        completed_at=None,
-                        scheduled_at=due_at,
-                    )
-                )
+                todos.append(p.TodoSummary(todo_id=todo_id, scheduled_at=due_at))
         return p.TodoList(todos=todos)
 
     @reads(p.Status)

@@ -3,8 +3,9 @@ the errors for a journal that could not record a batch."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import protocol as p
 
@@ -49,3 +50,20 @@ def unavailable(exc: Exception, state_dir: str) -> p.Error:
 
 def internal(message: str) -> p.Error:
     return p.Error(code=p.ErrorCode.INTERNAL, message=f"internal error: {message}; see agent.log")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Registry:
+    """Methods by the request type they take: ``@registry(p.Start)`` on a method registers it."""
+
+    def __init__(self) -> None:
+        self.by_type: dict[type[p.Request], Callable[..., Any]] = {}
+
+    def __call__(self, kind: type[p.Request]) -> Callable[[F], F]:
+        def register(method: F) -> F:
+            self.by_type[kind] = method
+            return method
+
+        return register

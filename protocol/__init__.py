@@ -380,18 +380,18 @@ class TodoSummary(msgspec.Struct, frozen=True, kw_only=True):
     """One todo as the journal knows it, for ``completionctl list``."""
 
     todo_id: int
-    session_id: str | None
-    started_at: float | None
-    last_heard_at: float | None
-    completion_due: float | None
-    emergency_due: float | None
-    waiting: str | None
-    note: str | None
-    done: bool
-    hanging: bool
-    latest_kind: str | None  # the newest completion entry's kind (normal, revision, ...)
-    latest_state: str | None
-    completed_at: float | None  # when the first completion was accepted
+    session_id: str | None = None
+    started_at: float | None = None
+    last_heard_at: float | None = None
+    completion_due: float | None = None
+    emergency_due: float | None = None
+    waiting: str | None = None
+    note: str | None = None
+    done: bool = False
+    hanging: bool = False
+    latest_kind: str | None = None  # the newest completion entry's kind (normal, revision, ...)
+    latest_state: str | None = None
+    completed_at: float | None = None  # when the first completion was accepted
     revisions: int = 0
     archive_path: str | None = None
     scheduled_at: float | None = None  # a pending scheduled completion fires then
