@@ -1421,8 +1421,12 @@ class Journal:
                 (older_than,),
             )
             db.execute("DELETE FROM requests WHERE received_at < ?", (older_than,))
+            # By the row's latest sign of life: a todo answered by a Stop but never heard
+            # otherwise (no SessionStart here) keeps its last Stop, from which
+            # hook.final_after counts, until the retention time has passed since it.
             db.execute(
-                "DELETE FROM todos WHERE done = 1 AND COALESCE(last_heard_at, 0) < ?",
+                "DELETE FROM todos WHERE done = 1 AND MAX(COALESCE(last_heard_at, 0),"
+                " COALESCE(started_at, 0), COALESCE(last_stop_at, 0), COALESCE(final_at, 0)) < ?",
                 (older_than,),
             )
             db.execute("DELETE FROM sessions WHERE seen_at < ?", (older_than,))

@@ -160,6 +160,9 @@ def test_huge_last_message_is_capped_not_lost(agent: Agent) -> None:
     assert row["status"] == "completed"
     assert row["claude_text_output"].startswith("head ")
     assert row["claude_text_output"].endswith(" tail")
+    # A Stop's answer stays open for revisions (hook.final_after), even for a todo this agent
+    # never heard start: the journal's prune must not make it final at once.
+    assert agent.entry_states(todo) == ["verified"]
 
 
 def test_stop_hook_active_alone_completes_with_its_answer(agent: Agent) -> None:

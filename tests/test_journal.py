@@ -191,3 +191,17 @@ def test_a_savepoint_undoes_only_its_own_part(journal: Journal) -> None:
             journal.add_entry(db, NewEntry("undone", 1, Kind.NORMAL), T0)
             raise ValueError("refused")
     assert journal.entry("kept") is not None and journal.entry("undone") is None
+
+
+def test_prune_keeps_a_stop_answered_todo_until_its_retention_passed(journal: Journal) -> None:
+    # A todo completed by a Stop that this agent never heard start: the row holds the last
+    # Stop, from which hook.final_after counts. Pruning it would make the answer final at once
+    # (archived, its session dir removed) while the session may still revise it.
+    with journal.transaction() as db:
+        journal.set_last_word(db, 7, "Stop", T0, stop=True)
+        journal.accept_completion(db, "c-7", 7, b"", T0)
+    retention = 30 * 86400
+    journal.prune(T0 + 60 - retention)
+    assert journal.final_todos([7], T0 + 60, final_after=600) == set()
+    journal.prune(T0 + retention + 1 - retention)  # the retention passed since the Stop
+    assert journal.final_todos([7], T0 + retention + 1, final_after=600) == {7}
