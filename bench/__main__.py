@@ -21,7 +21,7 @@ from bench.common import PYTHON, REPO, Outcome, Row, load_outcome, machine, rend
 
 BENCHES = (
     "hook", "httphook", "peers", "abcpu", "throughput", "drain", "idle", "health", "report",
-    "recovery", "cluster",
+    "recovery", "cluster", "web",
 )  # fmt: skip
 DOC = REPO / "docs" / "PERFORMANCE.md"
 BEGIN = "<!-- bench:results:begin (written by `python -m bench`; edits here are lost) -->"

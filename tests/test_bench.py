@@ -27,13 +27,20 @@ BENCHES = {  # name: needs MariaDB
     "recovery": True,
     "peers": True,
     "abcpu": True,
+    "web": False,
 }
 TABLE_HEAD = "| # | measure | result | baseline (same run) | ratio | target | met |"
 
 
 @pytest.fixture(scope="module")
 def bench_runs(request: pytest.FixtureRequest) -> Iterator[dict[str, subprocess.Popen]]:
-    """Every bench at its tiny size, all at once (each waits mostly on its own agent)."""
+    """Every selected bench at its tiny size, all at once (each waits mostly on its own agent);
+    ``-k NAME`` starts only that one."""
+    selected = {
+        item.callspec.params["name"]
+        for item in request.session.items
+        if hasattr(item, "callspec") and "name" in item.callspec.params
+    }
     mysql = True
     try:
         request.getfixturevalue("mysql_server")
@@ -48,7 +55,7 @@ def bench_runs(request: pytest.FixtureRequest) -> Iterator[dict[str, subprocess.
             text=True,
         )
         for name, needs_mysql in BENCHES.items()
-        if mysql or not needs_mysql
+        if (mysql or not needs_mysql) and name in selected
     }
     yield runs
     for proc in runs.values():
