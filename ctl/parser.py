@@ -40,6 +40,17 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def limit(text: str) -> int:
+    """How many rows to show: a whole number from 1 to 100,000."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 100_000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a limit (a whole number, 1..100000)")
+    return value
+
+
 class VersionAction(argparse.Action):
     """``--version``: the installed distribution's version, looked up only when asked."""
 
@@ -354,7 +365,7 @@ def _add_list(sub, parents) -> None:
     lister.add_argument(
         "--since", type=positive_seconds, metavar="S", help="only todos heard from in the last S s"
     )
-    lister.add_argument("--limit", type=int, default=50)
+    lister.add_argument("--limit", type=limit, default=50, help="at most this many (1..100000)")
 
 
 @grammar("show")

@@ -453,6 +453,13 @@ def test_start_with_a_negative_timeout_is_a_usage_error(agent: Agent) -> None:
     assert b"not a timeout" in result.stderr and b"Traceback" not in result.stderr
 
 
+def test_list_with_a_limit_below_one_is_a_usage_error(agent: Agent) -> None:
+    for bad in ("0", "-3", "many"):
+        result = agent.ctl("list", "--limit", bad)
+        assert result.returncode == 2, bad
+        assert b"not a limit" in result.stderr and b"Traceback" not in result.stderr
+
+
 def test_shipped_settings_are_valid_against_the_reference() -> None:
     root = Path(__file__).resolve().parent.parent / "contrib"
     handler_fields = {
