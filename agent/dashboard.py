@@ -422,7 +422,9 @@ def dashboard_app(config: Config, journal: Journal, live: Any):
                 entry = journal.entry(cid)
             if entry is None or entry.todo_id != todo_id or not entry.html:
                 return None
-            return entry.html
+            from .report import page_of_stored
+
+            return page_of_stored(entry.html, entry.todo_id, config.report.language)
 
         html = await run_in_threadpool(load)
         if html is None:

@@ -466,17 +466,32 @@ def _page(
         f'<html lang="{language}">\n<head>\n<meta charset="utf-8">\n'
         f'<meta http-equiv="Content-Security-Policy" content="{CONTENT_SECURITY_POLICY}">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{words['todo']} {todo_id}: {escape(title)} — {words['report']}</title>\n"
+        f"<title>{words['todo']} {todo_id}{': ' + escape(title) if title else ''}"
+        f" — {words['report']}</title>\n"
         f"<style>{_STYLE}</style>\n</head>\n<body>\n"
         + "\n".join(section for section in sections if section)
         + "\n</body>\n</html>\n"
     )
 
 
+_FRAGMENT_START = '<div class="completion-report"'  # how every fragment begins
+
+
+def page_of_stored(stored: str, todo_id: int, language: str) -> str:
+    """A standalone page of a report as the database row (and the journal) holds it, in any
+    ``report.db_format``: a page as it is; a fragment, or Markdown rendered through the same
+    pipeline as the output's (no raw HTML, sanitized), inside the report's head, style and CSP.
+    For the dashboard's report frame."""
+    if stored.startswith("<!DOCTYPE html>"):
+        return stored
+    body = stored if stored.startswith(_FRAGMENT_START) else _markdown(stored)
+    return _page("", todo_id, [body], language, STRINGS.get(language, STRINGS["en"]))
+
+
 def _fragment(sections: list[str], language: str) -> str:
     """The page's sections without document, head or style: for a page that embeds it."""
     body = "\n".join(section for section in sections if section)
-    return f'<div class="completion-report" lang="{language}">\n{body}\n</div>\n'
+    return f'{_FRAGMENT_START} lang="{language}">\n{body}\n</div>\n'
 
 
 def _header(todo_id: int, title: str, kind: str, words: dict[str, str]) -> str:

@@ -309,6 +309,8 @@ def test_pages_render_match_the_journal_and_update_live(make_agent, browser) -> 
     assert "completiond_session" not in browser.execute_script("return document.cookie")
     browser.switch_to.frame(frame)
     wait_for(lambda: f"result {done[0]}" in browser.find_element("tag name", "body").text)
+    assert browser.find_elements("tag name", "h2")  # the stored Markdown, rendered
+    assert "## " not in browser.find_element("tag name", "body").text
     browser.switch_to.default_content()
     browser.save_screenshot(str(REPO / "docs" / "dashboard-todo.png"))
 

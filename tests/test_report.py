@@ -18,6 +18,7 @@ from agent import git_evidence, reasons
 from agent.report import (
     CONTENT_SECURITY_POLICY,
     MARKDOWN_MAX_BYTES,
+    page_of_stored,
     render_report,
     sanitize,
 )
@@ -84,6 +85,25 @@ def test_hostile_output_cannot_inject_markup(path, is_markdown):
         field.encode("utf-8")
         assert "\x1b" not in field and "\x00" not in field
         assert not any(ch in field for ch in BIDI)
+
+
+@pytest.mark.parametrize("path", HOSTILE, ids=[path.name for path in HOSTILE])
+def test_the_stored_markdown_shown_as_a_page_is_as_safe_as_the_report(path):
+    stored = report(path.read_bytes(), db_format="markdown").db
+    assert not stored.startswith("<")
+    assert_safe(page_of_stored(stored, 42, "en"))
+
+
+@pytest.mark.parametrize("db_format", ["markdown", "html_fragment", "page"])
+def test_the_stored_report_becomes_one_page_in_every_db_format(db_format):
+    stored = report("# Done\n\nAll **tests** pass.", db_format=db_format).db
+    page = page_of_stored(stored, 42, "en")
+    assert_safe(page)
+    assert page.count("<!DOCTYPE html>") == 1
+    assert "<h2>" in page and "\n## " not in page  # rendered, not shown raw
+    assert "All **tests** pass." in page or "<strong>tests</strong>" in page
+    if db_format == "page":
+        assert page == stored
 
 
 def test_dangerous_markdown_links_lose_their_href():
