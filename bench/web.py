@@ -70,13 +70,17 @@ def add_todos(agent, count: int) -> list[int]:
         store.close()
 
 
-def cleaned(agent) -> int:
+def journal_row(agent, sql: str) -> tuple:
     import sqlite3
 
     with contextlib.closing(
         sqlite3.connect(f"file:{agent.state / 'journal.db'}?mode=ro", uri=True)
     ) as db:
-        return int(db.execute("SELECT COUNT(*) FROM entries WHERE state = 'cleaned'").fetchone()[0])
+        return tuple(db.execute(sql).fetchone())
+
+
+def cleaned(agent) -> int:
+    return int(journal_row(agent, "SELECT COUNT(*) FROM entries WHERE state = 'cleaned'")[0])
 
 
 def complete(client, todo_id: int) -> None:
@@ -260,12 +264,18 @@ def run(size: str) -> Outcome:
                 viewer.session.get(url, timeout=10, **options).raise_for_status()
 
             rest = [p for p in groups["with"] if p.pid != web_proc.pid]
+            todo, cid = journal_row(
+                web, "SELECT todo_id, completion_id FROM entries WHERE kind = 'normal' LIMIT 1"
+            )
             costs = {
                 "the overview page": per_request(
                     [web_proc], rest, lambda: get(base + "/", headers={"X-Partial": "1"}), burst
                 ),
                 "a poll of /api/version": per_request(
                     [web_proc], rest, lambda: get(base + "/api/version"), burst
+                ),
+                "a report in a todo page's frame (the stored Markdown rendered)": per_request(
+                    [web_proc], rest, lambda: get(f"{base}/todo/{todo}/report/{cid}"), burst
                 ),
                 "a scrape of /metrics": per_request(
                     [web_proc], rest, lambda: get(scrape_url), burst
@@ -303,7 +313,7 @@ def run(size: str) -> Outcome:
             ),
             Row(
                 "W",
-                f"memory of the `web` process after the page views and scrapes (PSS"
+                f"memory of the `web` process after the page views, report views and scrapes (PSS"
                 f" {web_after.pss / MIB:.0f} MiB, USS {web_after.uss / MIB:.0f} MiB)",
                 f"{web_after.rss / MIB:.0f} MiB",
                 f"before them: {web_info.rss / MIB:.0f} MiB",
