@@ -34,8 +34,8 @@ def _kill_children(name: str, kills: int) -> Inject:
         proxy: TappedProxy = agent.proxy  # type: ignore[attr-defined]
         for n in range(kills):
             time.sleep(rng.uniform(0.1, 0.6))  # a random moment in the stream
-            pid = children(agent).get(name)
-            assert pid, f"{name} is not running"
+            # A status call may time out on a loaded machine ({} then): ask until it answers.
+            pid = wait_for(lambda: children(agent).get(name), 30, what=f"{name} running")
             moment = WRITER_MOMENTS[n % len(WRITER_MOMENTS)] if name == "writer" else "random"
             fault = ledger.fault(f"kill -9 {name} ({moment})")
             if moment == "random":
@@ -128,8 +128,7 @@ def test_sigstop_sigcont_each_child(mysql_agent, mysql_url) -> None:
         for _ in range(rounds):
             for name in ("writer", "collector", "monitor"):
                 time.sleep(rng.uniform(0.1, 0.5))
-                pid = children(agent)[name]
-                assert pid
+                pid = wait_for(lambda n=name: children(agent).get(n), 30, what=f"{name} running")
                 fault = ledger.fault(f"SIGSTOP {name} {hold:.0f} s")
                 os.kill(pid, signal.SIGSTOP)
                 try:
@@ -151,7 +150,8 @@ def test_sigstop_sigcont_each_child(mysql_agent, mysql_url) -> None:
                     os.kill(pid, signal.SIGCONT)
                 fault.ended = time.monotonic()
                 wait_recovered(ledger, observer, fault, ready=all_up(agent))
-                assert children(agent)[name] == pid  # it was paused, not replaced
+                # It was paused, not replaced (asked until the status call answers).
+                assert wait_for(lambda n=name: children(agent).get(n), 30) == pid
 
     run_scenario(
         "SIGSTOP/SIGCONT writer, collector, monitor",
