@@ -93,6 +93,27 @@ class MysqlServer:
             **kwargs,
         )
 
+    @contextlib.contextmanager
+    def throwaway_user(self, database: str, grants: str = "ALL") -> Iterator[tuple[str, str]]:
+        """(url, password) of a new user with a password and ``grants`` on ``database``,
+        dropped afterwards."""
+        user, password = f"cu_{secrets.token_hex(4)}", f"Pw-{secrets.token_hex(12)}"
+        hosts = ("%", "localhost", "127.0.0.1")
+        admin = self.connect(autocommit=True)
+        try:
+            with admin.cursor() as cur:
+                for host in hosts:
+                    # Names and password are hex: safe inline (a '%' host defeats placeholders).
+                    cur.execute(f"CREATE USER '{user}'@'{host}' IDENTIFIED BY '{password}'")
+                    cur.execute(f"GRANT {grants} ON `{database}`.* TO '{user}'@'{host}'")
+            yield f"mysql://{user}:{password}@{self.host}:{self.port}/{database}", password
+        finally:
+            with admin.cursor() as cur:
+                for host in hosts:
+                    with contextlib.suppress(pymysql.MySQLError):
+                        cur.execute(f"DROP USER '{user}'@'{host}'")
+            admin.close()
+
 
 @pytest.fixture(scope="session")
 def mysql_server() -> MysqlServer:

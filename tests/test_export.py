@@ -4,14 +4,11 @@ archive alone when the journal is gone and the database does not answer."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import secrets
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pymysql
 import pytest
 
 from ctl import Client
@@ -26,25 +23,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.mysql]
 @pytest.fixture
 def secret_url(mysql_server: MysqlServer, mysql_url: str) -> Iterator[tuple[str, str]]:
     """The test's database, reached as a throwaway user with a password."""
-    database = mysql_url.rsplit("/", 1)[1]
-    user = f"cx_{secrets.token_hex(4)}"
-    password = f"Pw-{secrets.token_hex(12)}"
-    admin = mysql_server.connect(autocommit=True)
-    hosts = ("%", "localhost", "127.0.0.1")
-    try:
-        with admin.cursor() as cur:
-            for host in hosts:
-                # Names and password are hex: safe inline (a '%' host defeats placeholders).
-                cur.execute(f"CREATE USER '{user}'@'{host}' IDENTIFIED BY '{password}'")
-                cur.execute(f"GRANT ALL ON `{database}`.* TO '{user}'@'{host}'")
-        url = f"mysql://{user}:{password}@{mysql_server.host}:{mysql_server.port}/{database}"
+    with mysql_server.throwaway_user(mysql_url.rsplit("/", 1)[1]) as (url, password):
         yield url, password
-    finally:
-        with admin.cursor() as cur:
-            for host in hosts:
-                with contextlib.suppress(pymysql.MySQLError):
-                    cur.execute(f"DROP USER '{user}'@'{host}'")
-        admin.close()
 
 
 def members(path: Path) -> dict[str, bytes]:

@@ -3,10 +3,8 @@ handling, output fitting, and failure behaviour (through the fault-injecting TCP
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import secrets
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -562,18 +560,8 @@ def test_a_user_who_may_not_alter_the_audit_table_runs_without_notes(
     raw_execute(mysql_url, "DROP TABLE stage_completion_log")
     raw_execute(mysql_url, OLD_LOG_DDL["mysql"])
     database = mysql_url.rsplit("/", 1)[1]
-    user, password = f"cn_{secrets.token_hex(4)}", f"Pw-{secrets.token_hex(12)}"
-    hosts = ("%", "localhost", "127.0.0.1")
-    admin = mysql_server.connect(autocommit=True)
-    try:
-        with admin.cursor() as cur:
-            for host in hosts:
-                cur.execute(f"CREATE USER '{user}'@'{host}' IDENTIFIED BY '{password}'")
-                cur.execute(
-                    f"GRANT SELECT, INSERT, UPDATE, DELETE, CREATE ON `{database}`.* "
-                    f"TO '{user}'@'{host}'"
-                )
-        url = f"mysql://{user}:{password}@{mysql_server.host}:{mysql_server.port}/{database}"
+    grants = "SELECT, INSERT, UPDATE, DELETE, CREATE"
+    with mysql_server.throwaway_user(database, grants) as (url, _password):
         limited = open_store(url, timeout=5)
         limited.ensure_schema(create_todo_table=False)  # the ALTER is refused: no failure
         assert "note" not in log_columns(mysql_url)
@@ -583,12 +571,6 @@ def test_a_user_who_may_not_alter_the_audit_table_runs_without_notes(
         apply_one(limited, W("f-1", tid, "failure", note="StopFailure: boom"))
         assert limited.audit_rows(tid) == [("f-1", "failure", None)]
         limited.close()
-    finally:
-        with admin.cursor() as cur:
-            for host in hosts:
-                with contextlib.suppress(pymysql.MySQLError):
-                    cur.execute(f"DROP USER '{user}'@'{host}'")
-        admin.close()
 
 
 # --------------------------------------------------------------------------- output fitting
