@@ -362,7 +362,13 @@ class Handlers:
             output=request.output,
             event="scheduled",
             sent_at=request.sent_at,
-            not_created_after=now,
+            # When it was asked for: a schedule that waited in the outbox counts from then.
+            # (A sender can only make its own schedule stricter by claiming an earlier time.)
+            not_created_after=(
+                request.sent_at
+                if request.sent_at is not None and 0 <= now - request.sent_at < 30 * 86400
+                else now
+            ),
         )
         self.journal.schedule(
             db, request.request_id, todo_id, request.due_at, p.encode(single), now

@@ -218,7 +218,11 @@ class HealthChecker:
         hanging: list[int] = []
         overdue: list[int] = []
         silent_since: dict[int, float] = {}
+        # A todo whose scheduled completion is still to come is held, not hanging (README).
+        held = {s.todo_id for s in journal.pending_schedules()}
         for todo in in_progress:
+            if todo.id in held:
+                continue
             timer = timers.get(todo.id)
             if timer is not None and timer.done:
                 continue  # this agent saw it finish: db_consistency's business

@@ -48,6 +48,8 @@ schedule                   new PENDING schedule (replaces a pending    intake
 cancel_schedules           PENDING -> CANCELLED (also done by          intake (cancel),
                            accept_completion: a completion came first) accept_completion
 fire_schedule              PENDING -> FIRED + accept_completion        monitor
+rearm_refused_schedules    todo timers armed again after the database  writer
+                           refused a scheduled completion
 record_silence             a silence sample (heard, disarm)            intake
 set_projects               todo -> project_id, for prediction          health
 shorten_deadline           completion deadline earlier (predict.act    monitor
@@ -1172,6 +1174,33 @@ class Journal:
                     "UPDATE todos SET done = 1, completion_due = NULL, emergency_due = NULL,"
                     " note = ? WHERE todo_id = ? AND started_at = ?",
                     (f"start refused: {reason}", todo_id, started_at),
+                )
+
+    def rearm_refused_schedules(
+        self,
+        refused: Iterable[tuple[int, str]],
+        now: float,
+        *,
+        completion_timeout: float,
+        emergency_timeout: float,
+    ) -> None:
+        """(todo id, reason): a scheduled completion the database refused.  Its firing
+        disarmed the todo's deadlines; a todo started here that has no other completion gets
+        fresh ones (the configured timeouts, from now)."""
+        with self.transaction() as db:
+            for todo_id, reason in refused:
+                if self.has_completion(db, todo_id):
+                    continue
+                db.execute(
+                    "UPDATE todos SET done = 0, completion_due = ?, emergency_due = ?,"
+                    " completion_fired = 0, emergency_fired = 0, note = ?"
+                    " WHERE todo_id = ? AND done = 1 AND started_at IS NOT NULL",
+                    (
+                        now + completion_timeout,
+                        now + max(emergency_timeout, completion_timeout),
+                        f"scheduled completion refused: {reason}",
+                        todo_id,
+                    ),
                 )
 
     def count_by_state(self) -> dict[str, int]:

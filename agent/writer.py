@@ -321,6 +321,7 @@ class Writer(ChildBase):
         now: float,
     ) -> None:
         refused_starts: list[tuple[int, float, str]] = []
+        refused_schedules: list[tuple[int, str]] = []
         verified_any = False
         unreadable: StoreError | None = None
         checked: list[bool] | StoreError
@@ -344,6 +345,8 @@ class Writer(ChildBase):
                     )
                     if entry.kind == Kind.START:
                         refused_starts.append((entry.todo_id, entry.created_at, outcome.reason))
+                    elif entry.completion_id.startswith(SCHEDULED_PREFIX):
+                        refused_schedules.append((entry.todo_id, outcome.reason))
                     continue
                 if outcome.outcome == "duplicate":
                     log.info("recorded as a duplicate: {}", outcome.reason)
@@ -397,6 +400,17 @@ class Writer(ChildBase):
             logger.warning("fleet claims for {} not recorded: {}", started, error)
         if refused_starts:
             self._disarm(refused_starts)
+        if refused_schedules:
+            # Firing disarmed the todo's deadlines; the database refused the completion (a todo
+            # created after the schedule, say), so a session working on it gets them back.
+            behavior = self.config.behavior
+            self.journal.rearm_refused_schedules(
+                refused_schedules,
+                now,
+                completion_timeout=behavior.completion_timeout,
+                emergency_timeout=behavior.emergency_timeout,
+            )
+            self.ring("monitor")
         if verified_any:
             self.ring("monitor")
         if unreadable is not None:

@@ -136,6 +136,19 @@ def test_a_session_waiting_for_a_person_is_not_hanging(make_rig) -> None:
     assert [k for k, _ in rig.kinds(todo)] == ["start"]
 
 
+def test_a_todo_held_by_a_pending_schedule_is_not_hanging(make_rig) -> None:
+    rig = make_rig()
+    todo = rig.add("in_progress", started_at=T0)
+    rig.start(todo, T0)
+    due = T0 + 100 * HANG
+    rig.send(p.Schedule(request_id="sch", todo_id=todo, due_at=due, output="later"), T0 + 1)
+    results = rig.round(T0 + 10 * HANG)
+    assert results["hanging_todos"].status == "OK"
+    assert [k for k, _ in rig.kinds(todo)] == ["start"]  # auto-recovery left it alone
+    rig.send(p.Cancel(request_id="c", todo_id=todo), T0 + 10 * HANG + 1)
+    assert rig.round(T0 + 10 * HANG + 2)["hanging_todos"].status == "WARNING"
+
+
 def test_auto_recovery_force_completes_a_hanging_todo_once(make_rig) -> None:
     rig = make_rig()
     todo = rig.add("in_progress", started_at=T0)

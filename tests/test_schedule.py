@@ -105,6 +105,18 @@ def test_status_shows_the_schedule(rig: UnitRig) -> None:
     assert agent is not None and [x.todo_id for x in agent.scheduled] == [4]
 
 
+def test_a_schedule_counts_from_when_it_was_asked_for(rig: UnitRig) -> None:
+    """A schedule that waited in the outbox guards against todos created since it was sent."""
+    for todo_id, sent_at, expected in ((1, T0 - 50, T0 - 50), (2, T0 + 999, T0), (3, None, T0)):
+        rig.send(
+            p.Schedule(request_id=f"s{todo_id}", todo_id=todo_id, due_at=T0 + 60, sent_at=sent_at),
+            T0,
+        )
+        [pending] = rig.journal.schedules_for_todo(todo_id)
+        request = p.decode_request(pending.request)
+        assert isinstance(request, p.Complete) and request.not_created_after == expected
+
+
 def test_a_pending_schedule_holds_the_todos_deadlines_until_it_fires(rig: UnitRig) -> None:
     rig.start(1, timeout=60)  # completion deadline T0 + 60
     schedule(rig, 1, T0 + 600)

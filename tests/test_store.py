@@ -3,6 +3,7 @@ handling, output fitting, and failure behaviour (through the fault-injecting TCP
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -37,6 +38,7 @@ from tests.dbfixtures import (
     fetch_row,
     hold_row_lock,
     proxied_url,
+    raw_connection,
     raw_execute,
     set_status,
     show_create_table,
@@ -547,6 +549,34 @@ def test_an_older_audit_table_gains_its_note_column(store_url: str) -> None:
     old.ensure_schema(create_todo_table=False)  # idempotent
     assert log_columns(store_url).count("note") == 1
     old.close()
+
+
+@pytest.mark.mysql
+def test_a_note_migration_held_up_by_an_open_transaction_does_not_stop_the_store(
+    mysql_url: str,
+) -> None:
+    """A transaction left open on the audit table (another agent, a backup) holds the ALTER's
+    metadata lock: the store waits lock_wait_timeout, then goes on without notes."""
+    s = open_store(mysql_url, timeout=3)
+    s.ensure_schema(create_todo_table=True)
+    tid = s.add_todo("a backup is running")
+    s.close()
+    raw_execute(mysql_url, "DROP TABLE stage_completion_log")
+    raw_execute(mysql_url, OLD_LOG_DDL["mysql"])
+    with raw_connection(mysql_url) as backup, contextlib.closing(backup.cursor()) as cur:
+        cur.execute("START TRANSACTION")
+        cur.execute("SELECT COUNT(*) FROM stage_completion_log")  # holds a metadata lock
+        store = open_store(mysql_url, timeout=3)
+        started = time.monotonic()
+        store.ensure_schema(create_todo_table=False)  # no error: the migration waits, gives up
+        assert time.monotonic() - started < 30
+        assert "note" not in log_columns(mysql_url)
+        apply_one(store, W("s-1", tid, "start", T0))
+        assert apply_one(store, W("f-1", tid, "failure", note="x")).outcome == "applied"
+        backup.rollback()
+    store.ensure_schema(create_todo_table=False)  # the next start adds it
+    assert log_columns(mysql_url)[-1] == "note"
+    store.close()
 
 
 @pytest.mark.mysql

@@ -30,6 +30,7 @@ class FakeStore:
         self.down = False
         self.locked: set[int] = set()
         self.bad: set[int] = set()
+        self.refuse: dict[int, str] = {}  # todo id -> why the database refuses its writes
         self.rows: dict[str, TodoWrite] = {}
         self.transactions: list[list[str]] = []
         self.pings = 0
@@ -53,12 +54,16 @@ class FakeStore:
         if todos & self.bad:
             raise PermanentError("no such column: claude_html_output")
         self.transactions.append([w.completion_id for w in writes])
+        outcomes = []
         for w in writes:
+            if w.todo_id in self.refuse:
+                outcomes.append(WriteOutcome(w.completion_id, "refused", self.refuse[w.todo_id]))
+                continue
             self.rows[w.completion_id] = w
-        return [
-            WriteOutcome(w.completion_id, "applied", log_kind=_log_kind(w.kind, "applied"))
-            for w in writes
-        ]
+            outcomes.append(
+                WriteOutcome(w.completion_id, "applied", log_kind=_log_kind(w.kind, "applied"))
+            )
+        return outcomes
 
     def verify_many(
         self, writes: Sequence[TodoWrite], outcomes: Sequence[WriteOutcome]
@@ -249,3 +254,28 @@ def test_a_write_that_does_not_read_back_is_verified_later_then_failed(rig: Rig)
 def test_nothing_waiting_sleeps_until_the_sweep(rig: Rig) -> None:
     assert rig.run(T0) == T0 + rig.config.behavior.sweep_interval
     assert rig.store.transactions == [] and not math.isnan(rig.run(T0 + 1))
+
+
+def test_a_refused_scheduled_completion_gives_the_todo_its_deadlines_back(rig: Rig) -> None:
+    """The schedule fired (disarming the todo's deadlines) but the database refused it, e.g. a
+    todo created after the schedule: the session on that todo gets fresh deadlines."""
+    journal = rig.journal
+    with journal.transaction() as db:
+        journal.queue_start(
+            db, "start-7", 7, b"", T0, completion_timeout=60, emergency_timeout=600,
+            session_id=None, transcript_path=None, cwd=None,
+        )  # fmt: skip
+        journal.schedule(db, "r1", 7, T0 + 100, b"", T0)
+    rig.run(T0)  # the start lands
+    [pending] = journal.pending_schedules()
+    assert journal.fire_schedule(pending, "sched-r1", T0 + 100)
+    assert journal.timers(7)[0].done == 1  # firing disarmed them
+    journal.collected([("sched-r1", {"text": "later"})], T0 + 100)
+    rig.store.refuse = {7: "todo 7 was created at ..., after this completion was scheduled"}
+    rig.run(T0 + 101)
+    assert rig.state("sched-r1") == State.FAILED
+    [timer] = journal.timers(7)
+    assert timer.done == 0
+    # The configured timeouts (tests.harness.unit_config: 10 s and 60 s), from now.
+    assert (timer.completion_due, timer.emergency_due) == (T0 + 101 + 10, T0 + 101 + 60)
+    assert timer.note is not None and "scheduled completion refused" in timer.note

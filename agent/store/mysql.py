@@ -252,7 +252,8 @@ class MysqlStore(SqlStore):
             read_timeout=self.read_timeout,
             write_timeout=self.timeout,
             init_command=(
-                f"SET SESSION innodb_lock_wait_timeout = {self.lock_wait}, time_zone = '+00:00'"
+                f"SET SESSION innodb_lock_wait_timeout = {self.lock_wait},"
+                f" lock_wait_timeout = {self.lock_wait}, time_zone = '+00:00'"
             ),
         )
         try:
@@ -439,9 +440,11 @@ class MysqlStore(SqlStore):
         try:
             self._add_log_note()
         except StoreError as exc:
-            # 1060: another agent added it a moment ago; a refused ALTER leaves the rows
-            # without notes rather than the agent without a database.
-            if exc.errno not in (1060, *_NO_PRIVILEGE):
+            # 1060: another agent added it a moment ago; a refused ALTER, or one that waited
+            # past lock_wait_timeout for a transaction on the audit table (1205: another agent,
+            # a backup), leaves the rows without notes rather than the agent without a
+            # database: `check` names the missing column, and the next start tries again.
+            if exc.errno not in (1060, 1205, *_NO_PRIVILEGE):
                 raise
         self._move_legacy_log()
 
