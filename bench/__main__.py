@@ -20,8 +20,8 @@ from pathlib import Path
 from bench.common import PYTHON, REPO, Outcome, Row, load_outcome, machine, render_table
 
 BENCHES = (
-    "hook", "httphook", "peers", "abcpu", "throughput", "drain", "idle", "health", "report",
-    "recovery", "cluster", "web",
+    "hook", "httphook", "peers", "endtoend", "abcpu", "throughput", "drain", "idle", "health",
+    "report", "recovery", "cluster", "web",
 )  # fmt: skip
 DOC = REPO / "docs" / "PERFORMANCE.md"
 BEGIN = "<!-- bench:results:begin (written by `python -m bench`; edits here are lost) -->"

@@ -25,6 +25,7 @@ from bench.common import (
     Row,
     compiled_env,
     database_server_process,
+    exit_on_sigterm,
     finish,
     median,
     private_dir,
@@ -180,6 +181,7 @@ def main() -> int:
     parser.add_argument("--size", choices=("tiny", "full"), default="full")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
+    exit_on_sigterm()
     return finish(args, f"A/B against {args.commit}", run(args.commit, args.size))
 
 

@@ -14,6 +14,8 @@ import json
 import os
 import platform
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -57,7 +59,20 @@ class Outcome:
 # ------------------------------------------------------------------ the command line
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM ends this bench as SystemExit does, so its ``finally`` blocks still stop the
+    agents it started (their own sessions: nothing else stops them) and drop its databases.
+    A second SIGTERM during that cleanup is ignored."""
+
+    def leave(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)
+
+
 def arguments(description: str) -> argparse.Namespace:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--size",
@@ -156,6 +171,13 @@ def private_dir(prefix: str) -> Iterator[Path]:
         yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def python_env(root: Path, base: dict[str, str] | None = None) -> dict[str, str]:

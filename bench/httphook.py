@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import sys
 import time
 
@@ -24,6 +23,7 @@ from bench.common import (
     alternate,
     arguments,
     finish,
+    free_port,
     median,
     ms,
     paired_ratio,
@@ -34,12 +34,6 @@ from bench.common import (
 )
 
 BASELINE = [PYTHON, "-S", "-c", "pass"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(port: int, body: bytes, token: str) -> Timed:
@@ -68,7 +62,7 @@ def run(size: str) -> Outcome:
 
     rounds = 3 if size == "tiny" else 40
     with private_dir("bw-") as root:
-        port = _free_port()
+        port = free_port()
         agent = Agent(
             root,
             {

@@ -8,21 +8,28 @@ WordPress row in MariaDB, read it back. The peers:
   the hook (``peer_original.py``);
 - **huey** (``SqliteHuey``): the hook process enqueues, ``huey_consumer -w 2`` (threads) does
   the work (``peer_huey.py``);
-- **the agent**: ``completionctl hook`` with a Stop payload carrying the answer (process hook),
-  and ``ctl.Client.complete`` from a loop (library loop, 4 threads with a client each); against
-  huey's enqueue loop (4 threads).
+- **the agent**, in the three modes a user has: ``completionctl hook`` with a Stop payload
+  carrying the answer (process hook); the same Stop event POSTed to the agent's HTTP hook
+  endpoint (``hook.http_listen``), as Claude Code's ``"type": "http"`` hook does, on a
+  kept-alive connection with the bearer token and ``X-Todo-Id`` (HTTP hook; 4 connections at a
+  time for the rate); and ``ctl.Client.complete`` from a loop (library loop, 4 threads with a
+  client each); against huey's enqueue loop (4 threads).
 
 Every process runs in the production layout (``pip install .``, built offline; huey copied into
 it). Rows: hook wall; hook start until the row is visible (polled from here); completions per
 second (process modes: two launchers at a time, the cores there are; the modes take turns in
 chunks, so a shared machine's drifting load falls on all alike); CPU per completion split
-into the hook processes, the service (the agent's processes, huey's consumer) and the MariaDB
-server (which other users of the shared server also keep busy).
+into the hooks (the processes; for the HTTP hook and the loops, this process's senders), the
+service (the agent's processes, huey's consumer) and the MariaDB server (which other users of
+the shared server also keep busy). The library's latency at idle, beside the floor, is bench E
+(``bench/endtoend.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
 import resource
 import shutil
@@ -46,6 +53,7 @@ from bench.common import (
     deployed_env,
     deployed_python,
     finish,
+    free_port,
     median,
     ms,
     private_dir,
@@ -95,24 +103,67 @@ def answer_file(root: Path, todo: int) -> Path:
     return path
 
 
-def stop_payload(root: Path, todo: int) -> Path:
-    import json
+def stop_event(root: Path, todo: int, answer: str) -> bytes:
+    """Claude Code's Stop event for this todo's session, carrying the answer, as JSON."""
+    return json.dumps(
+        {
+            "hook_event_name": "Stop",
+            "session_id": f"peers-{todo}",
+            "transcript_path": str(root / "no-transcript.jsonl"),
+            "cwd": str(root),
+            "stop_hook_active": False,
+            "last_assistant_message": answer,
+        }
+    ).encode()
 
+
+def stop_payload(root: Path, todo: int) -> Path:
     path = root / "answers" / f"{todo}.stop.json"
     path.parent.mkdir(exist_ok=True)
-    path.write_text(
-        json.dumps(
-            {
-                "hook_event_name": "Stop",
-                "session_id": f"peers-{todo}",
-                "transcript_path": str(root / "no-transcript.jsonl"),
-                "cwd": str(root),
-                "stop_hook_active": False,
-                "last_assistant_message": markdown_answer(todo),
-            }
-        )
-    )
+    path.write_bytes(stop_event(root, todo, markdown_answer(todo)))
     return path
+
+
+class HttpHook:
+    """Claude Code's ``"type": "http"`` hook: the event POSTed to the agent's endpoint with the
+    bearer token and ``X-Todo-Id``, on one kept-alive connection (the agent answers HTTP/1.1)."""
+
+    def __init__(self, port: int, token: str, root: Path) -> None:
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.token = token
+        self.root = root
+
+    def post(self, todo: int, answer: str) -> None:
+        self.connection.request(
+            "POST",
+            "/hook",
+            body=stop_event(self.root, todo, answer),
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": f"Bearer {self.token}",
+                "X-Todo-Id": str(todo),
+            },
+        )
+        response = self.connection.getresponse()
+        response.read()
+        if response.status != 200:
+            raise SystemExit(f"peers bench: the HTTP hook answered {response.status}")
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def one_post(hook: HttpHook, todo: int, conn: Any) -> tuple[float, float, float]:
+    """(POST until its empty 200, POST until the row is visible, the sender's CPU) for one."""
+    answer = markdown_answer(todo)
+    cpu = time.thread_time()
+    started = time.perf_counter()
+    hook.post(todo, answer)
+    wall = time.perf_counter() - started
+    cpu = time.thread_time() - cpu
+    if not wait_until(lambda: visible(conn, todo), 60, 0.002):
+        raise SystemExit(f"peers bench: http: todo {todo} not visible in 60 s")
+    return wall, time.perf_counter() - started, cpu
 
 
 def one_process(mode: Mode, todo: int, stdin: Path, conn: Any) -> tuple[float, float, float]:
@@ -189,7 +240,8 @@ def processes_until_visible(
                     failed.append(f"todo {todo}: {said}")
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=launcher) for _ in range(LAUNCHERS)]
+    # Daemons: a bench stopped by SIGTERM cleans up at once, not after the sends in flight.
+    threads = [threading.Thread(target=launcher, daemon=True) for _ in range(LAUNCHERS)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -216,7 +268,8 @@ def loop_until_visible(
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=sender, args=(i,)) for i in range(SENDERS)]
+    # Daemons, as above.
+    threads = [threading.Thread(target=sender, args=(i,), daemon=True) for i in range(SENDERS)]
     before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     for thread in threads:
@@ -280,7 +333,7 @@ def run(size: str) -> Outcome:
     import psutil
 
     from ctl import Client
-    from tests.harness import Agent
+    from tests.harness import Agent, merge
 
     if not server_answers():
         raise SystemExit("peers bench: MariaDB does not answer on 127.0.0.1:3306")
@@ -291,9 +344,11 @@ def run(size: str) -> Outcome:
         for name in PEER_FILES:
             shutil.copy2(REPO / "bench" / name, root / "peers" / name)
         env = peer_env(db, root, os.environ)
-        agent = Agent(root, agent_config(db))
+        port = free_port()
+        agent = Agent(root, merge(agent_config(db), {"hook": {"http_listen": f"127.0.0.1:{port}"}}))
         agent.env = compiled_env(root, agent.env)
         consumer = None
+        senders: list[Any] = []  # clients and connections of the loop modes, closed at the end
         try:
             agent.start()
             consumer = subprocess.Popen(
@@ -309,6 +364,7 @@ def run(size: str) -> Outcome:
 
             ctl = str(Path(python).parent / "completionctl")
             hook_env = {**deployed_env(agent.env), "CWD": str(root)}
+            token = agent.ctl("hook-token").stdout.decode().strip()
             family = agent.family()
             modes = {
                 "original": Mode(
@@ -337,27 +393,22 @@ def run(size: str) -> Outcome:
                 "agent": stop_payload,
             }
             # Latency: one completion at a time, the modes taking turns.
-            latency: dict[str, list[tuple[float, float, float]]] = {name: [] for name in modes}
+            hook = HttpHook(port, token, root)
+            senders.append(hook)
+            turns = [*modes, "http"]
+            latency: dict[str, list[tuple[float, float, float]]] = {name: [] for name in turns}
             warm = 2
-            todos = add_todos(db, (samples + warm) * len(modes))
+            todos = add_todos(db, (samples + warm) * len(turns))
             for index in range(samples + warm):
-                order = list(modes)[index % 3 :] + list(modes)[: index % 3]
-                for name in order:
+                shift = index % len(turns)
+                for name in turns[shift:] + turns[:shift]:
                     todo = todos.pop()
-                    result = one_process(modes[name], todo, inputs[name](root, todo), conn)
+                    if name == "http":
+                        result = one_post(hook, todo, conn)
+                    else:
+                        result = one_process(modes[name], todo, inputs[name](root, todo), conn)
                     if index >= warm:
                         latency[name].append(result)
-            # Library loop latency at idle: Client.complete until the row is visible.
-            client = Client(str(agent.config_path), timeout=30)
-            idle: list[tuple[float, float]] = []
-            for todo in add_todos(db, samples + warm):
-                answer = markdown_answer(todo)
-                started = time.perf_counter()
-                client.complete(todo, output=answer, queue_when_unreachable=False)
-                acked = time.perf_counter() - started
-                wait_until(lambda todo=todo: visible(conn, todo), 60, 0.0005)
-                idle.append((acked, time.perf_counter() - started))
-            idle = idle[warm:]
 
             # Throughput and CPU: the modes take turns in chunks, the order rotating, so that the
             # load of a shared machine, which drifts over minutes, falls on all of them alike.
@@ -376,13 +427,18 @@ def run(size: str) -> Outcome:
 
                 return send
 
+            def http_sender() -> Callable[[int, str], None]:
+                own = HttpHook(port, token, root)
+                senders.append(own)
+                return own.post
+
             def huey_sender() -> Callable[[int, str], None]:
                 return peer_huey.complete
 
-            senders: list[Any] = []
             loop_modes = {
-                "agent": (agent_sender, family),
-                "huey": (huey_sender, [psutil.Process(consumer.pid)]),
+                "agent loop": (agent_sender, family),
+                "huey loop": (huey_sender, [psutil.Process(consumer.pid)]),
+                "agent http": (http_sender, family),
             }
             totals: dict[str, Totals] = {}
             for chunk in range(chunks):
@@ -396,22 +452,20 @@ def run(size: str) -> Outcome:
                     totals.setdefault(f"{name} process", Totals()).add(
                         elapsed, hook_cpu, m.stop(), len(ids)
                     )
-                for name in list(loop_modes)[chunk % 2 :] + list(loop_modes)[: chunk % 2]:
+                shift = chunk % len(loop_modes)
+                for name in list(loop_modes)[shift:] + list(loop_modes)[:shift]:
                     make, service = loop_modes[name]
                     ids = add_todos(db, loops // chunks)
                     m = meter(service)
                     m.start()
                     elapsed, hook_cpu = loop_until_visible(name, make, ids, conn)
-                    totals.setdefault(f"{name} loop", Totals()).add(
-                        elapsed, hook_cpu, m.stop(), len(ids)
-                    )
-            for own in senders:
-                own.close()
+                    totals.setdefault(name, Totals()).add(elapsed, hook_cpu, m.stop(), len(ids))
             rates = {key: t.count / t.elapsed for key, t in totals.items()}
             cpu = {key: t.per_completion() for key, t in totals.items()}
-            client.close()
             conn.close()
         finally:
+            for own in senders:
+                own.close()
             if consumer is not None:
                 consumer.terminate()
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -420,7 +474,7 @@ def run(size: str) -> Outcome:
                     consumer.kill()
             agent.cleanup()
 
-    return Outcome(rows(latency, idle, rates, cpu, processes, loops))
+    return Outcome(rows(latency, rates, cpu, processes, loops))
 
 
 def cpu_text(c: dict[str, float]) -> str:
@@ -432,7 +486,6 @@ def cpu_text(c: dict[str, float]) -> str:
 
 def rows(
     latency: dict[str, list[tuple[float, float, float]]],
-    idle: list[tuple[float, float]],
     rates: dict[str, float],
     cpu: dict[str, dict[str, float]],
     processes: int,
@@ -462,6 +515,18 @@ def rows(
     out.append(
         Row(
             "P",
+            "agent: the Stop event POSTed to the HTTP hook (kept-alive connection): hook wall,"
+            f" POST → empty 200 (sender CPU {p50('http', 2) * 1000:.1f} ms)",
+            ms(p50("http", 0)),
+            "",
+            None,
+            "",
+            None,
+        )
+    )
+    out.append(
+        Row(
+            "P",
             "hook start → row visible: agent process hook, against huey's (original:"
             f" {ms(p50('original', 1))})",
             ms(p50("agent", 1)),
@@ -471,20 +536,15 @@ def rows(
             verdict(p50("agent", 1) / p50("huey", 1), at_most=0.5),
         )
     )
-    acks = sorted(a for a, _ in idle)
-    seen = sorted(s for _, s in idle)
-    p95 = seen[min(len(seen) - 1, int(len(seen) * 0.95))]
     out.append(
         Row(
             "P",
-            "agent library: `Client.complete` → row visible at idle, MariaDB"
-            f" (ack {ms(median(acks))};"
-            f" p95 {ms(p95)})",
-            ms(median(seen)),
-            "",
+            "hook start → row visible: agent HTTP hook (Stop POSTed), against huey's hook process",
+            ms(p50("http", 1)),
+            f"huey {ms(p50('huey', 1))}",
+            p50("http", 1) / p50("huey", 1),
+            "—",
             None,
-            "≤ 9 ms",
-            verdict(median(seen), at_most=0.009),
         )
     )
     out.append(
@@ -499,6 +559,19 @@ def rows(
             rates["agent process"] / rates["huey process"],
             "≥ 1x",
             verdict(rates["agent process"] / rates["huey process"], at_least=1.0),
+        )
+    )
+    out.append(
+        Row(
+            "P",
+            f"completions/s, {loops} POSTed to the HTTP hook ({SENDERS} kept-alive connections):"
+            " agent, against huey's hook process (hook = this process's senders;"
+            f" {cpu_text(cpu['agent http'])})",
+            f"{rates['agent http']:.0f}/s",
+            f"huey {rates['huey process']:.1f}/s",
+            rates["agent http"] / rates["huey process"],
+            "—",
+            None,
         )
     )
     out.append(
