@@ -94,14 +94,24 @@ def wait_done(journal: Path, todo: int, since: float) -> tuple[float, float]:
     return (verified_at or cleaned_at) - since, cleaned_at - since
 
 
+def process_age(pid: int) -> float:
+    """Seconds since ``pid`` started, from /proc in one clock (since boot).  psutil's
+    create_time adds the boot time, which /proc/stat gives in whole seconds: up to a second
+    off, enough to kill a child at 9.6 s that the bench thought 10.5 s old (a crash loop to the
+    supervisor, which then backs off)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime, in ticks
+    with open("/proc/uptime") as uptime:
+        return float(uptime.read().split()[0]) - started
+
+
 def stable(agent, name: str, age: float) -> None:
     """Wait until the child has lived ``age`` seconds: its death is then a first crash."""
-    import psutil
-
     pid = wait_until(lambda: child_pids(agent).get(name), 30, 0.01)
     if not pid:
         raise SystemExit(f"recovery bench: no {name} running")
-    lived = time.time() - psutil.Process(pid).create_time()
+    lived = process_age(pid)
     if lived < age:
         time.sleep(age - lived)
 
