@@ -305,7 +305,8 @@ def test_clear_mid_task_then_a_new_session_completes_once_with_its_answer(agent:
     out, err = run_hook(agent, ev(agent, "SessionEnd", "s-before", reason="clear"))
     assert "ignored" in err and out == ""
     assert kinds(agent, todo) == ["start"]
-    assert agent.todo_row(todo)["status"] == "in_progress"
+    # The start reaches the database on its own time; the clear must not have completed it.
+    wait_for(lambda: agent.todo_row(todo)["status"] == "in_progress", what="the start written")
     # /clear starts a new session (source "clear") on the same todo.
     out, _ = run_hook(agent, ev(agent, "SessionStart", "s-after", source="clear"), todo)
     assert out == ""

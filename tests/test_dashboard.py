@@ -130,15 +130,15 @@ def login(agent: Agent, driver: Any) -> None:
     wait_for(lambda: driver.find_elements("id", "processes"), what="the overview after login")
 
 
-def text_of(driver: Any, element_id: str) -> str:
+def text_of(driver: Any, what: str, by: str = "id") -> str:
     from selenium.common.exceptions import StaleElementReferenceException
 
     for _ in range(5):
-        try:  # a live update may swap the element between finding and reading it
-            return str(driver.find_element("id", element_id).text)
+        try:  # a live update or a navigation may swap the element between finding and reading
+            return str(driver.find_element(by, what).text)
         except StaleElementReferenceException:
             time.sleep(0.1)
-    return str(driver.find_element("id", element_id).text)
+    return str(driver.find_element(by, what).text)
 
 
 def fired(driver: Any) -> list[str]:
@@ -324,8 +324,7 @@ def test_pages_render_match_the_journal_and_update_live(make_agent, browser) -> 
 def overview_check(driver: Any, base: str, name: str) -> str:
     """The state the overview shows for one health check."""
     driver.get(base + "/")
-    cell = driver.find_element("xpath", f"//table[@id='checks']//tr[td[1]='{name}']/td[2]")
-    return str(cell.text)
+    return text_of(driver, f"//table[@id='checks']//tr[td[1]='{name}']/td[2]", by="xpath")
 
 
 @pytest.mark.slow
@@ -339,13 +338,13 @@ def test_acknowledging_refusals_needs_a_login_and_the_csrf_token(make_agent, bro
     wait_for(lambda: overview_check(browser, base, "refused") == "WARNING", what="the warning")
 
     def refusal_row() -> str:
-        return str(browser.find_element("css selector", f'#refused tr[data-todo="{refused}"]').text)
+        return text_of(browser, f'#refused tr[data-todo="{refused}"]', by="css selector")
 
     def press_ack(csrf: str | None = None) -> None:
         browser.get(base + "/problems")
         assert "bestätigt" not in refusal_row()
+        assert text_of(browser, "ack-refused") == "Ablehnungen bestätigen"
         button = browser.find_element("id", "ack-refused")
-        assert button.text == "Ablehnungen bestätigen"
         if csrf is not None:
             browser.execute_script(
                 "arguments[0].form.querySelector('[name=csrf]').value = arguments[1]",
@@ -355,7 +354,7 @@ def test_acknowledging_refusals_needs_a_login_and_the_csrf_token(make_agent, bro
         button.click()
 
     def body() -> str:
-        return str(browser.find_element("tag name", "body").text)
+        return text_of(browser, "body", by="tag name")
 
     # A wrong CSRF token: refused, nothing changes.
     press_ack("wrong")
