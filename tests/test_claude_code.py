@@ -351,7 +351,7 @@ def test_on_failure_wait_leaves_the_todo_to_its_deadlines(make_agent) -> None:
     run_hook(agent, ev(agent, "StopFailure", "s-wait"))
     run_hook(agent, ev(agent, "SessionEnd", "s-wait"))
     assert kinds(agent, todo) == ["start"]
-    assert agent.todo_row(todo)["status"] == "in_progress"
+    wait_for(lambda: agent.todo_row(todo)["status"] == "in_progress", what="the start written")
     assert [d["name"] for d in agent.todo_status(todo)["deadlines"]] == ["completion", "emergency"]
 
 
