@@ -71,8 +71,9 @@ def missing_web_packages(
         for k, v in (("metrics.listen", config.metrics.listen), ("web.listen", config.web.listen))
         if v
     )
+    need = "need" if " and " in keys else "needs"
     return (
-        f"{keys} need the web extra, which is not installed (missing: {', '.join(missing)}): "
+        f"{keys} {need} the web extra, which is not installed (missing: {', '.join(missing)}): "
         "pip install 'completion-agent[web]' (from a checkout: pip install '.[web]'), "
         f"or leave {keys} empty"
     )

@@ -59,7 +59,7 @@ def test_the_web_process_without_its_extra_is_a_configuration_error(tmpdir_short
     assert missing_web_packages(on) is None  # the test venv has the extra
     problem = missing_web_packages(on, find=lambda name: None if name == "uvicorn" else object())
     assert problem is not None
-    assert "web.listen need the web extra" in problem and "missing: uvicorn" in problem
+    assert "web.listen needs the web extra" in problem and "missing: uvicorn" in problem
     assert "pip install 'completion-agent[web]'" in problem
 
 
