@@ -56,6 +56,7 @@ from bench.db import (
     add_todos,
     fresh_database,
     markdown_answer,
+    rendered,
     server_answers,
 )
 from bench.throughput import agent_config, settled
@@ -172,20 +173,6 @@ def journal_like(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def render(todo: int, answer: str) -> Any:
-    from agent.report import render_report
-    from agent.sources import Collected, TodoFacts
-
-    return render_report(
-        todo_id=todo,
-        todo=TodoFacts(f"end-to-end bench todo {todo}", "a todo", "/tmp"),
-        collected=Collected(answer, "message", (), is_markdown=True, is_html=False),
-        kind="normal",
-        started_at=None,
-        completed_at=datetime.now(UTC),
-    )
-
-
 class Floor:
     """The floor's steps for one completion into one database, timed one by one."""
 
@@ -225,7 +212,7 @@ class Floor:
         )
         self.journal.execute("COMMIT")
         t2 = time.perf_counter()
-        report = render(todo, answer)
+        report = rendered(todo, answer)
         t3 = time.perf_counter()
         self.sock.send(b"look")  # the hop to the worker that writes
         self.sock.recv()
