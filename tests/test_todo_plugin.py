@@ -174,6 +174,38 @@ def test_reset_requeues_and_clears_the_start_time(mysql_url: str, berlin_store: 
 
 
 @pytest.mark.mysql
+def test_a_schedule_refuses_a_todo_the_plugin_created_after_it(
+    mysql_url: str, berlin_store: Store
+) -> None:
+    """The plugin inserts todos without created_at (its TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+    kept in UTC whatever the session's zone): a scheduled completion made before such a row
+    existed is refused; one made after it applies.  The site is in Berlin, the server in UTC."""
+    store = berlin_store
+    conn = mysql_connect(mysql_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET time_zone = '+01:00'")  # a WordPress session in the site's zone
+            cur.execute(
+                f"INSERT INTO {TABLE} (title, description, status, bearbeiten)"
+                " VALUES ('made by the plugin', '', 'offen', 1)"
+            )
+            tid = int(cur.lastrowid)
+        conn.commit()
+    finally:
+        conn.close()
+    now = datetime.now(UTC)
+    # 20 minutes: reading the UTC column as Berlin wall time would age the row by an hour and
+    # let this write through.
+    early = write("sched-early", tid, "normal", now, not_created_after=now - timedelta(minutes=20))
+    [refused] = store.apply([early])
+    assert refused.outcome == "refused" and "after this completion was scheduled" in refused.reason
+    assert row(mysql_url, tid)["status"] == "offen"
+    later = write("sched-later", tid, "normal", now, not_created_after=now + timedelta(minutes=1))
+    assert store.apply([later])[0].outcome == "applied"
+    assert row(mysql_url, tid)["status"] == "completed"
+
+
+@pytest.mark.mysql
 def test_start_of_a_todo_the_plugin_put_in_progress_fills_only_null_start_columns(
     mysql_url: str, berlin_store: Store
 ) -> None:
