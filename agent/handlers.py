@@ -362,6 +362,7 @@ class Handlers:
             output=request.output,
             event="scheduled",
             sent_at=request.sent_at,
+            requester_uid=request.requester_uid,  # collected with the scheduler's rights
             # When it was asked for: a schedule that waited in the outbox counts from then.
             # (A sender can only make its own schedule stricter by claiming an earlier time.)
             not_created_after=(

@@ -117,6 +117,17 @@ def test_a_schedule_counts_from_when_it_was_asked_for(rig: UnitRig) -> None:
         assert isinstance(request, p.Complete) and request.not_created_after == expected
 
 
+def test_a_scheduled_completion_is_collected_with_the_schedulers_rights(rig: UnitRig) -> None:
+    """The fired completion carries who asked for it (stamped by intake from the peer's
+    credentials), so the collector reads nothing with more rights than that user has."""
+    rig.intake.handle_frames(
+        [p.encode(p.Schedule(request_id="s-uid", todo_id=5, due_at=T0 + 60))], T0, [4321]
+    )
+    [pending] = rig.journal.schedules_for_todo(5)
+    request = p.decode_request(pending.request)
+    assert isinstance(request, p.Complete) and request.requester_uid == 4321
+
+
 def test_a_pending_schedule_holds_the_todos_deadlines_until_it_fires(rig: UnitRig) -> None:
     rig.start(1, timeout=60)  # completion deadline T0 + 60
     schedule(rig, 1, T0 + 600)
