@@ -46,9 +46,8 @@ KINDS = ("start", "normal", "emergency", "reset", "revision", "failure")
 LOG_KINDS = ("normal", "emergency", "reset", "duplicate", "revision", "failure")
 OUTCOMES = ("applied", "duplicate", "refused", "already")
 LOG_TABLE = "completion_log"  # the audit table's name without a prefix (and before prefixes)
-LOG_NOTE = (
-    "note"  # the audit row's reason (a failed session's error), added after the first release
-)
+# The audit row's reason (a failed session's error), a column added after the first release.
+LOG_NOTE = "note"
 MAX_NOTE = 1024  # characters of a note kept in the audit row
 MAX_COMPLETION_ID = 64
 MAX_SOURCES = 255
