@@ -218,12 +218,13 @@ class HealthChecker:
         hanging: list[int] = []
         overdue: list[int] = []
         silent_since: dict[int, float] = {}
-        # A todo whose scheduled completion is still to come is held, not hanging (README).
-        held = {s.todo_id for s in journal.pending_schedules()}
+        # A todo whose scheduled completion comes before its emergency deadline is held, not
+        # hanging (TodoTimers.held_by; README).
+        held = {s.todo_id: s.due_at for s in journal.pending_schedules()}
         for todo in in_progress:
-            if todo.id in held:
-                continue
             timer = timers.get(todo.id)
+            if timer is not None and timer.held_by(held.get(todo.id)):
+                continue
             if timer is not None and timer.done:
                 continue  # this agent saw it finish: db_consistency's business
             if timer is not None:

@@ -361,6 +361,14 @@ class TodoTimers:
     note: str | None
     done: int
 
+    def held_by(self, schedule_due: float | None) -> bool:
+        """Whether a pending scheduled completion due then holds this todo's completion
+        deadline: only one due before the emergency deadline, which nothing holds (a far-off
+        schedule must not switch off the safety net)."""
+        if schedule_due is None:
+            return False
+        return self.emergency_due is None or schedule_due <= self.emergency_due
+
 
 @dataclass(frozen=True, slots=True)
 class ScheduledCompletion:

@@ -152,13 +152,14 @@ class Monitor(ChildBase):
             "emergency_enabled": behavior.enable_emergency_handlers,
         }
         wake = now + self.sweep
-        # A todo with a scheduled completion still to come keeps its deadlines on hold: the
-        # user said when it completes (the schedule fires first, and disarms them).
-        held: set[int] = set()
+        # A scheduled completion still to come holds the todo's completion deadline (the user
+        # said when it completes; it fires first and disarms them), up to the emergency
+        # deadline, which it never holds (TodoTimers.held_by).
+        held: dict[int, float] = {}
         for scheduled in self.journal.pending_schedules():
             if scheduled.due_at > now:
                 wake = min(wake, scheduled.due_at)
-                held.add(scheduled.todo_id)
+                held[scheduled.todo_id] = scheduled.due_at
                 continue
             self._fire_schedule(scheduled, now)
         self._predict(now)
@@ -201,8 +202,11 @@ class Monitor(ChildBase):
             self.next_prune = now + PRUNE_EVERY
         return wake
 
-    def _timers(self, held: set[int]) -> list[TodoTimers]:
-        return [t for t in self.journal.armed_timers() if t.todo_id not in held]
+    def _timers(self, held: dict[int, float]) -> list[TodoTimers]:
+        return [
+            dataclasses.replace(t, completion_due=None) if t.held_by(held.get(t.todo_id)) else t
+            for t in self.journal.armed_timers()
+        ]
 
     # ------------------------------------------------------------ scheduled completions
 

@@ -137,16 +137,27 @@ def test_a_session_waiting_for_a_person_is_not_hanging(make_rig) -> None:
 
 
 def test_a_todo_held_by_a_pending_schedule_is_not_hanging(make_rig) -> None:
-    rig = make_rig()
+    rig = make_rig({"behavior": {"emergency_timeout": 1000 * HANG}})
     todo = rig.add("in_progress", started_at=T0)
     rig.start(todo, T0)
-    due = T0 + 100 * HANG
+    due = T0 + 100 * HANG  # before the emergency deadline: it holds
     rig.send(p.Schedule(request_id="sch", todo_id=todo, due_at=due, output="later"), T0 + 1)
     results = rig.round(T0 + 10 * HANG)
     assert results["hanging_todos"].status == "OK"
     assert [k for k, _ in rig.kinds(todo)] == ["start"]  # auto-recovery left it alone
     rig.send(p.Cancel(request_id="c", todo_id=todo), T0 + 10 * HANG + 1)
     assert rig.round(T0 + 10 * HANG + 2)["hanging_todos"].status == "WARNING"
+
+
+def test_a_schedule_past_the_emergency_deadline_holds_nothing(make_rig) -> None:
+    """A far-off schedule (anyone on the socket may make one) must not hide a silent session."""
+    rig = make_rig({"behavior": {"auto_recovery": False, "emergency_timeout": 1000 * HANG}})
+    todo = rig.add("in_progress", started_at=T0)
+    rig.start(todo, T0)
+    far = T0 + 10**6 * HANG
+    rig.send(p.Schedule(request_id="far", todo_id=todo, due_at=far, output="x"), T0 + 1)
+    hanging = rig.round(T0 + 10 * HANG)["hanging_todos"]
+    assert (hanging.status, hanging.todo_ids) == ("WARNING", [todo])
 
 
 def test_auto_recovery_force_completes_a_hanging_todo_once(make_rig) -> None:

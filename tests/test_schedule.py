@@ -145,6 +145,20 @@ def test_a_pending_schedule_holds_the_todos_deadlines_until_it_fires(rig: UnitRi
     assert len(rig.entries(2, "emergency")) == 1
 
 
+def test_a_schedule_past_the_emergency_deadline_holds_nothing(rig: UnitRig) -> None:
+    """Only the completion deadline is held, and only by a schedule due before the emergency
+    deadline: a far-off schedule (anyone on the socket may make one) must not switch off the
+    deadlines of somebody else's session."""
+    rig.start(1, timeout=60)  # completion T0 + 60, emergency T0 + 3600 (tests.unitrig)
+    schedule(rig, 1, T0 + 10**7)
+    rig.run(T0 + 61)
+    assert len(rig.entries(1, "emergency")) == 1  # the completion deadline fired as ever
+    rig.start(2, timeout=60)
+    schedule(rig, 2, T0 + 3000)  # before the emergency deadline: held until then
+    rig.run(T0 + 61)
+    assert rig.entries(2, "emergency") == []
+
+
 def test_list_shows_a_todo_known_only_by_its_schedule(rig: UnitRig) -> None:
     rig.start(1)
     schedule(rig, 7, T0 + 600)  # never started here
