@@ -32,6 +32,7 @@ from .intake import Intake
 from .journal import Journal
 from .memory import Trimmer
 from .sdnotify import Notifier
+from .streamdoor import StreamDoor
 from .supervisor import Supervisor
 
 BATCH = 512  # requests journaled in one transaction (group commit)
@@ -183,6 +184,7 @@ class Parent:
         self.quota = Quota(config.limits.requests_per_second, config.limits.bytes_per_minute)
         self._peers_monitor: zmq.Socket | None = None
         self._peers: dict[int, int] = {}  # descriptor of a connected client -> its uid
+        self._door: StreamDoor | None = None  # the one-shot clients' stream socket
         self.http_hooks = HttpHooks(config)
 
     # ------------------------------------------------------------ lifecycle
@@ -198,6 +200,7 @@ class Parent:
             zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
         )
         self.poller.register(self._peers_monitor, zmq.POLLIN)
+        self._door = self._open_door()
         self._bells = Bells(self._ctx, config.state_path, CHILDREN)
         self._ingest_outbox(self.clock())
         self.intake.wait_for_lock()  # the children may hold the journal's lock from now on
@@ -240,9 +243,22 @@ class Parent:
             router.bind(endpoint)
         return router
 
+    def _open_door(self) -> StreamDoor | None:
+        """The stream socket beside an ipc endpoint, with the same mode and group."""
+        path = self.config.stream_socket_path
+        if path is None:
+            return None
+        door = StreamDoor(path, self.poller, max_peers=self.config.limits.max_peers)
+        gid = grp.getgrnam(self.config.socket_group).gr_gid if self.config.socket_group else None
+        door.bind(int(self.config.socket_mode, 8), gid)
+        return door
+
     def run_once(self, now: float) -> float:
         self._count_peers()
-        if self._serve_requests(now):
+        served = self._serve_requests(now)
+        if self._door is not None:
+            served += self._door.serve(now, self._answer)
+        if served:
             self.trimmer.worked(now)
         self._supervise(now)
         if now >= self._next_sweep:
@@ -252,6 +268,8 @@ class Parent:
         restart = self.supervisor.next_restart()
         if restart is not None:
             wake = min(wake, restart)
+        if self._door is not None and (door := self._door.next_deadline()) is not None:
+            wake = min(wake, door)
         watchdog = self.notifier.watchdog(now)
         if watchdog is not None:
             wake = min(wake, watchdog)
@@ -267,6 +285,11 @@ class Parent:
             # New clients find no socket and queue in the outbox at once.
             with contextlib.suppress(FileNotFoundError):
                 self._socket_path.unlink()
+        if self._door is not None:
+            # Answer the frames already whole; a client still writing queues its request.
+            self._door.serve(self.clock(), self._answer)
+            self._door.close()
+            self._door = None
         if self._peers_monitor is not None:
             self.poller.unregister(self._peers_monitor)
             assert self._router is not None
@@ -301,8 +324,8 @@ class Parent:
     # ------------------------------------------------------------ work
 
     def _serve_requests(self, now: float) -> int:
-        """Answer every request waiting on the socket; how many there were."""
-        assert self._router is not None and self.intake is not None
+        """Answer every request waiting on the ZeroMQ socket; how many there were."""
+        assert self._router is not None
         served = 0
         while True:
             envelopes: list[list[zmq.Frame]] = []
@@ -317,7 +340,6 @@ class Parent:
             routes: list[list[bytes]] = []
             frames: list[bytes] = []
             requesters: list[int] = []
-            answered: dict[int, p.Reply] = {}  # refused before intake: not allowed, over quota
             for parts in envelopes:
                 # REQ sends [identity, b"", frame]; anything else is garbage with a return address.
                 if len(parts) == 3 and parts[1].bytes == b"":
@@ -328,23 +350,29 @@ class Parent:
                     frames.append(b"")  # decodes to a BAD_FRAME error
                 else:
                     continue
-                uid = peer_uid(parts[-1], self._ipc)
-                requesters.append(uid)
-                refusal = self._gate(uid, len(frames[-1]), now)
-                if refusal is not None:
-                    answered[len(frames) - 1] = refusal
-            taken = [i for i in range(len(frames)) if i not in answered]
-            handled, ring = self.intake.handle_frames(
-                [frames[i] for i in taken], now, [requesters[i] for i in taken]
-            )
-            replies = dict(answered) | dict(zip(taken, handled, strict=True))
-            for index, route in enumerate(routes):
-                reply = replies[index]
+                requesters.append(peer_uid(parts[-1], self._ipc))
+            for route, reply in zip(routes, self._answer(frames, requesters, now), strict=True):
                 with contextlib.suppress(zmq.ZMQError):
-                    self._router.send_multipart([*route, p.encode(reply)], zmq.NOBLOCK)
-            for name in ring:
-                assert self._bells is not None
-                self._bells.ring(name)
+                    self._router.send_multipart([*route, reply], zmq.NOBLOCK)
+
+    def _answer(self, frames: list[bytes], requesters: list[int], now: float) -> list[bytes]:
+        """The reply to each request frame, whichever socket it came on: the gate first (not
+        allowed, over quota), then intake in one transaction; the children are rung after."""
+        assert self.intake is not None
+        answered: dict[int, p.Reply] = {}
+        for index, (frame, uid) in enumerate(zip(frames, requesters, strict=True)):
+            refusal = self._gate(uid, len(frame), now)
+            if refusal is not None:
+                answered[index] = refusal
+        taken = [i for i in range(len(frames)) if i not in answered]
+        handled, ring = self.intake.handle_frames(
+            [frames[i] for i in taken], now, [requesters[i] for i in taken]
+        )
+        replies = answered | dict(zip(taken, handled, strict=True))
+        for name in ring:
+            assert self._bells is not None
+            self._bells.ring(name)
+        return [p.encode(replies[index]) for index in range(len(frames))]
 
     def _gate(self, uid: int, size: int, now: float) -> p.Error | None:
         """Refuse a requester the config does not let in, or one over its quota."""

@@ -1,6 +1,9 @@
 """The client: ``from ctl import Client``, one method per command.
 
-The hot path (complete, start, heartbeat, emergency, hook) imports only ``protocol`` and pyzmq.
+The hot path (complete, start, heartbeat, emergency, hook) imports only ``protocol``: a
+``one_shot`` client (every ``completionctl`` process) sends its request over the agent's stream
+socket (agent.streamdoor) with the standard library, and pyzmq is imported only by a client that
+lives on (the library, the HTTP hook endpoint) or when the stream socket is not there.
 A request that the agent does not answer in time is queued in the state dir's outbox (written
 atomically) and the method returns an Ack with ``state == "queued"``; the agent ingests it later,
 and the client-made request id makes a delivered-and-queued request apply once.
@@ -14,14 +17,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import zmq
-
 import protocol as p
 from protocol import outbox
 from protocol.config import Config, load
 
 if TYPE_CHECKING:
     from datetime import datetime, timedelta
+
+    import zmq
 
 __all__ = ["AgentUnavailable", "Client", "CommandRefused", "NotQueued"]
 
@@ -68,9 +71,13 @@ class Client:
         *,
         config: Config | None = None,
         timeout: float | None = None,
+        one_shot: bool = False,
     ) -> None:
         self.config = config if config is not None else load(config_path)
         self.timeout = DEFAULT_WAIT if timeout is None else timeout
+        # A process that sends a request or two and exits: the stream socket spares it the
+        # import of pyzmq, which would be most of its run time.
+        self.one_shot = one_shot
         # One REQ socket for the client's life: a connection per request costs the client and
         # the agent ~0.2 ms of CPU each. Threads sharing a Client take turns on it.
         self._sock: zmq.Socket | None = None
@@ -90,27 +97,70 @@ class Client:
                 f"no agent socket at {self.config.endpoint}: is completiond running "
                 f"with state dir {self.config.state_dir}?"
             )
+        stream = self.config.stream_socket_path if self.one_shot else None
+        if stream is not None and os.path.exists(stream):
+            return p.decode_reply(self._over_stream(stream, p.encode(message), wait))
         with self._lock:
-            if self._sock is None:
-                self._sock = self._connect()
-            try:
-                self._sock.send(p.encode(message))
-                if not self._sock.poll(int(wait * 1000), zmq.POLLIN):
-                    raise AgentUnavailable(
-                        f"completiond did not answer within {wait:g} s at {self.config.endpoint}; "
-                        "it may be stopped, stuck, or listening elsewhere (check --config)"
-                    )
-                frame = self._sock.recv()
-            except BaseException as exc:
-                # A REQ socket that got no reply cannot send again: the next request starts
-                # afresh (the lazy pirate's rule).
-                self.close()
-                if isinstance(exc, zmq.ZMQError):
-                    raise AgentUnavailable(f"cannot reach {self.config.endpoint}: {exc}") from None
-                raise
-        return p.decode_reply(frame)
+            return p.decode_reply(self._over_zmq(p.encode(message), wait))
+
+    def _over_zmq(self, frame: bytes, wait: float) -> bytes:
+        import zmq
+
+        if self._sock is None:
+            self._sock = self._connect()
+        try:
+            self._sock.send(frame)
+            if not self._sock.poll(int(wait * 1000), zmq.POLLIN):
+                raise AgentUnavailable(self._silent(wait))
+            return self._sock.recv()
+        except BaseException as exc:
+            # A REQ socket that got no reply cannot send again: the next request starts
+            # afresh (the lazy pirate's rule).
+            self.close()
+            if isinstance(exc, zmq.ZMQError):
+                raise AgentUnavailable(f"cannot reach {self.config.endpoint}: {exc}") from None
+            raise
+
+    def _over_stream(self, path: Path, frame: bytes, wait: float) -> bytes:
+        """One request on a connection of its own: write the frame, shut the writing side (the
+        agent reads to the end), read the reply until the agent closes; ``wait`` in all."""
+        # The C module itself: socket.py's wrappers and enums cost more than the whole request.
+        import _socket
+
+        deadline = time.monotonic() + wait
+        reply = bytearray()
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            sock.settimeout(wait)
+            sock.connect(os.fspath(path))
+            sock.sendall(frame)
+            sock.shutdown(_socket.SHUT_WR)
+            while True:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    break
+                reply += chunk
+        except TimeoutError:
+            raise AgentUnavailable(self._silent(wait)) from None
+        except OSError as exc:
+            raise AgentUnavailable(f"cannot reach completiond at {path}: {exc}") from None
+        finally:
+            sock.close()
+        if not reply:
+            # Closed unanswered: stopping, or it gave up on a connection too slow to finish.
+            raise AgentUnavailable(f"completiond closed {path} without answering")
+        return bytes(reply)
+
+    def _silent(self, wait: float) -> str:
+        return (
+            f"completiond did not answer within {wait:g} s at {self.config.endpoint}; "
+            "it may be stopped, stuck, or listening elsewhere (check --config)"
+        )
 
     def _connect(self) -> zmq.Socket:
+        import zmq
+
         sock: zmq.Socket = zmq.Context.instance().socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
         try:

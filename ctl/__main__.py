@@ -9,7 +9,6 @@ exits 0.
 from __future__ import annotations
 
 import gc
-import json
 import re
 import sys
 import time
@@ -28,6 +27,13 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 HEALTH_EXIT = {"OK": 0, "WARNING": 1, "CRITICAL": 2, "UNKNOWN": 3}
 ADMIN = ("add", "db", "check", "list", "show")
+
+
+def _json(value: object, **options: object) -> str:
+    """``json.dumps``, imported when a command prints JSON (the hook never does)."""
+    import json
+
+    return json.dumps(value, **options)  # type: ignore[arg-type]
 
 
 def _say_queued(client: Client) -> None:
@@ -132,13 +138,13 @@ def run(argv: list[str]) -> int:
         from . import admin
 
         return admin.run(args, config)
-    client = Client(config=config, timeout=args.wait)
+    client = Client(config=config, timeout=args.wait, one_shot=True)
     command = COMMANDS[args.command]
     try:
         return command(client, args)
     except AgentUnavailable as exc:
         if args.command == "health" and args.json:
-            print(json.dumps({"status": "UNKNOWN", "checks": [], "message": str(exc)}))
+            print(_json({"status": "UNKNOWN", "checks": [], "message": str(exc)}))
         print(f"completionctl: {exc}", file=sys.stderr)
         if args.command == "status":
             _say_queued(client)
@@ -171,7 +177,7 @@ def command(name: str) -> Callable[[Command], Command]:
 
 def _print_ack(args: argparse.Namespace, ack: p.Ack) -> int:
     if args.json:
-        print(json.dumps(p.to_builtins(ack)))
+        print(_json(p.to_builtins(ack)))
     elif ack.state == "queued":
         print(f"completionctl: {ack.message}", file=sys.stderr)
     else:
@@ -295,7 +301,7 @@ def _batch(client: Client, args: argparse.Namespace, ids: list[int], output: str
             time.sleep(0.2)
     failed = [i for i in items if i.outcome in ("refused", "unknown") or i.state == "dead"]
     if args.json:
-        print(json.dumps(p.to_builtins(msgspec_replace(ack, items=items))))
+        print(_json(p.to_builtins(msgspec_replace(ack, items=items))))
     else:
         for item in items:
             reason = f": {item.reason}" if item.reason else ""
@@ -329,7 +335,7 @@ def _export(client: Client, args: argparse.Namespace) -> int:
         print(f"completionctl: {exc}", file=sys.stderr)
         return EXIT_FAILED
     if metadata_only or args.json:
-        print(json.dumps(metadata, default=str))
+        print(_json(metadata, default=str))
     else:
         print(f"todo {args.todo_id} exported to {metadata['path']}")
         for problem in (metadata["journal_problem"], metadata["database_problem"]):
@@ -361,7 +367,7 @@ def _health(client: Client, args: argparse.Namespace) -> int:
     report = client.health()
     if args.json:
         print(
-            json.dumps(
+            _json(
                 {
                     "status": report.status,
                     "checks": [
@@ -399,7 +405,7 @@ def _status(client: Client, args: argparse.Namespace) -> int:
         return describe_row(client.config, args.todo_id, as_json=args.json)
     if args.json:
         shown = report.todo if report.todo is not None else report.agent
-        print(json.dumps(p.to_builtins(shown) if shown is not None else None))
+        print(_json(p.to_builtins(shown) if shown is not None else None))
         return EXIT_OK
     if report.agent is not None:
         a = report.agent
@@ -447,7 +453,7 @@ def _status(client: Client, args: argparse.Namespace) -> int:
 def _metrics(client: Client, args: argparse.Namespace) -> int:
     report = client.metrics(args.since)
     if args.json:
-        print(json.dumps(p.to_builtins(report)))
+        print(_json(p.to_builtins(report)))
         return EXIT_OK
     print(f"completiond metrics, last {_span(report.since)}")
     for kind, outcomes in sorted(report.counts.items()):
@@ -539,7 +545,7 @@ def _notify(args: argparse.Namespace, config) -> int:
             }
         )
     if args.json:
-        print(json.dumps(results))
+        print(_json(results))
     else:
         for r in results:
             print(f"{r['name']} ({r['url']}): {'ok' if r['ok'] else 'FAILED'} — {r['detail']}")

@@ -86,7 +86,7 @@ def _agent_view(config: Config, call):
     from . import CommandRefused
 
     try:
-        with Client(config=config) as client:
+        with Client(config=config, one_shot=True) as client:
             return call(client)
     except (AgentUnavailable, CommandRefused) as exc:
         print(f"completionctl: the agent's view is missing: {exc}", file=sys.stderr)
@@ -454,7 +454,7 @@ def _check(args: argparse.Namespace, config: Config) -> int:
         results.append(("state dir", True, f"{state} does not exist yet (completiond creates it)"))
 
     try:
-        pong = Client(config=config, timeout=args.wait or 2.0).ping()
+        pong = Client(config=config, timeout=args.wait or 2.0, one_shot=True).ping()
         results.append(("socket", True, f"completiond pid {pong.pid} answers at {config.endpoint}"))
     except AgentUnavailable as exc:
         results.append(("socket", False, str(exc)))

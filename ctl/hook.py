@@ -381,7 +381,7 @@ def run_hook(argv: list[str]) -> int:
         payload = read_payload(sys.stdin.buffer)
         session_id = _str(payload.get("session_id"))
         config = load_for_client(_config_path(argv))
-        client = _HookClient(config=config, timeout=config.hook.timeout)
+        client = _HookClient(config=config, timeout=config.hook.timeout, one_shot=True)
         outcome = dispatch(client, payload, todo_id=env_todo_id(os.environ.get("TODO_ID")))
         if outcome.startswith("ignored"):
             print(f"completionctl hook: {outcome}", file=sys.stderr)

@@ -21,6 +21,7 @@ from .dburl import is_mysql, parse_url
 from .dburl import mask_url as mask_url  # re-exported: tests and older callers
 
 IPC_PATH_MAX = 107  # sockaddr_un.sun_path minus the terminating NUL
+STREAM_SUFFIX = ".stream"  # the stream socket is the ipc socket's path with this added
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
@@ -276,6 +277,16 @@ class Config(_Section, frozen=True, kw_only=True):
     @property
     def journal_path(self) -> Path:
         return Path(self.state_dir) / "journal.db"
+
+    @property
+    def stream_socket_path(self) -> Path | None:
+        """The one-shot clients' stream socket (agent.streamdoor), beside the ipc endpoint's
+        socket; None for a tcp:// endpoint, or when the path would be over the kernel's limit
+        (the clients then use the ZeroMQ socket)."""
+        if not self.endpoint.startswith("ipc://"):
+            return None
+        path = self.endpoint[len("ipc://") :] + STREAM_SUFFIX
+        return Path(path) if len(os.fsencode(path)) <= IPC_PATH_MAX else None
 
     @property
     def hook_token_path(self) -> Path:

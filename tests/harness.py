@@ -227,12 +227,21 @@ class Agent:
         input: str | bytes | None = None,
         env: dict[str, str] | None = None,
         timeout: float = 30.0,
+        python_options: tuple[str, ...] = (),
     ) -> subprocess.CompletedProcess:
         run_env = dict(self.env)
         if env:
             run_env.update(env)
         return subprocess.run(
-            [sys.executable, "-m", "ctl", "--config", str(self.config_path), *args],
+            [
+                sys.executable,
+                *python_options,
+                "-m",
+                "ctl",
+                "--config",
+                str(self.config_path),
+                *args,
+            ],
             env=run_env,
             cwd=self.root,
             input=input.encode() if isinstance(input, str) else input,

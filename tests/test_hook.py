@@ -250,6 +250,53 @@ def test_hung_agent_costs_at_most_the_hook_timeout_and_applies_once(agent: Agent
     assert [r["kind"] for r in agent.log_rows(todo)] == ["normal"]
 
 
+def test_a_killed_agents_stale_socket_queues_at_once(make_agent) -> None:
+    agent = make_agent({"hook": {"timeout": 3}})
+    agent.start()
+    todo = agent.add("Killed agent")
+    hook(agent, payload(agent, "session-start", session_id="s-killed"), todo_id=todo)
+    agent.kill()  # SIGKILL: both socket files stay behind, nobody listens
+    assert (agent.state / "completiond.sock.stream").is_socket()
+    err, took = hook(agent, payload(agent, "stop", session_id="s-killed"))
+    assert "queued" in err, err
+    assert took < 2.5, took  # refused at connect: no wait for hook.timeout (3 s)
+    agent.start()
+    agent.wait_states(todo, "cleaned", "verified")
+    assert LAST_MESSAGE in agent.todo_row(todo)["claude_text_output"]
+
+
+def test_without_the_stream_socket_the_client_uses_zeromq(agent: Agent) -> None:
+    """An agent that has no stream socket (one from before it, or a path over the kernel's
+    limit) is still reached: the one-shot client falls back to the ZeroMQ socket."""
+    todo = agent.add("Over ZeroMQ")
+    (agent.state / "completiond.sock.stream").unlink()
+    hook(agent, payload(agent, "session-start", session_id="s-zmq"), todo_id=todo)
+    err, _ = hook(agent, payload(agent, "stop", session_id="s-zmq"))
+    assert "queued" not in err, err
+    agent.wait_states(todo, "cleaned", "verified")
+    assert outbox(agent) == []
+
+
+def test_the_hook_imports_neither_pyzmq_nor_the_agent(agent: Agent) -> None:
+    """Its whole run, with the request delivered: the stream socket needs only ``_socket``."""
+    todo = agent.add("Lean hook")
+    result = agent.ctl(
+        "hook",
+        input=json.dumps(payload(agent, "post-tool-use", session_id="s-lean")),
+        env={"TODO_ID": str(todo)},
+        python_options=("-X", "importtime"),
+    )
+    assert result.returncode == 0, result.stderr
+    modules = {
+        line.split("|")[-1].strip()
+        for line in result.stderr.decode().splitlines()
+        if line.startswith("import time:")
+    }
+    assert "ctl.hook" in modules  # the listing is real
+    assert not {m for m in modules if m.split(".")[0] in ("zmq", "agent", "loguru", "pymysql")}
+    assert "queued" not in result.stderr.decode()
+
+
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"", b"\xff\xfe"])
 def test_bad_payload_exits_0_with_a_reason_on_stderr(agent: Agent, raw: bytes) -> None:
     err, _ = hook(agent, raw)

@@ -307,18 +307,71 @@ def raw_request(endpoint: str, frame: bytes, timeout: float = 1.0) -> bytes:
         sock.close(0)
 
 
+def raw_stream(path: Path, frame: bytes, timeout: float = 1.0) -> bytes:
+    """One request over the one-shot clients' stream socket (agent.streamdoor)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(frame)
+        sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+        assert reply, "closed without an answer"
+        return reply
+
+
+def ask(agent: Agent, door: str, frame: bytes, timeout: float = 1.0) -> p.AnyReply:
+    """A raw frame through one of the agent's two sockets: "zmq" or "stream"."""
+    path = agent.state / "completiond.sock"
+    if door == "stream":
+        return p.decode_reply(raw_stream(Path(f"{path}.stream"), frame, timeout))
+    return p.decode_reply(raw_request(f"ipc://{path}", frame, timeout))
+
+
 @pytest.mark.slow
-def test_h3_a_deeply_nested_frame_is_answered_and_the_agent_lives(agent: Agent) -> None:
-    endpoint = f"ipc://{agent.state / 'completiond.sock'}"
+@pytest.mark.parametrize("door", ["zmq", "stream"])
+def test_h3_a_deeply_nested_frame_is_answered_and_the_agent_lives(agent: Agent, door: str) -> None:
     nested = b"\x92\x01" + b"\x91" * 1000 + b"\xc0"
-    reply = p.decode_reply(raw_request(endpoint, nested))
+    reply = ask(agent, door, nested)
     assert isinstance(reply, p.Error) and reply.code == p.ErrorCode.BAD_FRAME
     assert "nested" in reply.message
     deep = b"\x92\x01\x81\xa4type" + b"\x91" * 5000 + b"\xc0"  # the nesting inside a field
-    reply = p.decode_reply(raw_request(endpoint, deep))
+    reply = ask(agent, door, deep)
     assert isinstance(reply, p.Error)
+    for garbage in (b"", b"\xff" * 100, b"not msgpack at all"):
+        reply = ask(agent, door, garbage)
+        assert isinstance(reply, p.Error) and reply.code == p.ErrorCode.BAD_FRAME, garbage
     assert agent.proc is not None and agent.proc.poll() is None
-    assert isinstance(p.decode_reply(raw_request(endpoint, p.encode(p.Ping()))), p.Pong)
+    assert isinstance(ask(agent, door, p.encode(p.Ping())), p.Pong)
+
+
+@pytest.mark.slow
+def test_h3_the_stream_socket_refuses_a_frame_over_the_limit_and_outlives_a_stalled_client(
+    agent: Agent,
+) -> None:
+    import socket
+
+    todo = agent.add("a todo")
+    huge = p.encode(p.Complete(todo_id=todo, output="x" * (p.MAX_FRAME_BYTES + 1024)))
+    reply = ask(agent, "stream", huge, timeout=30.0)
+    assert isinstance(reply, p.Error) and reply.code == p.ErrorCode.TOO_LARGE
+    # A client that connects, writes half a frame and stalls holds up no one else.
+    stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stalled.connect(str(agent.state / "completiond.sock.stream"))
+    stalled.sendall(p.encode(p.Ping())[:2])
+    try:
+        started = time.monotonic()
+        assert isinstance(ask(agent, "stream", p.encode(p.Ping())), p.Pong)
+        assert time.monotonic() - started < 1.0
+        # ...and is closed, unanswered, when its time is up (agent.streamdoor.CONNECTION_TIMEOUT).
+        stalled.settimeout(30)
+        assert stalled.recv(64) == b""
+    finally:
+        stalled.close()
+    assert agent.todo_status(todo) is None or not agent.todo_status(todo)["entries"]
 
 
 FLOOD = """
@@ -350,8 +403,9 @@ while time.monotonic() < deadline:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("door", ["zmq", "stream"])
 def test_h3_a_connection_flood_is_refused_and_the_agent_answers_within_a_second(
-    make_agent,
+    make_agent, door: str
 ) -> None:
     with group() as team, user(groups=(team,)) as attacker:
         agent = make_agent(
@@ -360,7 +414,7 @@ def test_h3_a_connection_flood_is_refused_and_the_agent_answers_within_a_second(
         open_path_for_others(agent.root)
         # The usual soft limit of 1,024 descriptors; the agent raises it to the hard limit.
         agent.start(prefix=("prlimit", "--nofile=1024:8192", "--"))
-        path = str(agent.state / "completiond.sock")
+        path = str(agent.state / "completiond.sock") + (".stream" if door == "stream" else "")
         flood = subprocess.Popen(
             [
                 "prlimit",
@@ -375,7 +429,7 @@ def test_h3_a_connection_flood_is_refused_and_the_agent_answers_within_a_second(
             assert flood.stdout is not None
             assert flood.stdout.readline().strip() == "flooding"
             started = time.monotonic()
-            reply = p.decode_reply(raw_request(f"ipc://{path}", p.encode(p.Ping()), timeout=1.0))
+            reply = ask(agent, door, p.encode(p.Ping()), timeout=1.0)
             assert isinstance(reply, p.Pong)
             assert time.monotonic() - started < 1.0
             # The flood's connections over the cap were shut by the agent.
