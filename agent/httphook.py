@@ -46,6 +46,9 @@ class _Body:
         return data
 
 
+IDLE_CLIENTS = 8  # connections to the agent's socket kept open between requests
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -54,7 +57,34 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], config: Config, token: str) -> None:
         self.config = config
         self.token = token.encode()
+        # Clients kept between requests, each used by one request at a time: a new one would
+        # open a new connection to the agent's socket (a handshake, and the agent's peer
+        # accounting) for every heartbeat.
+        self._idle: list[Client] = []
+        self._idle_lock = threading.Lock()
+        self._closed = False
         super().__init__(address, _Handler)
+
+    def take_client(self) -> Client:
+        with self._idle_lock:
+            if self._idle:
+                return self._idle.pop()
+        return Client(config=self.config, timeout=self.config.hook.timeout)
+
+    def give_back(self, client: Client) -> None:
+        with self._idle_lock:
+            if not self._closed and len(self._idle) < IDLE_CLIENTS:
+                self._idle.append(client)
+                return
+        client.close()
+
+    def server_close(self) -> None:
+        super().server_close()
+        with self._idle_lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for client in idle:
+            client.close()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -83,7 +113,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         raw_id = (self.headers.get("X-Todo-Id") or "").strip()
         todo_id = int(raw_id) if raw_id.isdigit() and 0 < int(raw_id) < 2**63 else None
-        client = Client(config=self.server.config, timeout=self.server.config.hook.timeout)
+        client = self.server.take_client()
         try:
             outcome = dispatch(client, payload, todo_id=todo_id)
             if outcome.startswith("ignored"):
@@ -95,7 +125,9 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:
             logger.exception("HTTP hook failed")
         finally:
-            client.close()
+            # A request that timed out left the client without a connection (it opens a new one
+            # when next used), so every client can go back.
+            self.server.give_back(client)
         # Always 2xx and empty: the event was journaled, queued, or its problem logged; a body
         # would become context for Claude.
         self._answer(HTTPStatus.OK)
