@@ -30,7 +30,7 @@ from agent.store import (
     redact_url,
 )
 from agent.store.base import TRUNCATION_NOTE, fit_text
-from agent.store.mysql import _Limits, _wire_size, _wire_size_bound, classify
+from agent.store.mysql import _Limits, _wire_size, _wire_size_bound, classify, escape_string
 from agent.store.profile import SiteProfile, resolve
 from tests.dbfixtures import (
     MysqlServer,
@@ -668,6 +668,37 @@ def test_the_cheap_wire_size_bound_is_never_below_the_measured_size(value: str |
     # _fit_outputs skips measuring when the bounds fit; a bound below the size would let an
     # oversize statement through.
     assert _wire_size_bound(value) >= _wire_size(value)
+
+
+_SQL_SPECIALS = "\\\0\n\r\032'\"%?`;-"
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    value=st.text(
+        alphabet=st.one_of(st.sampled_from(_SQL_SPECIALS), st.characters(codec="utf-8")),
+        max_size=300,
+    )
+)
+def test_the_fast_escape_is_pymysqls_exactly(value: str) -> None:
+    # The writer quotes every string with it (agent.store.mysql._Connection.escape): a
+    # difference would be a wrong value in the database, or an injection.
+    assert escape_string(value) == pymysql.converters.escape_string(value)
+
+
+def test_strings_with_every_special_character_round_trip_through_the_store(
+    store: Store, store_url: str
+) -> None:
+    tricky = "it's \"quoted\" \\ back\\slash \\' \0 nul \032 sub\r\n%s ? `x`; -- ' OR 1=1 -- ü😀"
+    tid = store.add_todo(tricky, tricky, "/srv/" + tricky)
+    write = W("c-tricky", tid, "normal", html=tricky, text=tricky + "!", summary=tricky[:40])
+    assert apply_one(store, write).outcome == "applied"
+    row = fetch_row(store_url, tid)
+    assert row is not None
+    assert (row["claude_html_output"], row["claude_text_output"]) == (tricky, tricky + "!")
+    assert row["claude_summary"] == tricky[:40]
+    todo = store.get_todo(tid)
+    assert todo is not None and (todo.title, todo.description) == (tricky, tricky)
 
 
 @settings(max_examples=300, deadline=None)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pymysql
-from pymysql.converters import escape_string
+from pymysql.constants import SERVER_STATUS
 
 from .base import (
     STATUSES,
@@ -134,6 +134,36 @@ class _Limits:
     packet: int
 
 
+def escape_string(value: str) -> str:
+    """PyMySQL's ``converters.escape_string``, exactly (tests/test_store.py compares them), at
+    a fraction of its cost: it maps every character through a table (``str.translate``, ~65 us
+    for a 4 KB report), where seven ``str.replace`` scans take ~9 us.  The backslash goes first,
+    so the backslashes the others add are not doubled."""
+    return (
+        value.replace("\\", "\\\\")
+        .replace("\0", "\\0")
+        .replace("\n", "\\n")
+        .replace("\r", "\\r")
+        .replace("\032", "\\Z")
+        .replace("'", "\\'")
+        .replace('"', '\\"')
+    )
+
+
+class _Connection(pymysql.connections.Connection):
+    """A PyMySQL connection that quotes strings with ``escape_string`` above (the writer sends
+    every report and output escaped: PyMySQL's table was a fifth of the writer's CPU).  The
+    cursor quotes each parameter through ``escape``; anything but a string, and every string
+    on a server in NO_BACKSLASH_ESCAPES mode, is left to PyMySQL."""
+
+    def escape(self, obj: object, mapping: Any = None) -> str:
+        if type(obj) is str and not (
+            self.server_status & SERVER_STATUS.SERVER_STATUS_NO_BACKSLASH_ESCAPES
+        ):
+            return "'" + escape_string(obj) + "'"
+        return super().escape(obj, mapping)
+
+
 def _wire_size(value: str | None) -> int:
     # Bytes the value takes in the statement PyMySQL sends: escaped, quoted, utf8mb4.
     return 4 if value is None else len(escape_string(value).encode("utf-8")) + 2
@@ -237,7 +267,7 @@ class MysqlStore(SqlStore):
         unix_socket = t.unix_socket
         if self.tunnel is not None:
             host, port, unix_socket = "localhost", 3306, self.tunnel.ensure()
-        conn = pymysql.connect(
+        conn = _Connection(
             host=host,
             port=port,
             user=t.user,
