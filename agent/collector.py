@@ -473,7 +473,7 @@ class Collector(ChildBase):
                 session_owners,
                 transcript,
                 reader,
-                report.html,
+                lambda: _page_of(report, entry.todo_id, collected, completed, log),
                 now,
                 log,
             )
@@ -497,7 +497,15 @@ class Collector(ChildBase):
         return lambda path: access.open_as(path, uid, remote_paths=self.config.collect.remote_paths)
 
     def _archive(
-        self, entry: Entry, session_dir, owners, transcript, reader, report_html, now, log
+        self,
+        entry: Entry,
+        session_dir,
+        owners,
+        transcript,
+        reader,
+        report_html: Callable[[], str],
+        now,
+        log,
     ) -> str | None:
         session = Path(session_dir) if session_dir and os.path.isdir(session_dir) else None
         transcript_path = Path(transcript) if transcript and os.path.isfile(transcript) else None
@@ -511,7 +519,7 @@ class Collector(ChildBase):
                 now,
                 session_dir=session,
                 transcript=transcript_path,
-                report_html=report_html,
+                report_html=report_html(),
                 session_owners=owners,
                 transcript_opener=None
                 if access.is_self(reader)
@@ -529,6 +537,16 @@ class Collector(ChildBase):
         log.info("archived {} file(s) into {}", result.files, result.path)
         enforce_bounds(self.config, now, log)
         return str(result.path)
+
+
+def _page_of(report: Report, todo_id: int, collected: Collected, completed: datetime, log) -> str:
+    """The report's page for the archive, built now (render_report defers it: most completions
+    never need it); a bug in it archives the plain page instead, as a failed render does."""
+    try:
+        return report.html
+    except Exception:
+        log.exception("rendering the report's page failed; archiving a plain one instead")
+        return plain_report(todo_id, collected, completed).html
 
 
 def _failed_session(entry: Entry) -> bool:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from html import escape
 
@@ -63,12 +62,38 @@ _CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _BIDI_RE = re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
 
 
-@dataclass(frozen=True)
 class Report:
-    html: str  # the standalone page, for the archive's report.html
-    text: str  # the sanitized, capped plain output, for claude_text_output
-    summary: str  # one plain line of at most SUMMARY_MAX_CHARS, for claude_summary
-    db: str = ""  # what goes into claude_html_output, in `report.db_format`
+    """``html``: the standalone page, for the archive's report.html; ``text``: the sanitized,
+    capped plain output, for claude_text_output; ``summary``: one plain line of at most
+    SUMMARY_MAX_CHARS, for claude_summary; ``db``: what goes into claude_html_output, in
+    ``report.db_format``.
+
+    The page may be given as ``page``, a function that builds it: it is then built on first
+    use of ``html`` (once), so a completion whose page nobody needs (the default Markdown in
+    the database, no session files to archive) does not pay for rendering it."""
+
+    __slots__ = ("_html", "_page", "db", "summary", "text")
+
+    def __init__(
+        self,
+        html: str | None = None,
+        text: str = "",
+        summary: str = "",
+        db: str = "",
+        *,
+        page: Callable[[], str] | None = None,
+    ) -> None:
+        if (html is None) == (page is None):
+            raise ValueError("give the page (html) or how to build it (page), not both")
+        self._html, self._page = html, page
+        self.text, self.summary, self.db = text, summary, db
+
+    @property
+    def html(self) -> str:
+        if self._html is None:
+            assert self._page is not None
+            self._html, self._page = self._page(), None
+        return self._html
 
     @property
     def for_database(self) -> str:
@@ -165,8 +190,9 @@ def render_report(
     ``collected.text`` may also be bytes (decoded with replacement here). Naive datetimes are
     taken as UTC and shown in ``zone`` (None: UTC) with the zone's name. ``db_format`` picks
     what ``Report.db`` holds: "markdown" (what the todo plugin renders), "html_fragment" or
-    "page"; ``Report.html`` is always the standalone page for the archive. Raises ValueError
-    only for a ``max_report_bytes`` below ``MIN_REPORT_BYTES``.
+    "page"; ``Report.html`` is always the standalone page for the archive (with "markdown",
+    built when first asked for: an error in it is raised then). Raises ValueError only for a
+    ``max_report_bytes`` below ``MIN_REPORT_BYTES``.
     """
     words = STRINGS.get(language, STRINGS["de"])
     if reason:
@@ -211,55 +237,62 @@ def render_report(
         zone=zone,
         words=words,
     )
-    sections = [_header(todo_id, title, kind, words), _facts(facts, words)]
-    if kind == "emergency":
-        sections.append(_emergency(reason, system_status, field_budget, words))
-    sections.append(
-        f'<section><h2>{words["summary"]}</h2><p class="summary">{escape(summary)}</p></section>'
-    )
-    if description.strip():
-        sections.append(
-            f"<section><h2>{words['description']}</h2>"
-            + _fit_html(description, field_budget, _pre)
-            + "</section>"
-        )
-    if view.warning:
-        sections.insert(1, f'<p class="warning">⚠️ {escape(view.warning)}</p>')
-    for heading, items in view.sections:
-        lis = "".join(f"<li>{escape(item, quote=False)}</li>" for item in items)
-        sections.append(f"<section><h2>{escape(heading)}</h2><ul>{lis}</ul></section>")
-    sections.append(_problems(problems, field_budget, words))
-    output_at = len(sections) - 1  # the output goes before the problems section
 
-    # The output gets whatever room the rest of the page leaves (16: its joining newline).
-    room = max_report_bytes - _utf8_len(_page(title, todo_id, sections, language, words)) - 16
-    sections.insert(output_at, _output_section(text, collected, room, words))
-    page = _page(title, todo_id, sections, language, words)
-    # Every part above is fitted to its budget; this guards the arithmetic, not the input.
-    if _utf8_len(page) > max_report_bytes:
-        raise AssertionError("report exceeds max_report_bytes")
-    if db_format == "page":
-        db = page
-    elif db_format == "html_fragment":
-        db = _fragment(sections, language)
-    else:
-        db = report_markdown(
-            todo_id=todo_id,
-            title=title,
-            kind=kind,
-            facts=facts,
-            summary=summary,
-            description=description,
-            text=text,
-            reason=sanitize_capped(reason, _REASON_MAX_BYTES) if reason else None,
-            system_status=sanitize_capped(system_status, field_budget) if system_status else None,
-            problems=problems,
-            max_bytes=max_report_bytes,
-            words=words,
-            session=view.sections,
-            warning=view.warning,
+    def sections_and_page() -> tuple[list[str], str]:
+        sections = [_header(todo_id, title, kind, words), _facts(facts, words)]
+        if kind == "emergency":
+            sections.append(_emergency(reason, system_status, field_budget, words))
+        sections.append(
+            f'<section><h2>{words["summary"]}</h2><p class="summary">{escape(summary)}</p>'
+            "</section>"
         )
-    return Report(html=page, text=text, summary=summary, db=db)
+        if description.strip():
+            sections.append(
+                f"<section><h2>{words['description']}</h2>"
+                + _fit_html(description, field_budget, _pre)
+                + "</section>"
+            )
+        if view.warning:
+            sections.insert(1, f'<p class="warning">⚠️ {escape(view.warning)}</p>')
+        for heading, items in view.sections:
+            lis = "".join(f"<li>{escape(item, quote=False)}</li>" for item in items)
+            sections.append(f"<section><h2>{escape(heading)}</h2><ul>{lis}</ul></section>")
+        sections.append(_problems(problems, field_budget, words))
+        output_at = len(sections) - 1  # the output goes before the problems section
+
+        # The output gets whatever room the rest of the page leaves (16: its joining newline).
+        room = max_report_bytes - _utf8_len(_page(title, todo_id, sections, language, words)) - 16
+        sections.insert(output_at, _output_section(text, collected, room, words))
+        page = _page(title, todo_id, sections, language, words)
+        # Every part above is fitted to its budget; this guards the arithmetic, not the input.
+        if _utf8_len(page) > max_report_bytes:
+            raise AssertionError("report exceeds max_report_bytes")
+        return sections, page
+
+    if db_format == "page":
+        _, page = sections_and_page()
+        return Report(html=page, text=text, summary=summary, db=page)
+    if db_format == "html_fragment":
+        sections, page = sections_and_page()
+        return Report(html=page, text=text, summary=summary, db=_fragment(sections, language))
+    db = report_markdown(
+        todo_id=todo_id,
+        title=title,
+        kind=kind,
+        facts=facts,
+        summary=summary,
+        description=description,
+        text=text,
+        reason=sanitize_capped(reason, _REASON_MAX_BYTES) if reason else None,
+        system_status=sanitize_capped(system_status, field_budget) if system_status else None,
+        problems=problems,
+        max_bytes=max_report_bytes,
+        words=words,
+        session=view.sections,
+        warning=view.warning,
+    )
+    # The page (the rendered output above all) only for whoever asks for it: the archive.
+    return Report(text=text, summary=summary, db=db, page=lambda: sections_and_page()[1])
 
 
 # --- the untrusted-text pipeline ---
