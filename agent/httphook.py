@@ -2,7 +2,7 @@
 ``completionctl hook``, so a heartbeat costs Claude Code one local HTTP request instead of
 starting a Python process.
 
-It runs on a thread of the parent.  The thread is only a client of the agent: each event goes
+It runs on threads of the parent.  They are only clients of the agent: each event goes
 through ``ctl.hook.dispatch`` and the agent's own socket into the same intake as every other
 request, journaled before the answer, and when intake does not answer within ``hook.timeout``
 the request is queued in the outbox like the command hook's.  Nothing here touches the journal
@@ -13,14 +13,24 @@ missing token gets 401 and nothing is journaled.  The answer is 200 with an empt
 Code would add a plain-text body to Claude's context, and an empty 2xx means "go on".  The
 optional header ``X-Todo-Id`` (the settings fill it from ``$TODO_ID``) plays the part of the
 command hook's environment.
+
+The server is the small part of HTTP/1.1 a hook needs: POST with a Content-Length body,
+keep-alive, ``Expect: 100-continue``; anything else is answered with an error and the
+connection closed.  A heartbeat is a round trip Claude Code waits for on every tool call, so
+the path is short: each thread accepts a connection itself and serves it (no hand-over from an
+accepting thread, no thread started per connection while another waits in ``accept``), the
+headers are split without the email parser, the answers are prepared bytes, and the clients of
+the agent's socket are kept between requests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import socket
 import threading
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from email.utils import formatdate
 
 from loguru import logger
 
@@ -28,6 +38,32 @@ from ctl import AgentUnavailable, Client, CommandRefused
 from ctl.hook import MAX_PAYLOAD, dispatch, read_payload
 from protocol.config import Config, http_listen_address
 from protocol.hooktoken import ensure_token
+
+IDLE_CLIENTS = 8  # connections to the agent's socket kept open between requests
+SPARE_ACCEPTORS = 1  # threads waiting in accept() while the others serve connections
+IDLE_THREADS = 8  # threads beyond this many waiting in accept() end
+MAX_LINE = 65536  # bytes of the request line or of one header line (as http.server)
+MAX_HEADERS = 100
+BACKLOG = 128
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    405: "Method Not Allowed",
+    411: "Length Required",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
+    505: "HTTP Version Not Supported",
+}
+
+
+class _Close(Exception):
+    """Answer ``status`` and close the connection (the request cannot be read further)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
 
 
 class _Body:
@@ -43,77 +79,193 @@ class _Body:
             return b""
         data = self.rfile.read(size)
         self.left -= len(data)
+        if not data:
+            self.left = 0  # the client went away mid-body
         return data
 
 
-IDLE_CLIENTS = 8  # connections to the agent's socket kept open between requests
+class _Date:
+    """The Date header, formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def __call__(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._value = f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
+            self._second = now
+        return self._value
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
+def _answer(status: int, date: bytes, *, close: bool = False) -> bytes:
+    head = f"HTTP/1.1 {status} {_REASONS[status]}\r\n".encode() + date
+    extra = b"Allow: POST\r\n" if status == 405 else b""
+    if close:
+        extra += b"Connection: close\r\n"
+    return head + extra + b"Content-Length: 0\r\n\r\n"
+
+
+class _Server:
+    """The listening socket, the threads that accept and serve, and the agent's clients."""
 
     def __init__(self, address: tuple[str, int], config: Config, token: str) -> None:
         self.config = config
-        self.token = token.encode()
+        self.token = b"Bearer " + token.encode()
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.sock = socket.create_server(address, family=family, backlog=BACKLOG)
+        self.address = self.sock.getsockname()
+        self.date = _Date()
+        self._lock = threading.Lock()
+        self._waiting = 0  # threads in accept()
+        self._threads = 0
+        self._stopping = False
         # Clients kept between requests, each used by one request at a time: a new one would
         # open a new connection to the agent's socket (a handshake, and the agent's peer
         # accounting) for every heartbeat.
         self._idle: list[Client] = []
-        self._idle_lock = threading.Lock()
-        self._closed = False
-        super().__init__(address, _Handler)
+
+    # ------------------------------------------------------------ threads
+
+    def start(self) -> None:
+        for _ in range(1 + SPARE_ACCEPTORS):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        with self._lock:
+            if self._stopping:
+                return
+            self._threads += 1
+        threading.Thread(target=self._run, name="http-hooks", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    if self._stopping or self._waiting >= IDLE_THREADS:
+                        return
+                    self._waiting += 1
+                try:
+                    conn, _ = self.sock.accept()
+                except OSError as exc:
+                    with self._lock:
+                        self._waiting -= 1
+                        if self._stopping:
+                            return
+                    logger.warning("HTTP hooks: accept failed: {}", exc)
+                    time.sleep(0.1)  # out of descriptors: the others wait as well
+                    continue
+                with self._lock:
+                    self._waiting -= 1
+                    short = self._waiting < SPARE_ACCEPTORS
+                if short:
+                    self._spawn()  # the next connection must not wait for this one to end
+                try:
+                    self._serve(conn)
+                except Exception:  # this thread must go back to accept() whatever happened
+                    logger.exception("HTTP hook connection failed")
+        finally:
+            with self._lock:
+                self._threads -= 1
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            idle, self._idle = self._idle, []
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the threads in accept()
+        self.sock.close()
+        for client in idle:
+            client.close()
+
+    # ------------------------------------------------------------ clients of the agent
 
     def take_client(self) -> Client:
-        with self._idle_lock:
+        with self._lock:
             if self._idle:
                 return self._idle.pop()
         return Client(config=self.config, timeout=self.config.hook.timeout)
 
     def give_back(self, client: Client) -> None:
-        with self._idle_lock:
-            if not self._closed and len(self._idle) < IDLE_CLIENTS:
+        # A request that timed out left the client without a connection (it opens a new one
+        # when next used), so every client can go back.
+        with self._lock:
+            if not self._stopping and len(self._idle) < IDLE_CLIENTS:
                 self._idle.append(client)
                 return
         client.close()
 
-    def server_close(self) -> None:
-        super().server_close()
-        with self._idle_lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for client in idle:
-            client.close()
+    # ------------------------------------------------------------ one connection
 
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"  # keep-alive: Claude Code may reuse the connection
-
-    def do_POST(self) -> None:
+    def _serve(self, conn: socket.socket) -> None:
+        rfile = conn.makefile("rb")
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if not self._authorized():
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while not self._stopping:
+                try:
+                    keep = self._request(conn, rfile)
+                except _Close as answer:
+                    conn.sendall(_answer(answer.status, self.date(), close=True))
+                    keep = False
+                if not keep:
+                    break
+        except OSError:
+            pass  # the client went away
+        finally:
+            rfile.close()
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_WR)
+            conn.close()
+
+    def _request(self, conn: socket.socket, rfile) -> bool:
+        """Read and answer one request; whether the connection stays open."""
+        line = rfile.readline(MAX_LINE + 1)
+        if not line:
+            return False  # closed between requests
+        if len(line) > MAX_LINE:
+            raise _Close(414)
+        words = line.decode("iso-8859-1").split()
+        if len(words) != 3:
+            raise _Close(400)
+        method, _target, version = words
+        if not version.startswith("HTTP/1."):
+            raise _Close(505 if version.startswith("HTTP/") else 400)
+        headers = _read_headers(rfile)
+        connection = headers.get("connection", "").lower()
+        keep = "close" not in connection if version != "HTTP/1.0" else "keep-alive" in connection
+        if method != "POST":
+            raise _Close(405)
+        if not hmac.compare_digest(headers.get("authorization", "").encode(), self.token):
             # Nothing of the body is read: the connection is closed after the answer.
-            self.close_connection = True
-            self._answer(HTTPStatus.UNAUTHORIZED, close=True)
-            logger.warning("HTTP hook from {}: wrong or missing token", self.client_address[0])
-            return
-        if length < 0:
-            self._answer(HTTPStatus.LENGTH_REQUIRED)
-            return
+            logger.warning("HTTP hook from {}: wrong or missing token", _peer(conn))
+            raise _Close(401)
+        if "transfer-encoding" in headers:
+            raise _Close(411)  # chunked bodies are not taken: the length must be known
+        length_text = headers.get("content-length", "0").strip()
+        if not length_text.isdigit():
+            raise _Close(411)
+        if headers.get("expect", "").lower() == "100-continue" and version != "HTTP/1.0":
+            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = _Body(rfile, int(length_text))
         try:
-            payload = read_payload(_Body(self.rfile, length), MAX_PAYLOAD)
+            payload = read_payload(body, MAX_PAYLOAD)
         except ValueError as exc:
-            self._answer(HTTPStatus.BAD_REQUEST)
             logger.warning("HTTP hook: {}", exc)
-            return
-        raw_id = (self.headers.get("X-Todo-Id") or "").strip()
+            if body.left:
+                raise _Close(400) from None
+            conn.sendall(_answer(400, self.date(), close=not keep))
+            return keep
+        raw_id = headers.get("x-todo-id", "").strip()
         todo_id = int(raw_id) if raw_id.isdigit() and 0 < int(raw_id) < 2**63 else None
-        client = self.server.take_client()
+        self._dispatch(payload, todo_id)
+        # Always 2xx and empty: the event was journaled, queued, or its problem logged; a body
+        # would become context for Claude.
+        conn.sendall(_answer(200, self.date(), close=not keep))
+        return keep
+
+    def _dispatch(self, payload: dict, todo_id: int | None) -> None:
+        client = self.take_client()
         try:
             outcome = dispatch(client, payload, todo_id=todo_id)
             if outcome.startswith("ignored"):
@@ -125,38 +277,47 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:
             logger.exception("HTTP hook failed")
         finally:
-            # A request that timed out left the client without a connection (it opens a new one
-            # when next used), so every client can go back.
-            self.server.give_back(client)
-        # Always 2xx and empty: the event was journaled, queued, or its problem logged; a body
-        # would become context for Claude.
-        self._answer(HTTPStatus.OK)
+            self.give_back(client)
 
-    def do_GET(self) -> None:
-        self._answer(HTTPStatus.METHOD_NOT_ALLOWED)
 
-    def _authorized(self) -> bool:
-        given = (self.headers.get("Authorization") or "").encode()
-        return hmac.compare_digest(given, b"Bearer " + self.server.token)
+def _peer(conn: socket.socket) -> str:
+    try:
+        return str(conn.getpeername()[0])
+    except OSError:
+        return "a client gone since"
 
-    def _answer(self, status: HTTPStatus, *, close: bool = False) -> None:
-        self.send_response(status)
-        self.send_header("Content-Length", "0")
-        if close:
-            self.send_header("Connection", "close")
-        self.end_headers()
 
-    def log_message(self, format: str, *args: object) -> None:
-        pass  # one line per heartbeat would flood the log; problems are logged above
+def _read_headers(rfile) -> dict[str, str]:
+    """The header lines up to the blank line, by lower-case name (the first of a repeated
+    name, as http.server's; a repeated Content-Length that differs is refused)."""
+    headers: dict[str, str] = {}
+    for _ in range(MAX_HEADERS + 1):
+        line = rfile.readline(MAX_LINE + 1)
+        if len(line) > MAX_LINE:
+            raise _Close(431)
+        if line in (b"\r\n", b"\n"):
+            return headers
+        if not line:
+            raise _Close(400)  # the client closed mid-headers
+        name, sep, value = line.decode("iso-8859-1").partition(":")
+        name = name.strip().lower()
+        if not sep or not name or line[:1] in (b" ", b"\t"):
+            raise _Close(400)  # not a header line (or an obsolete folded one)
+        value = value.strip()
+        if name in headers:
+            if name == "content-length" and headers[name] != value:
+                raise _Close(400)
+            continue
+        headers[name] = value
+    raise _Close(431)
 
 
 class HttpHooks:
-    """The endpoint's server and its thread; ``start`` returns False when it cannot bind."""
+    """The endpoint's server and its threads; ``start`` returns False when it cannot bind."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.server: _Server | None = None
-        self.thread: threading.Thread | None = None
 
     def start(self) -> bool:
         address = http_listen_address(self.config.hook.http_listen)
@@ -173,18 +334,11 @@ class HttpHooks:
                 exc,
             )
             return False
-        self.thread = threading.Thread(
-            target=self.server.serve_forever,
-            kwargs={"poll_interval": 0.5},
-            name="http-hooks",
-            daemon=True,
-        )
-        self.thread.start()
+        self.server.start()
         logger.info("HTTP hooks on http://{}:{}/", *address[:2])
         return True
 
     def stop(self) -> None:
         if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
+            self.server.stop()
             self.server = None

@@ -163,6 +163,83 @@ def test_http_hook_wrong_or_missing_token_is_401_and_nothing_journaled(make_agen
     wait_for(lambda: kinds(agent, todo) == ["start"], what="start journaled")
 
 
+def _raw_http(port: int, data: bytes, *, answers: int = 1) -> list[bytes]:
+    """Send ``data`` on one connection; the status lines of the answers read before the server
+    closed it (or ``answers`` of them, whichever comes first)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(data)
+        reader = conn.makefile("rb")
+        lines: list[bytes] = []
+        while len(lines) < answers:
+            status = reader.readline()
+            if not status:
+                break
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            reader.read(length)
+            lines.append(status.split(b" ", 2)[1])
+        if len(lines) == answers:
+            conn.settimeout(0.5)
+            try:  # anything more would be an answer too many (or the server closed: b"")
+                extra = reader.readline()
+            except TimeoutError:
+                extra = b""
+            assert extra == b"", extra
+        return lines
+
+
+def test_http_hook_speaks_only_what_a_hook_needs(make_agent) -> None:
+    """POST with a Content-Length body, kept alive over several requests; 100-continue; every
+    other shape of request is answered with an error, and those whose rest cannot be read are
+    closed. Only the good requests are journaled."""
+    port = free_port()
+    agent = make_agent({"hook": {"http_listen": f"127.0.0.1:{port}"}}).start()
+    token = agent.ctl("hook-token").stdout.decode().strip()
+    todo = agent.add("Raw HTTP")
+    start = json.dumps(ev(agent, "SessionStart", "s-raw")).encode()
+    beat = json.dumps(ev(agent, "PostToolUse", "s-raw")).encode()
+
+    def post(body: bytes, *extra: str, version: str = "HTTP/1.1", length: bool = True) -> bytes:
+        head = [f"POST /hook {version}", "Host: x", f"Authorization: Bearer {token}", *extra]
+        if length:
+            head.append(f"Content-Length: {len(body)}")
+        return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+    # Three requests on one connection, the middle one not JSON: 200, 400, 200, still open.
+    three = post(start, f"X-Todo-Id: {todo}") + post(b"{not json") + post(beat)
+    assert _raw_http(port, three, answers=3) == [b"200", b"400", b"200"]
+    wait_for(lambda: journal_requests(agent, todo) == 2, what="the start and the heartbeat")
+    # HTTP/1.0 closes after its answer; so does a request that says so.
+    assert _raw_http(port, post(beat, version="HTTP/1.0") + post(beat), answers=2) == [b"200"]
+    assert _raw_http(port, post(beat, "Connection: close") + post(beat), answers=2) == [b"200"]
+    # 100-continue: the interim answer, then the final one.
+    assert _raw_http(port, post(beat, "Expect: 100-continue"), answers=2) == [b"100", b"200"]
+    wait_for(lambda: journal_requests(agent, todo) == 5, what="three more heartbeats")
+    refused = {
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n": b"405",
+        b"garbage\r\n\r\n": b"400",
+        b"POST / HTTP/2.0\r\n\r\n": b"505",
+        post(beat, "Transfer-Encoding: chunked", length=False): b"411",
+        post(beat, "Content-Length: -1", length=False): b"411",
+        post(beat, "Content-Length: 5", "Content-Length: 6", length=False): b"400",
+        post(beat, " folded: header"): b"400",
+        post(beat, *[f"X-{n}: {n}" for n in range(101)]): b"431",
+        b"POST /" + b"x" * 70_000 + b" HTTP/1.1\r\n\r\n": b"414",
+        post(beat).replace(token.encode(), b"wrong"): b"401",
+    }
+    for request, status in refused.items():
+        # Each closes the connection: a second request on it is never answered.
+        assert _raw_http(port, request + post(beat), answers=2) == [status], request[:60]
+    # A client gone mid-request costs nothing but its connection.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(post(beat)[:-10])
+    assert _raw_http(port, post(beat)) == [b"200"]
+    wait_for(lambda: journal_requests(agent, todo) == 6, what="the last heartbeat")
+    assert journal_requests(agent, todo) == 6
+
+
 @pytest.mark.mysql
 def test_http_thousand_heartbeats_from_8_senders_with_the_database_cut(
     make_agent, mysql_url: str, wordpress_table: str, tcp_proxy: TcpProxy
