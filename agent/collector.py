@@ -320,10 +320,8 @@ class Collector(ChildBase):
 
     def _starter(self, todo_id: int) -> int | None:
         """The user whose start request armed the todo (the session's user), if known."""
-        for entry in reversed(self.journal.entries_for_todo(todo_id)):
-            if entry.kind == Kind.START:
-                request = _decode(entry.request)
-                return getattr(request, "requester_uid", None)
+        for request in self.journal.start_requests(todo_id)[:1]:
+            return getattr(_decode(request), "requester_uid", None)
         return None
 
     def _collect(

@@ -1009,6 +1009,15 @@ class Journal:
         ).fetchall()
         return [Entry(*row) for row in rows]
 
+    def start_requests(self, todo_id: int) -> list[bytes | None]:
+        """The requests of the todo's start entries, newest first (without reading its
+        completions, whose reports a long session has many of)."""
+        rows = self._db.execute(
+            "SELECT request FROM entries WHERE todo_id = ? AND kind = ? ORDER BY seq DESC",
+            (todo_id, Kind.START),
+        ).fetchall()
+        return [row[0] for row in rows]
+
     def update_entry(self, completion_id: str, now: float, **values: object) -> None:
         """Set any columns of one entry, whatever its state: for tests and manual repair only.
         The agent moves entries through the named transitions (a test guards this)."""

@@ -162,12 +162,17 @@ class Monitor(ChildBase):
                 held[scheduled.todo_id] = scheduled.due_at
                 continue
             self._fire_schedule(scheduled, now)
-        self._predict(now)
+        armed = self._predict(now)
         if self.config.predict.enabled and not self.model.caught_up:
             wake = min(wake, now + RECHECK)  # more history to learn: go on soon
-        for due in due_deadlines(self._timers(held), now, **flags):
+        timers = self._timers(held, armed)
+        acted = False
+        for due in due_deadlines(timers, now, **flags):
             self._act(due, now)
-        upcoming = next_deadline(self._timers(held), **flags)
+            acted = True
+        # Read again only when this pass changed them (the timers are read once a pass, and a
+        # heartbeat makes a pass).
+        upcoming = next_deadline(self._timers(held) if acted else timers, **flags)
         if upcoming is not None:
             # A deadline that is due but held back (a reset waiting for a completion to settle)
             # is looked at again soon, not in a busy loop.
@@ -202,10 +207,14 @@ class Monitor(ChildBase):
             self.next_prune = now + PRUNE_EVERY
         return wake
 
-    def _timers(self, held: dict[int, float]) -> list[TodoTimers]:
+    def _timers(
+        self, held: dict[int, float], armed: list[TodoTimers] | None = None
+    ) -> list[TodoTimers]:
+        """The armed timers (``armed``: as just read, else read now), each without its
+        completion deadline while a pending schedule holds it."""
         return [
             dataclasses.replace(t, completion_due=None) if t.held_by(held.get(t.todo_id)) else t
-            for t in self.journal.armed_timers()
+            for t in (self.journal.armed_timers() if armed is None else armed)
         ]
 
     # ------------------------------------------------------------ scheduled completions
@@ -224,19 +233,23 @@ class Monitor(ChildBase):
 
     # ------------------------------------------------------------ predictive recovery
 
-    def _predict(self, now: float) -> None:
+    def _predict(self, now: float) -> list[TodoTimers] | None:
         """Flag live todos silent past their learned quantile; with act = "shorten", bring
-        their completion deadline forward (firing stays the deadline rule's, below)."""
+        their completion deadline forward (firing stays the deadline rule's, below).
+
+        The armed timers it read, when it changed none of them (for the deadlines after it)."""
         settings = self.config.predict
         if not settings.enabled:
             self._save_prediction(
                 CheckResult("predicted_hangs", "OK", "predictive recovery is off"), now
             )
-            return
+            return None
         self.model.update(self.journal)
         if not self.model.caught_up:
-            return  # still learning a long history; the next pass goes on (no check saved)
-        timers = {t.todo_id: t for t in self.journal.armed_timers()}
+            return None  # still learning a long history; the next pass goes on (no check saved)
+        armed = self.journal.armed_timers()
+        timers = {t.todo_id: t for t in armed}
+        shortened = False
         predictions = predict(
             list(timers.values()),
             self.model,
@@ -265,6 +278,7 @@ class Monitor(ChildBase):
                 heard_at=timer.last_heard_at,
                 new_due=due,
             ):
+                shortened = True
                 log.warning(
                     "predict.act = shorten: the completion deadline of todo {} moved from "
                     "{:.0f} to {:.0f}",
@@ -293,6 +307,7 @@ class Monitor(ChildBase):
             )
             check = CheckResult("predicted_hangs", "OK", f"no session silent past p99; {history}")
         self._save_prediction(check, now)
+        return None if shortened else armed
 
     def _save_prediction(self, check: CheckResult, now: float) -> None:
         # Saved when what it says changes, else with the health rounds: not a write per pass.
@@ -454,10 +469,10 @@ class Monitor(ChildBase):
 
     def _starter(self, todo_id: int) -> int | None:
         """The user whose start request armed the todo (the session's user), if known."""
-        for entry in reversed(self.journal.entries_for_todo(todo_id)):
-            if entry.kind == Kind.START and entry.request:
+        for request in self.journal.start_requests(todo_id):
+            if request:
                 try:
-                    return getattr(p.decode_request(entry.request), "requester_uid", None)
+                    return getattr(p.decode_request(request), "requester_uid", None)
                 except p.ProtocolError:
                     return None
         return None
