@@ -483,13 +483,18 @@ _SCHEDULE_COLUMNS = ", ".join(ScheduledCompletion.__slots__)
 class Journal:
     """One connection to journal.db; every method is one short transaction."""
 
-    def __init__(self, path: Path, *, busy_timeout: float = 10.0) -> None:
+    def __init__(self, path: Path, *, busy_timeout: float = 10.0, durable: bool = True) -> None:
+        """``durable=False`` (synchronous=NORMAL) is for a process whose every change can be
+        made again from the journal's durable state, when an operating-system crash or power
+        loss drops it (a killed process loses nothing either way, WAL keeps it): its commits
+        skip their fsync, and become durable with the next FULL commit of any connection,
+        whose fsync covers the whole log before it."""
         self.path = path
         self._db = sqlite3.connect(
             str(path), timeout=busy_timeout, isolation_level=None, check_same_thread=False
         )
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
 
     @classmethod

@@ -115,6 +115,8 @@ class ChildBase:
 
     name = "child"
     rings: tuple[str, ...] = ()
+    # Whether this process's journal commits are fsynced (agent.journal.Journal's durable).
+    durable_journal = True
 
     journal: Journal  # set by initialize(), before open()
 
@@ -148,7 +150,7 @@ class ChildBase:
         self._bell_file = doorbell.identify(doorbell.bell_path(state, self.name))
         self.poller.register(self.bell, zmq.POLLIN)
         self.bells = doorbell.Bells(self.ctx, state, self.rings)
-        self.journal = Journal(self.config.journal_path)
+        self.journal = Journal(self.config.journal_path, durable=self.durable_journal)
         self.open()
 
     def run_once(self, now: float) -> float:

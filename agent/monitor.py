@@ -520,6 +520,8 @@ class Monitor(ChildBase):
             log = logger.bind(todo_id=todo_id, completion_id=head.completion_id)
             bounds = self.config.archive
 
+            from .report import page_of_stored  # the renderer, only when there is an archive
+
             try:
                 result = archive_session(
                     self.config.archive_dir,
@@ -527,7 +529,11 @@ class Monitor(ChildBase):
                     now,
                     session_dir=session if session.is_dir() else None,
                     transcript=transcript_path,
-                    report_html=entry.html,
+                    # The journal keeps the report as the database got it (Markdown by
+                    # default): the archive gets it as a page.
+                    report_html=page_of_stored(entry.html, todo_id, self.config.report.language)
+                    if entry.html
+                    else None,
                     session_owners=access.trusted_owners(
                         starter if starter is not None else requester
                     ),

@@ -344,7 +344,11 @@ def test_three_stops_the_latest_answer_wins_and_one_archive_at_the_end(agent: Ag
     run_hook(agent, ev(agent, "SessionEnd", "s-turns"))
     agent.wait_states(todo, "cleaned", "cleaned", "cleaned", "cleaned")
     [archive] = archives(agent, todo)
-    assert ANSWERS[-1] in (archive / "report.html").read_text()
+    page = (archive / "report.html").read_text()
+    assert ANSWERS[-1] in page
+    # A page, rendered from the Markdown the database got (not that Markdown as it is).
+    assert page.startswith("<!DOCTYPE html>") and "Content-Security-Policy" in page
+    assert "<h2>" in page and "\n## " not in page
     assert not session_dir.exists()
     assert [r["kind"] for r in agent.log_rows(todo)] == ["normal", "revision", "revision"]
 

@@ -205,3 +205,24 @@ def test_prune_keeps_a_stop_answered_todo_until_its_retention_passed(journal: Jo
     assert journal.final_todos([7], T0 + 60, final_after=600) == set()
     journal.prune(T0 + retention + 1 - retention)  # the retention passed since the Stop
     assert journal.final_todos([7], T0 + retention + 1, final_after=600) == {7}
+
+
+def test_only_the_collector_skips_the_fsync_of_its_commits(tmp_path: Path) -> None:
+    """Intake's ack, the writer's VERIFIED (after which the monitor deletes session files) and
+    the monitor's own changes wait for the disk; the collector's COLLECTED, made again from
+    ACCEPTED after a power loss, does not (see agent.collector.Collector)."""
+    from agent.collector import Collector
+    from agent.monitor import Monitor
+    from agent.writer import Writer
+
+    assert (Collector.durable_journal, Writer.durable_journal, Monitor.durable_journal) == (
+        False,
+        True,
+        True,
+    )
+    for durable, level in ((True, 2), (False, 1)):  # FULL, NORMAL
+        journal = Journal(tmp_path / "journal.db", durable=durable)
+        try:
+            assert journal._db.execute("PRAGMA synchronous").fetchone()[0] == level
+        finally:
+            journal.close()

@@ -369,3 +369,15 @@ def test_agent_reasons_and_git_evidence_follow_the_report_language(language, tmp
     assert own.summary.endswith(": stuck, said Anna")
     # The journal and the logs keep the English form.
     assert made["deadline"] == "no completion and no heartbeat for 5 s (completion deadline passed)"
+
+
+def test_the_page_is_built_only_when_an_archive_asks_for_it():
+    """The database gets Markdown; rendering the output to HTML is for the archive's page, so
+    a completion that is not archived now (a Stop's answer, no session files) never pays it."""
+    result = report("# Done\n\n" + "- a step\n" * 200)
+    assert "a step" in result.for_database  # the Markdown, without the page
+    assert result._html is None  # not built yet
+    page = result.html
+    assert page.startswith("<!DOCTYPE html>") and "<li>a step</li>" in page
+    assert result.html is page  # built once
+    assert_safe(page)
