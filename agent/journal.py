@@ -1,4 +1,5 @@
-"""The journal: the agent's durable truth (SQLite, WAL, synchronous=FULL).
+"""The journal: the agent's durable truth (SQLite, WAL, synchronous=FULL; only the collector's
+commits skip their fsync, see ``Journal.__init__``).
 
 Every accepted request becomes a row here before the client gets its ack.  Entries move
 through ``accepted -> collected -> written -> verified -> cleaned`` (``failed`` and ``dead``
