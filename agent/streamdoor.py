@@ -31,6 +31,9 @@ from loguru import logger
 import protocol as p
 
 CONNECTION_TIMEOUT = 10.0  # seconds from accept to the whole frame having arrived
+# Connections waiting to be accepted; a client finding it full retries within its wait.  Every
+# loop accepts all that wait, and one over its user's cap is closed at once.
+BACKLOG = 1024
 _CHUNK = 1 << 16
 _CREDS = struct.Struct("3i")
 
@@ -71,7 +74,7 @@ class StreamDoor:
         if gid is not None:
             os.chown(self.path, -1, gid)
         self.path.chmod(mode)
-        listener.listen(128)
+        listener.listen(BACKLOG)
         listener.setblocking(False)
         self._listener = listener
         self._poller.register(listener.fileno(), zmq.POLLIN)

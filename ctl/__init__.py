@@ -132,7 +132,16 @@ class Client:
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             sock.settimeout(wait)
-            sock.connect(os.fspath(path))
+            while True:
+                try:
+                    sock.connect(os.fspath(path))
+                    break
+                except BlockingIOError:
+                    # The listen backlog is full (a burst of clients, or a flood another user
+                    # makes): wait for room as a blocking connect would, within ``wait``.
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError from None
+                    time.sleep(0.002)
             sock.sendall(frame)
             sock.shutdown(_socket.SHUT_WR)
             while True:
