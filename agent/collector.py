@@ -252,34 +252,45 @@ class Collector(ChildBase):
         room = WORKERS * 4 - len(self.inflight)
         if room > 0:
             limit = room + len(self.inflight) + len(self.crashes) + FAIR_LOOKAHEAD
-            waiting = self.journal.entries_in((State.ACCEPTED,), limit=limit)
-            self.facts.want([e.todo_id for e in waiting if e.completion_id not in self.inflight])
+            # Heads first: which entries wait, without their requests (an output each, up to
+            # MiBs); the payloads are loaded only for those about to be taken up.
+            heads = self.journal.heads_in((State.ACCEPTED,), limit=limit)
+            self.facts.want([head[1] for head in heads if head[0] not in self.inflight])
+            candidates = [
+                cid
+                for cid, *_ in heads
+                if cid not in self.inflight
+                and cid not in self.unrecorded
+                and not (cid in self.crashes and now < self.crashes[cid][1])
+            ]
             busy = Counter(self.requesters.values())
-            for entry in waiting:
-                if entry.completion_id in self.inflight or entry.completion_id in self.unrecorded:
-                    continue
-                crashed = self.crashes.get(entry.completion_id)
-                if crashed is not None and now < crashed[1]:
-                    continue
-                # Another user's completions take at most half the workers: a burst of slow
-                # ones (empty transcripts waited for) cannot hold up the agent user's own.
-                requester = getattr(_decode(entry.request), "requester_uid", None)
-                if not access.is_self(requester):
-                    if busy[requester] >= WORKERS // 2:
-                        continue
-                    busy[requester] += 1
-                self.requesters[entry.completion_id] = requester
-                timers = self.journal.timers(entry.todo_id)
-                starter = self._starter(entry.todo_id)
-                git_base = self.journal.git_head(entry.todo_id)
-                future = self.pool.submit(
-                    self._collect, entry, timers[0] if timers else None, starter, now, git_base
-                )
-                future.add_done_callback(self._wake)
-                self.inflight[entry.completion_id] = future
-                room -= 1
-                if room <= 0:
-                    break
+            taken = 0
+            while room > 0 and taken < len(candidates):
+                chunk = candidates[taken : taken + room]
+                taken += len(chunk)
+                for entry in self.journal.entries_by_id(chunk):
+                    if entry.state != State.ACCEPTED:
+                        continue  # moved on since the heads were read
+                    # Another user's completions take at most half the workers: a burst of
+                    # slow ones (empty transcripts waited for) cannot hold up the agent user's
+                    # own.
+                    requester = getattr(_decode(entry.request), "requester_uid", None)
+                    if not access.is_self(requester):
+                        if busy[requester] >= WORKERS // 2:
+                            continue
+                        busy[requester] += 1
+                    self.requesters[entry.completion_id] = requester
+                    timers = self.journal.timers(entry.todo_id)
+                    starter = self._starter(entry.todo_id)
+                    git_base = self.journal.git_head(entry.todo_id)
+                    future = self.pool.submit(
+                        self._collect, entry, timers[0] if timers else None, starter, now, git_base
+                    )
+                    future.add_done_callback(self._wake)
+                    self.inflight[entry.completion_id] = future
+                    room -= 1
+                    if room <= 0:
+                        break
         wake = now + self.sweep
         retries = [at for _, at in self.crashes.values() if at > now]
         return min([wake, *retries])

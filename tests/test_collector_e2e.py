@@ -666,3 +666,56 @@ def test_todo_facts_stop_asking_for_a_while_after_a_failure(tmpdir_short: Path) 
         reader(3)  # asked again (and failing again) once the quiet time is over
     assert "not asked again yet" not in str(again.value)
     reader.close()
+
+
+def test_another_users_burst_takes_half_the_workers_and_payloads_load_when_taken_up(
+    collector, monkeypatch
+) -> None:
+    """A burst of another user's completions gets at most half the workers while the agent
+    user's own wait behind it; each waiting entry's payload (its request, with the output) is
+    read when it is taken up, not again on every pass while others are in flight."""
+    from concurrent.futures import Future
+
+    import msgspec
+
+    import protocol as p
+    from agent.collector import WORKERS
+    from agent.journal import NewEntry
+
+    other = os.geteuid() + 4242
+
+    def request(todo_id: int, uid: int) -> bytes:
+        complete = p.Complete(request_id=f"r-{todo_id}", todo_id=todo_id, output="x" * 1000)
+        return p.encode(msgspec.structs.replace(complete, requester_uid=uid))
+
+    with collector.journal.transaction() as db:
+        for n in range(6):  # the burst first, then the agent user's own
+            entry = NewEntry(f"o-{n}", 10 + n, "normal", request=request(10 + n, other))
+            collector.journal.add_entry(db, entry, 1.0)
+        for n in range(2):
+            entry = NewEntry(f"s-{n}", 20 + n, "normal", request=request(20 + n, os.geteuid()))
+            collector.journal.add_entry(db, entry, 1.0)
+    submitted: list[str] = []
+    monkeypatch.setattr(
+        collector.pool,
+        "submit",
+        lambda fn, entry, *a: submitted.append(entry.completion_id) or Future(),
+    )
+    loaded: list[list[str]] = []
+    real = collector.journal.entries_by_id
+    monkeypatch.setattr(
+        collector.journal, "entries_by_id", lambda ids: loaded.append(list(ids)) or real(ids)
+    )
+    collector.work(time.time())
+    assert submitted == [*(f"o-{n}" for n in range(WORKERS // 2)), "s-0", "s-1"]
+    with collector.journal.transaction() as db:
+        entry = NewEntry("s-2", 22, "normal", request=request(22, os.geteuid()))
+        collector.journal.add_entry(db, entry, 1.0)
+    loaded.clear()
+    collector.work(time.time())
+    assert submitted[-1] == "s-2"
+    # Read again: the waiting burst (its user still busy) and the new one; none in flight.
+    assert sorted(cid for ids in loaded for cid in ids) == [
+        *(f"o-{n}" for n in range(WORKERS // 2, 6)),
+        "s-2",
+    ]
