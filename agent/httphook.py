@@ -2,11 +2,14 @@
 ``completionctl hook``, so a heartbeat costs Claude Code one local HTTP request instead of
 starting a Python process.
 
-It runs on threads of the parent.  They are only clients of the agent: each event goes
-through ``ctl.hook.dispatch`` and the agent's own socket into the same intake as every other
-request, journaled before the answer, and when intake does not answer within ``hook.timeout``
-the request is queued in the outbox like the command hook's.  Nothing here touches the journal
-or the database, so it never delays intake beyond the one request it sends.
+It runs on threads of the parent.  Each event goes through ``ctl.hook.dispatch`` (the command
+hook's mapping of events to requests) into the same intake as every other request, journaled
+with its fsync before the answer: intake's code, on a journal connection of this endpoint's
+own, called here rather than through the agent's socket (a ZeroMQ round trip passes four
+threads, most of a heartbeat's time on a loaded machine).  The requests are the agent user's,
+as they were over the socket; their doorbells ring as intake's do.  When the journal stays
+locked past intake's lock wait the request is queued in the outbox like the command hook's.
+Nothing here touches the database.
 
 Every request needs ``Authorization: Bearer <token>`` (``completionctl hook-token``); a wrong or
 missing token gets 401 and nothing is journaled.  The answer is 200 with an empty body: Claude
@@ -19,27 +22,34 @@ keep-alive, ``Expect: 100-continue``; anything else is answered with an error an
 connection closed.  A heartbeat is a round trip Claude Code waits for on every tool call, so
 the path is short: each thread accepts a connection itself and serves it (no hand-over from an
 accepting thread, no thread started per connection while another waits in ``accept``), the
-headers are split without the email parser, the answers are prepared bytes, and the clients of
-the agent's socket are kept between requests.
+headers are split without the email parser, and the answers are prepared bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hmac
+import os
 import socket
+import sqlite3
 import threading
 import time
 from email.utils import formatdate
 
+import zmq
 from loguru import logger
 
+import protocol as p
 from ctl import AgentUnavailable, Client, CommandRefused
 from ctl.hook import MAX_PAYLOAD, dispatch, read_payload
 from protocol.config import Config, http_listen_address
 from protocol.hooktoken import ensure_token
 
-IDLE_CLIENTS = 8  # connections to the agent's socket kept open between requests
+from .doorbell import CHILDREN, Bells
+from .intake import Intake
+from .journal import Journal
+from .memory import Trimmer
+
 SPARE_ACCEPTORS = 1  # threads waiting in accept() while the others serve connections
 IDLE_THREADS = 8  # threads beyond this many waiting in accept() end
 MAX_LINE = 65536  # bytes of the request line or of one header line (as http.server)
@@ -107,6 +117,48 @@ def _answer(status: int, date: bytes, *, close: bool = False) -> bytes:
     return head + extra + b"Content-Length: 0\r\n\r\n"
 
 
+class _LocalIntake:
+    """Intake for this endpoint's requests, on its own journal connection: the parent's intake
+    code and policy (one transaction per request, fsynced before the answer; a journal lock held
+    past ``intake.LOCK_WAIT`` answers UNAVAILABLE, which the client queues in the outbox)."""
+
+    def __init__(self, config: Config) -> None:
+        self._lock = threading.Lock()  # one connection, one request at a time
+        self._journal = Journal(config.journal_path)
+        self._intake = Intake(config, self._journal, dict, time.time())
+        self._intake.wait_for_lock()
+        self._bells = Bells(zmq.Context.instance(), config.state_path, CHILDREN)
+        self._closed = False
+
+    def request(self, message: p.Request) -> p.AnyReply:
+        frame = p.encode(message)
+        with self._lock:
+            if self._closed:
+                raise AgentUnavailable("completiond is stopping; the request was not taken")
+            # The requester is the agent's user, as over the socket from this process.
+            [reply], ring = self._intake.handle_frames([frame], time.time(), [os.geteuid()])
+            for name in ring:
+                self._bells.ring(name)
+        return reply  # type: ignore[return-value]
+
+    def close(self) -> None:
+        with self._lock:  # after a request under way
+            self._closed = True
+            self._bells.close()
+            self._journal.close()
+
+
+class _LocalClient(Client):
+    """``ctl.Client`` (outbox and all) whose requests go to ``_LocalIntake``, not a socket."""
+
+    def __init__(self, config: Config, intake: _LocalIntake) -> None:
+        super().__init__(config=config, timeout=config.hook.timeout)
+        self._local = intake
+
+    def request(self, message: p.Request, timeout: float | None = None) -> p.AnyReply:
+        return self._local.request(message)
+
+
 class _Server:
     """The listening socket, the threads that accept and serve, and the agent's clients."""
 
@@ -121,10 +173,16 @@ class _Server:
         self._waiting = 0  # threads in accept()
         self._threads = 0
         self._stopping = False
-        # Clients kept between requests, each used by one request at a time: a new one would
-        # open a new connection to the agent's socket (a handshake, and the agent's peer
-        # accounting) for every heartbeat.
-        self._idle: list[Client] = []
+        try:
+            self.intake = _LocalIntake(config)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.client = _LocalClient(config, self.intake)
+        # Memory back to the system after a burst, as the parent's loop does after its own
+        # requests (agent.memory): this work no longer passes through that loop.
+        self._trimmer = Trimmer()
+        self._trim_timer: threading.Timer | None = None
 
     # ------------------------------------------------------------ threads
 
@@ -169,32 +227,37 @@ class _Server:
             with self._lock:
                 self._threads -= 1
 
+    def _worked(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._trimmer.worked(now)
+            if self._trim_timer is None and not self._stopping:
+                self._trim_timer = threading.Timer(self._trimmer.quiet, self._trim)
+                self._trim_timer.daemon = True
+                self._trim_timer.start()
+
+    def _trim(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._trim_timer = None
+            due = self._trimmer.due()
+            if due is not None and now < due and not self._stopping:
+                self._trim_timer = threading.Timer(due - now, self._trim)
+                self._trim_timer.daemon = True
+                self._trim_timer.start()
+                return
+        self._trimmer.run(now)
+
     def stop(self) -> None:
         with self._lock:
             self._stopping = True
-            idle, self._idle = self._idle, []
+            if self._trim_timer is not None:
+                self._trim_timer.cancel()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes the threads in accept()
         self.sock.close()
-        for client in idle:
-            client.close()
-
-    # ------------------------------------------------------------ clients of the agent
-
-    def take_client(self) -> Client:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        return Client(config=self.config, timeout=self.config.hook.timeout)
-
-    def give_back(self, client: Client) -> None:
-        # A request that timed out left the client without a connection (it opens a new one
-        # when next used), so every client can go back.
-        with self._lock:
-            if not self._stopping and len(self._idle) < IDLE_CLIENTS:
-                self._idle.append(client)
-                return
-        client.close()
+        # A request still under way finishes first; any later one is queued in the outbox.
+        self.intake.close()
 
     # ------------------------------------------------------------ one connection
 
@@ -262,12 +325,12 @@ class _Server:
         # Always 2xx and empty: the event was journaled, queued, or its problem logged; a body
         # would become context for Claude.
         conn.sendall(_answer(200, self.date(), close=not keep))
+        self._worked()
         return keep
 
     def _dispatch(self, payload: dict, todo_id: int | None) -> None:
-        client = self.take_client()
         try:
-            outcome = dispatch(client, payload, todo_id=todo_id)
+            outcome = dispatch(self.client, payload, todo_id=todo_id)
             if outcome.startswith("ignored"):
                 logger.info("HTTP hook: {}", outcome)
         except CommandRefused as exc:
@@ -276,8 +339,6 @@ class _Server:
             logger.warning("HTTP hook {}: {}", payload.get("hook_event_name"), exc)
         except Exception:
             logger.exception("HTTP hook failed")
-        finally:
-            self.give_back(client)
 
 
 def _peer(conn: socket.socket) -> str:
@@ -326,7 +387,7 @@ class HttpHooks:
         token = ensure_token(self.config.hook_token_path)
         try:
             self.server = _Server(address, self.config, token)
-        except OSError as exc:
+        except (OSError, sqlite3.Error) as exc:
             logger.error(
                 "HTTP hooks: cannot listen on {}: {}; the command hooks still work "
                 '(set hook.http_listen to a free HOST:PORT, or "" to turn this off)',

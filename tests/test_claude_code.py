@@ -240,6 +240,38 @@ def test_http_hook_speaks_only_what_a_hook_needs(make_agent) -> None:
     assert journal_requests(agent, todo) == 6
 
 
+def test_http_hook_queues_in_the_outbox_while_the_journal_stays_locked(make_agent) -> None:
+    """The endpoint journals on a connection of its own with intake's lock wait: a journal
+    locked past it (a stopped process inside a transaction) costs the hook an outbox file and
+    half a second, not the event; the agent ingests the file once the lock is gone."""
+    import sqlite3
+    import time
+
+    port = free_port()
+    agent = make_agent({"hook": {"http_listen": f"127.0.0.1:{port}"}}).start()
+    token = agent.ctl("hook-token").stdout.decode().strip()
+    todo = agent.add("Locked out")
+    url = f"http://127.0.0.1:{port}/"
+    assert _post(url, ev(agent, "SessionStart", "s-lock"), token, {"X-Todo-Id": str(todo)}) == (
+        200,
+        b"",
+    )
+    wait_for(lambda: journal_requests(agent, todo) == 1, what="the start journaled")
+    outbox = agent.state / "outbox"
+    holder = sqlite3.connect(agent.state / "journal.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        assert _post(url, ev(agent, "PostToolUse", "s-lock"), token) == (200, b"")
+        assert time.monotonic() - started < 5  # intake's lock wait, not the lock's holder
+        assert len(list(outbox.glob("*.req"))) == 1
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    wait_for(lambda: journal_requests(agent, todo) == 2, what="the queued heartbeat ingested")
+    wait_for(lambda: not list(outbox.glob("*.req")), what="the outbox emptied")
+
+
 @pytest.mark.mysql
 def test_http_thousand_heartbeats_from_8_senders_with_the_database_cut(
     make_agent, mysql_url: str, wordpress_table: str, tcp_proxy: TcpProxy
