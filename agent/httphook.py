@@ -6,10 +6,10 @@ It runs on threads of the parent.  Each event goes through ``ctl.hook.dispatch``
 hook's mapping of events to requests) into the same intake as every other request, journaled
 with its fsync before the answer: intake's code, on a journal connection of this endpoint's
 own, called here rather than through the agent's socket (a ZeroMQ round trip passes four
-threads, most of a heartbeat's time on a loaded machine).  The requests are the agent user's,
-as they were over the socket; their doorbells ring as intake's do.  When the journal stays
-locked past intake's lock wait the request is queued in the outbox like the command hook's.
-Nothing here touches the database.
+threads, most of a heartbeat's time on a loaded machine).  The requester is the one the
+socket saw (the agent's user over ipc://, a remote peer over tcp://); the doorbells ring as
+intake's do.  When the journal stays locked past intake's lock wait the request is queued in
+the outbox like the command hook's.  Nothing here touches the database.
 
 Every request needs ``Authorization: Bearer <token>`` (``completionctl hook-token``); a wrong or
 missing token gets 401 and nothing is journaled.  The answer is 200 with an empty body: Claude
@@ -129,14 +129,16 @@ class _LocalIntake:
         self._intake.wait_for_lock()
         self._bells = Bells(zmq.Context.instance(), config.state_path, CHILDREN)
         self._closed = False
+        # Who the requests are from, as the parent's socket saw this process: its own user over
+        # ipc://, a remote peer (trusted with no local path) when the endpoint is tcp://.
+        self._requester = os.geteuid() if config.endpoint.startswith("ipc://") else p.REMOTE
 
     def request(self, message: p.Request) -> p.AnyReply:
         frame = p.encode(message)
         with self._lock:
             if self._closed:
                 raise AgentUnavailable("completiond is stopping; the request was not taken")
-            # The requester is the agent's user, as over the socket from this process.
-            [reply], ring = self._intake.handle_frames([frame], time.time(), [os.geteuid()])
+            [reply], ring = self._intake.handle_frames([frame], time.time(), [self._requester])
             for name in ring:
                 self._bells.ring(name)
         return reply  # type: ignore[return-value]
