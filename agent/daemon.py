@@ -248,7 +248,15 @@ class Parent:
         path = self.config.stream_socket_path
         if path is None:
             return None
-        door = StreamDoor(path, self.poller, max_peers=self.config.limits.max_peers)
+        limits = self.config.limits
+        door = StreamDoor(
+            path,
+            self.poller,
+            max_peers=limits.max_peers,
+            # No more waiting at once than the quota would take in a minute.
+            max_held=limits.bytes_per_minute,
+            allowed=self.config.socket_allowed_uids,
+        )
         gid = grp.getgrnam(self.config.socket_group).gr_gid if self.config.socket_group else None
         door.bind(int(self.config.socket_mode, 8), gid)
         return door

@@ -12,7 +12,10 @@ descriptor is non-blocking and registered in the loop's poller, a frame is read 
 (at most ``MAX_FRAME_BYTES`` + 1 bytes are kept; more is refused as too large by the decoder),
 a connection that has not finished within ``CONNECTION_TIMEOUT`` is closed without an answer
 (its client then queues the request in the outbox, as for a silent ZeroMQ socket), and a user
-other than the agent's may hold at most ``limits.max_peers`` connections at once.
+other than the agent's may hold at most ``limits.max_peers`` connections at once.  What such a
+user's unfinished frames keep in memory is bounded too: ``max_held`` bytes over all its
+connections (a frame that would pass it is read, dropped and answered ``OVER_QUOTA``), and
+nothing for a user not in ``allowed`` (its frame reaches the gate empty and is refused there).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import contextlib
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,16 +50,31 @@ class _Connection:
     uid: int
     deadline: float
     received: bytearray = field(default_factory=bytearray)
+    keep: bool = True  # False: read and dropped (over its user's bytes, or a user not allowed)
+    over: str | None = None  # why it is refused here, not answered by the parent
     reply: bytes | None = None  # set once answered; what is left of it to send
 
 
 class StreamDoor:
     """Accepts, reads, answers and closes one-request connections on ``path``."""
 
-    def __init__(self, path: Path, poller: zmq.Poller, *, max_peers: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        poller: zmq.Poller,
+        *,
+        max_peers: int,
+        max_held: int,
+        allowed: Collection[int] = (),
+    ) -> None:
         self.path = path
         self._poller = poller
         self._max_peers = max_peers
+        # Bytes of unfinished frames kept for one user other than the agent's, over all its
+        # connections: without it max_peers connections of ~4 MB each (2 GB at the defaults).
+        self._max_held = max_held
+        self._allowed = frozenset(allowed)  # empty: whoever the socket's mode lets in
+        self._held: dict[int, int] = {}  # uid -> bytes kept for it now
         self._listener: socket.socket | None = None
         self._connections: dict[int, _Connection] = {}  # descriptor -> connection
 
@@ -88,13 +106,19 @@ class StreamDoor:
         for conn in list(self._connections.values()):
             if conn.reply is None:
                 if self._read(conn):
-                    ready.append(conn)
+                    if conn.over is None:
+                        ready.append(conn)
+                    else:
+                        conn.reply = p.encode(
+                            p.Error(code=p.ErrorCode.OVER_QUOTA, message=conn.over)
+                        )
+                        self._send(conn)
             else:
                 self._send(conn)
         if ready:
             replies = answer([bytes(c.received) for c in ready], [c.uid for c in ready], now)
             for conn, reply in zip(ready, replies, strict=True):
-                conn.received = bytearray()
+                self._release(conn)
                 conn.reply = reply
                 self._send(conn)
         self._expire(now)
@@ -137,6 +161,8 @@ class StreamDoor:
                     continue
             sock.setblocking(False)
             conn = _Connection(sock, uid, now + CONNECTION_TIMEOUT)
+            # A user the gate refuses anyway gets there with an empty frame: nothing is kept.
+            conn.keep = not self._allowed or uid in self._allowed or uid == os.geteuid()
             self._connections[sock.fileno()] = conn
             self._poller.register(sock.fileno(), zmq.POLLIN)
         for uid, count in refused.items():
@@ -159,10 +185,17 @@ class StreamDoor:
                 return False
             if not chunk:
                 return True
-            if len(conn.received) <= p.MAX_FRAME_BYTES:
+            if conn.keep and len(conn.received) <= p.MAX_FRAME_BYTES:
                 # One byte over the limit is enough for the decoder to refuse it as too large;
                 # the rest is read and dropped so the client's write completes.
-                conn.received += chunk[: p.MAX_FRAME_BYTES + 1 - len(conn.received)]
+                kept = chunk[: p.MAX_FRAME_BYTES + 1 - len(conn.received)]
+                if conn.uid != os.geteuid():
+                    held = self._held.get(conn.uid, 0) + len(kept)
+                    if held > self._max_held:
+                        self._over(conn)
+                        continue
+                    self._held[conn.uid] = held
+                conn.received += kept
 
     def _send(self, conn: _Connection) -> None:
         assert conn.reply is not None
@@ -184,10 +217,32 @@ class StreamDoor:
             if now >= conn.deadline:
                 self._drop(conn)
 
+    def _over(self, conn: _Connection) -> None:
+        """Its user has ``max_held`` bytes waiting already: read the rest and drop it, and
+        refuse the frame as over the user's quota (what the gate would do with those bytes)."""
+        self._release(conn)
+        conn.keep = False
+        conn.over = (
+            f"uid {conn.uid} had more than {self._max_held} bytes of unfinished requests at once "
+            "(limits.bytes_per_minute); not taken, send it again later"
+        )
+        logger.warning("stream socket: {}", conn.over)
+
+    def _release(self, conn: _Connection) -> None:
+        """Forget the bytes kept for ``conn`` (answered, refused or closed)."""
+        if conn.received and conn.uid in self._held:
+            left = self._held[conn.uid] - len(conn.received)
+            if left > 0:
+                self._held[conn.uid] = left
+            else:
+                del self._held[conn.uid]
+        conn.received = bytearray()
+
     def _drop(self, conn: _Connection) -> None:
         fd = conn.sock.fileno()
         if self._connections.pop(fd, None) is None:
             return
+        self._release(conn)
         self._poller.unregister(fd)
         conn.sock.close()
 

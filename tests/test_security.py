@@ -449,6 +449,91 @@ def test_h3_a_connection_flood_is_refused_and_the_agent_answers_within_a_second(
             flood.wait(10)
 
 
+HOLD = """
+import socket, sys
+conns = []
+for _ in range(int(sys.argv[2])):
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.settimeout(20)
+    c.connect(sys.argv[1])
+    c.sendall(b"\\x92\\x01" + b"x" * (4 << 20))  # returns once the agent has read nearly all
+    conns.append(c)
+print("holding", flush=True)
+sys.stdin.readline()
+replies = []
+for c in conns:
+    c.shutdown(socket.SHUT_WR)
+    reply = b""
+    while chunk := c.recv(65536):
+        reply += chunk
+    replies.append(reply.hex())
+print(" ".join(replies), flush=True)
+"""
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_h3_unfinished_stream_frames_of_other_users_keep_bounded_memory(make_agent) -> None:
+    """16 connections x 4 MB of unfinished frames each, by a member and by a user not in
+    socket_allowed_uids: 128 MB kept in the agent before; now the member's bytes_per_minute
+    at most, nothing for the other, and each frame is refused when it ends."""
+    with group() as team, user(groups=(team,)) as member, user(groups=(team,)) as other:
+        agent = make_agent(
+            {
+                "socket_mode": "0660",
+                "socket_group": team,
+                "socket_allowed_uids": [member.uid],
+                "limits": {"bytes_per_minute": 8 * 1024 * 1024},
+            }
+        )
+        open_path_for_others(agent.root)
+        agent.start()
+        assert agent.proc is not None
+        assert isinstance(ask(agent, "stream", p.encode(p.Ping())), p.Pong)
+        before = _rss(agent.proc.pid)
+        path = str(agent.state / "completiond.sock.stream")
+        holders = [
+            subprocess.Popen(
+                person.argv(sys.executable, "-c", HOLD, path, "16"),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for person in (member, other)
+        ]
+        try:
+            for holder in holders:
+                assert holder.stdout is not None
+                assert holder.stdout.readline().strip() == "holding"
+            grown = _rss(agent.proc.pid) - before
+            assert grown < 40 * 1024 * 1024, f"{grown >> 20} MB kept for unfinished frames"
+            started = time.monotonic()
+            assert isinstance(ask(agent, "stream", p.encode(p.Ping())), p.Pong)
+            assert time.monotonic() - started < 1.0
+            codes = []
+            for holder in holders:
+                out, _ = holder.communicate("\n", timeout=60)
+                codes.append(
+                    sorted(p.decode_reply(bytes.fromhex(h)).code.name for h in out.split())
+                )
+            mine, others = codes
+            assert len(mine) == 16 and "OVER_QUOTA" in mine, mine
+            assert others == ["FORBIDDEN"] * 16
+        finally:
+            for holder in holders:
+                if holder.poll() is None:
+                    holder.kill()
+                holder.wait(10)
+        assert agent.proc.poll() is None
+
+
 @pytest.mark.slow
 def test_h3_a_client_that_cannot_queue_says_so_and_tells_the_user(make_agent) -> None:
     with shared_agent(make_agent) as shared:

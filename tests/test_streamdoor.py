@@ -30,7 +30,7 @@ class Recorder:
 
 @pytest.fixture
 def door(tmpdir_short: Path) -> Iterator[StreamDoor]:
-    opened = StreamDoor(tmpdir_short / "s.stream", zmq.Poller(), max_peers=4)
+    opened = StreamDoor(tmpdir_short / "s.stream", zmq.Poller(), max_peers=4, max_held=1 << 30)
     opened.bind(0o600, None)
     try:
         yield opened
@@ -123,7 +123,7 @@ def test_a_frame_over_the_limit_reaches_the_decoder_as_too_large_only(door: Stre
 def test_a_stale_socket_file_is_replaced_and_close_removes_it(tmpdir_short: Path) -> None:
     path = tmpdir_short / "stale.stream"
     path.write_text("left by a crash")
-    door = StreamDoor(path, zmq.Poller(), max_peers=4)
+    door = StreamDoor(path, zmq.Poller(), max_peers=4, max_held=1 << 30)
     door.bind(0o660, None)
     try:
         assert path.is_socket()
@@ -140,3 +140,64 @@ def test_a_client_that_goes_away_costs_nothing(door: StreamDoor) -> None:
     sock.close()  # an EOF without a shutdown first: still a whole frame, answered into the void
     door.serve(1.0, answer)
     assert door.next_deadline() is None
+
+
+OTHER = 4242  # a user other than the agent's (the tests run as one user: SO_PEERCRED is faked)
+
+
+@pytest.fixture
+def others_door(tmpdir_short: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[StreamDoor]:
+    monkeypatch.setattr("agent.streamdoor._peer_uid", lambda sock: OTHER)
+    opened = StreamDoor(tmpdir_short / "o.stream", zmq.Poller(), max_peers=8, max_held=100)
+    opened.bind(0o600, None)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def test_another_users_unfinished_frames_keep_at_most_max_held_bytes(
+    others_door: StreamDoor,
+) -> None:
+    answer = Recorder()
+    first, second = client(others_door), client(others_door)
+    first.sendall(b"a" * 80)
+    others_door.serve(1.0, answer)
+    second.sendall(b"b" * 80)  # 160 bytes kept would be over the 100
+    others_door.serve(1.0, answer)
+    second.sendall(b"more, read and dropped")
+    second.shutdown(socket.SHUT_WR)
+    others_door.serve(1.0, answer)
+    refused = p.decode_reply(read_all(second))
+    assert isinstance(refused, p.Error) and refused.code == p.ErrorCode.OVER_QUOTA
+    assert "limits.bytes_per_minute" in refused.message
+    assert answer.calls == []  # the parent never saw it
+    first.shutdown(socket.SHUT_WR)
+    others_door.serve(1.0, answer)
+    assert read_all(first) == b"re:" + b"a" * 80
+    # What was kept is given back when a frame is answered, refused or dropped.
+    third = client(others_door)
+    third.sendall(b"c" * 100)
+    third.shutdown(socket.SHUT_WR)
+    others_door.serve(2.0, answer)
+    assert read_all(third) == b"re:" + b"c" * 100
+
+
+def test_a_user_not_allowed_has_nothing_kept_and_reaches_the_gate_with_an_empty_frame(
+    tmpdir_short: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("agent.streamdoor._peer_uid", lambda sock: OTHER)
+    door = StreamDoor(
+        tmpdir_short / "n.stream", zmq.Poller(), max_peers=8, max_held=100, allowed=[OTHER + 1]
+    )
+    door.bind(0o600, None)
+    try:
+        answer = Recorder()
+        sock = client(door)
+        sock.sendall(b"x" * 1000)  # over max_held too: not kept, so not counted
+        sock.shutdown(socket.SHUT_WR)
+        door.serve(1.0, answer)
+        assert read_all(sock) == b"re:"
+        assert answer.calls == [([b""], [OTHER], 1.0)]
+    finally:
+        door.close()
