@@ -462,7 +462,12 @@ class Parent:
     def _ingest_outbox(self, now: float) -> None:
         assert self.intake is not None
         ring: set[str] = set()
-        for path in outbox.pending(self.config.outbox_dir):
+        try:
+            waiting = outbox.pending(self.config.outbox_dir)
+        except OSError as exc:  # out of descriptors, say: the next sweep tries again
+            logger.error("outbox: cannot list {}: {}", self.config.outbox_dir, exc)
+            return
+        for path in waiting:
             try:
                 owner, frame = outbox.read(path)
                 request = p.decode_request(frame)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import socket
 import struct
 from collections.abc import Callable, Collection
@@ -37,6 +38,9 @@ CONNECTION_TIMEOUT = 10.0  # seconds from accept to the whole frame having arriv
 # Connections waiting to be accepted; a client finding it full retries within its wait.  Every
 # loop accepts all that wait, and one over its user's cap is closed at once.
 BACKLOG = 1024
+# After accept() failed (out of descriptors): the listener is left alone this long, so the loop
+# neither spins on it nor logs each try; clients wait in the backlog meanwhile.
+ACCEPT_PAUSE = 0.25
 _CHUNK = 1 << 16
 _CREDS = struct.Struct("3i")
 
@@ -75,7 +79,11 @@ class StreamDoor:
         self._max_held = max_held
         self._allowed = frozenset(allowed)  # empty: whoever the socket's mode lets in
         self._held: dict[int, int] = {}  # uid -> bytes kept for it now
+        # Connections of all users other than the agent's together: at most half the agent's
+        # descriptors (many users' max_peers would be past it), so its own work still gets some.
+        self._room = max(1, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2)
         self._listener: socket.socket | None = None
+        self._resume_at: float | None = None  # set while accepting is paused (ACCEPT_PAUSE)
         self._connections: dict[int, _Connection] = {}  # descriptor -> connection
 
     def bind(self, mode: int, gid: int | None) -> None:
@@ -101,7 +109,8 @@ class StreamDoor:
         """Accept what waits, read what arrived, answer every whole frame; how many frames."""
         if self._listener is None:
             return 0
-        self._accept(now)
+        if self._resume_at is None or now >= self._resume_at:
+            self._accept(now)
         ready: list[_Connection] = []
         for conn in list(self._connections.values()):
             if conn.reply is None:
@@ -125,15 +134,19 @@ class StreamDoor:
         return len(ready)
 
     def next_deadline(self) -> float | None:
-        """When the oldest unfinished connection is to be closed, if any."""
-        return min((c.deadline for c in self._connections.values()), default=None)
+        """When the oldest unfinished connection is to be closed (or accepting resumes)."""
+        deadline = min((c.deadline for c in self._connections.values()), default=None)
+        if self._resume_at is not None:
+            return self._resume_at if deadline is None else min(deadline, self._resume_at)
+        return deadline
 
     def close(self) -> None:
         """Stop listening (new clients find no socket) and drop every open connection."""
         for conn in list(self._connections.values()):
             self._drop(conn)
         if self._listener is not None:
-            self._poller.unregister(self._listener.fileno())
+            if self._resume_at is None:
+                self._poller.unregister(self._listener.fileno())
             self._listener.close()
             self._listener = None
             with contextlib.suppress(FileNotFoundError):
@@ -143,6 +156,9 @@ class StreamDoor:
 
     def _accept(self, now: float) -> None:
         assert self._listener is not None
+        if self._resume_at is not None:
+            self._resume_at = None
+            self._poller.register(self._listener.fileno(), zmq.POLLIN)
         refused: dict[int, int] = {}
         while True:
             try:
@@ -150,12 +166,17 @@ class StreamDoor:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:  # out of descriptors: the rest wait in the backlog
-                logger.warning("stream socket: cannot accept a connection: {}", exc)
+                logger.warning(
+                    "stream socket: cannot accept connections for {} s: {}", ACCEPT_PAUSE, exc
+                )
+                self._resume_at = now + ACCEPT_PAUSE
+                self._poller.unregister(self._listener.fileno())
                 break
             uid = _peer_uid(sock)
             if uid != os.geteuid():
                 held = sum(1 for c in self._connections.values() if c.uid == uid)
-                if held >= self._max_peers:
+                others = sum(1 for c in self._connections.values() if c.uid != os.geteuid())
+                if held >= self._max_peers or others >= self._room:
                     sock.close()
                     refused[uid] = refused.get(uid, 0) + 1
                     continue
@@ -167,10 +188,12 @@ class StreamDoor:
             self._poller.register(sock.fileno(), zmq.POLLIN)
         for uid, count in refused.items():
             logger.warning(
-                "closed {} stream connection(s) of uid {} over its cap of {} (limits.max_peers)",
+                "closed {} stream connection(s) of uid {} over its cap of {} (limits.max_peers) "
+                "or all other users' of {} (half the open file limit)",
                 count,
                 uid,
                 self._max_peers,
+                self._room,
             )
 
     def _read(self, conn: _Connection) -> bool:

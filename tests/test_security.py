@@ -534,6 +534,79 @@ def test_h3_unfinished_stream_frames_of_other_users_keep_bounded_memory(make_age
         assert agent.proc.poll() is None
 
 
+HOLD_OPEN = """
+import socket, sys
+conns = []
+for _ in range(int(sys.argv[2])):
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(sys.argv[1])
+    c.send(b"\\x92")
+    conns.append(c)
+print("holding", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_h3_out_of_descriptors_the_stream_socket_neither_spins_nor_ends_the_agent(
+    make_agent,
+) -> None:
+    """An agent whose open file limit is 100: a member's 150 connections get half of it (not
+    their max_peers of 512), so the agent's user is answered; when the agent's own user uses
+    up the rest, accept() pauses (no busy loop, no log flood) and the outbox sweep's EMFILE
+    does not end the agent."""
+    import socket
+
+    with group() as team, user(groups=(team,)) as member:
+        agent = make_agent({"socket_mode": "0660", "socket_group": team})
+        open_path_for_others(agent.root)
+        agent.start(prefix=("prlimit", "--nofile=100:100", "--"))
+        path = str(agent.state / "completiond.sock.stream")
+        holder = subprocess.Popen(
+            member.argv(sys.executable, "-c", HOLD_OPEN, path, "150"),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        mine: list[socket.socket] = []
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline().strip() == "holding"
+            started = time.monotonic()
+            assert isinstance(ask(agent, "stream", p.encode(p.Ping())), p.Pong)
+            assert time.monotonic() - started < 1.0
+            log = agent.state / "logs" / "agent.log"
+            assert "half the open file limit" in log.read_text()
+            for _ in range(60):  # the agent's own user: no cap; descriptors run out
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(path)
+                mine.append(sock)
+            wait_for(lambda: "cannot accept connections" in log.read_text(), 10, what="EMFILE")
+            paused = time.monotonic()
+            wait_for(lambda: "outbox: cannot list" in log.read_text(), 10, what="a sweep")
+            time.sleep(max(0.0, paused + 1.0 - time.monotonic()))  # a second of being out
+            assert log.read_text().count("cannot accept connections") <= 10
+            assert agent.proc is not None and agent.proc.poll() is None
+            for sock in mine:
+                sock.close()
+            mine.clear()
+
+            def answered() -> bool:
+                try:
+                    return isinstance(ask(agent, "stream", p.encode(p.Ping())), p.Pong)
+                except (OSError, AssertionError):
+                    return False
+
+            wait_for(answered, 10, what="an answer once descriptors are free")
+        finally:
+            for sock in mine:
+                sock.close()
+            holder.kill()
+            holder.wait(10)
+        assert agent.proc.poll() is None
+
+
 @pytest.mark.slow
 def test_h3_a_client_that_cannot_queue_says_so_and_tells_the_user(make_agent) -> None:
     with shared_agent(make_agent) as shared:
