@@ -36,6 +36,8 @@ from .streamdoor import StreamDoor
 from .supervisor import Supervisor
 
 BATCH = 512  # requests journaled in one transaction (group commit)
+# Connections another local user may hold on the ZeroMQ socket (see Parent._count_peers).
+ZMQ_PEERS_PER_LOCAL_USER = 16
 STOP_ORDER = ("web", "notify", "monitor", "collector", "writer")
 STOP_BUDGET = 8.0  # seconds for all children; the whole stop stays under 10 s
 
@@ -222,7 +224,9 @@ class Parent:
         assert self._ctx is not None
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 1000)
-        router.setsockopt(zmq.MAXMSGSIZE, 4 * p.MAX_FRAME_BYTES)
+        # A frame a little over the limit is still answered TOO_LARGE; a bigger one ends its
+        # connection. libzmq buffers up to this much of a message per connection.
+        router.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES + 64 * 1024)
         endpoint = self.config.endpoint
         if endpoint.startswith("ipc://"):
             path = Path(endpoint[len("ipc://") :])
@@ -400,9 +404,12 @@ class Parent:
         return None
 
     def _count_peers(self) -> None:
-        """Track connected clients by user; a user other than the agent's with more than
-        limits.max_peers connections has the new one shut at once, so a connection flood costs
-        descriptors only up to the cap, and the agent keeps answering its own user."""
+        """Track connected clients by user; a user other than the agent's with more than its
+        cap of connections has the new one shut at once, so a connection flood costs
+        descriptors (and libzmq's buffers, a message each) only up to the cap, and the agent
+        keeps answering its own user.  The cap is limits.max_peers, and for another local user
+        at most ZMQ_PEERS_PER_LOCAL_USER: their one-shot commands use the stream socket, whose
+        bytes are counted per user (agent.streamdoor), and libzmq cannot count them."""
         if self._peers_monitor is None:
             return
         from zmq.utils.monitor import recv_monitor_message
@@ -420,7 +427,7 @@ class Parent:
             uid = _socket_uid(fd) if self._ipc else p.REMOTE
             if uid != os.geteuid():
                 held = sum(1 for other in self._peers.values() if other == uid)
-                if held >= self.config.limits.max_peers:
+                if held >= self._peer_cap(uid):
                     _shut(fd)  # libzmq sees the end of the stream and closes it itself
                     refused[uid] = refused.get(uid, 0) + 1
                     continue
@@ -430,8 +437,12 @@ class Parent:
                 "closed {} connection(s) of uid {} over its cap of {} (limits.max_peers)",
                 count,
                 uid,
-                self.config.limits.max_peers,
+                self._peer_cap(uid),
             )
+
+    def _peer_cap(self, uid: int) -> int:
+        limit = self.config.limits.max_peers
+        return limit if uid == p.REMOTE else min(limit, ZMQ_PEERS_PER_LOCAL_USER)
 
     def _supervise(self, now: float) -> None:
         for child in self.supervisor.children.values():
