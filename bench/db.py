@@ -153,7 +153,8 @@ class RowValues:
 
 
 def rendered(todo_id: int, output: str) -> RowValues:
-    """The report the agent would write for this output (same sizes for the raw writers)."""
+    """The report the agent would write for this output (same sizes for the raw writers): its
+    database value in the default ``report.db_format``, rendered as the agent renders it."""
     from agent.report import render_report
     from agent.sources import Collected, TodoFacts
 
@@ -165,7 +166,7 @@ def rendered(todo_id: int, output: str) -> RowValues:
         started_at=None,
         completed_at=datetime.now(UTC),
     )
-    return RowValues(todo_id, report.html, report.text, report.summary)
+    return RowValues(todo_id, report.for_database, report.text, report.summary)
 
 
 UPDATE = (

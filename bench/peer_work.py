@@ -56,11 +56,13 @@ def complete(conn: Any, todo_id: int, output: str) -> None:
             f"UPDATE {TABLE} SET status = 'completed', completed_at = %s, updated_at = %s,"
             " claude_html_output = %s, claude_text_output = %s, claude_summary = %s"
             " WHERE id = %s",
-            (stamp, stamp, report.html, report.text, report.summary, todo_id),
+            # What the agent stores (report.db_format, Markdown by default): the page only an
+            # archive needs is not built, by the agent or here.
+            (stamp, stamp, report.for_database, report.text, report.summary, todo_id),
         )
         conn.commit()
         cur.execute(f"SELECT status, claude_html_output FROM {TABLE} WHERE id = %s", (todo_id,))
         status, html = cur.fetchone()
         conn.commit()
-    if status != "completed" or html != report.html:
+    if status != "completed" or html != report.for_database:
         raise RuntimeError(f"todo {todo_id}: the row read back is not what was written")
