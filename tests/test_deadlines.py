@@ -384,3 +384,33 @@ def test_session_dir_is_kept_when_its_archive_lacks_the_session_copy(rig: Rig) -
     rig.run(T0 + 1)
     assert session.is_dir()
     assert rig.journal.entry("n-1").state == "cleaned"
+
+
+def test_the_agents_monitor_takes_up_rings_right_after_a_pass_with_the_next_one(
+    tmp_path: Path,
+) -> None:
+    """A burst of rings costs a pass per COALESCE, not one each; a due deadline, a clock gone
+    back and a monitor driven by a test's clock (no parent) never wait for it."""
+    import os
+
+    from agent.monitor import COALESCE
+
+    config = unit_config(tmp_path)
+    monitor = Monitor(config, parent_pid=os.getppid())
+    monitor.open()
+    assert monitor.coalesce == COALESCE
+    passes: list[float] = []
+    monitor._pass = lambda now: passes.append(now) or now + 5.0  # type: ignore[method-assign]
+    assert monitor.work(100.0) == 105.0
+    assert monitor.work(100.0 + COALESCE / 2) == 100.0 + COALESCE  # a ring: the next pass takes it
+    assert monitor.work(100.0 + COALESCE) == 105.0 + COALESCE
+    assert passes == [100.0, 100.0 + COALESCE]
+    monitor._planned = 100.0 + COALESCE * 1.5  # a deadline due before the coalesced pass
+    assert monitor.work(100.0 + COALESCE * 1.5) == 105.0 + COALESCE * 1.5
+    assert monitor.work(50.0) == 55.0  # the clock went back: no waiting on the old pass
+    assert len(passes) == 4
+    monitor.close()
+    unrung = Monitor(config)
+    unrung.open()
+    assert unrung.coalesce == 0.0
+    unrung.close()
