@@ -17,12 +17,12 @@ Code would add a plain-text body to Claude's context, and an empty 2xx means "go
 optional header ``X-Todo-Id`` (the settings fill it from ``$TODO_ID``) plays the part of the
 command hook's environment.
 
-The server is the small part of HTTP/1.1 a hook needs: POST with a Content-Length body,
-keep-alive, ``Expect: 100-continue``; anything else is answered with an error and the
-connection closed.  A heartbeat is a round trip Claude Code waits for on every tool call, so
-the path is short: each thread accepts a connection itself and serves it (no hand-over from an
-accepting thread, no thread started per connection while another waits in ``accept``), the
-headers are split without the email parser, and the answers are prepared bytes.
+HTTP/1.1 itself is h11's (framing by Content-Length or chunks, keep-alive, ``Expect:
+100-continue``, the protocol's errors); this module takes POSTs and answers everything else
+with an error and a closed connection.  A heartbeat is a round trip Claude Code waits for on
+every tool call, so the path is short: each thread accepts a connection itself and serves it
+(no hand-over from an accepting thread, no thread started per connection while another waits
+in ``accept``).  A connection silent for ``IDLE_TIMEOUT`` is closed.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import threading
 import time
 from email.utils import formatdate
 
+import h11
 import zmq
 from loguru import logger
 
@@ -52,20 +53,10 @@ from .memory import Trimmer
 
 SPARE_ACCEPTORS = 1  # threads waiting in accept() while the others serve connections
 IDLE_THREADS = 8  # threads beyond this many waiting in accept() end
-MAX_LINE = 65536  # bytes of the request line or of one header line (as http.server)
-MAX_HEADERS = 100
+MAX_HEAD = 16384  # bytes of the request line and headers together (h11's default limit)
+IDLE_TIMEOUT = 300.0  # seconds a connection may stay silent
 BACKLOG = 128
-
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    405: "Method Not Allowed",
-    411: "Length Required",
-    414: "URI Too Long",
-    431: "Request Header Fields Too Large",
-    505: "HTTP Version Not Supported",
-}
+_CHUNK = 65536
 
 
 class _Close(Exception):
@@ -76,21 +67,60 @@ class _Close(Exception):
         self.status = status
 
 
-class _Body:
-    """The request body as a stream that ends at Content-Length (the socket does not)."""
+class _Exchange:
+    """One connection's HTTP/1.1 (h11 does the protocol: framing, keep-alive, 100-continue)."""
 
-    def __init__(self, rfile, length: int) -> None:
-        self.rfile = rfile
-        self.left = length
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+
+    def next_event(self):
+        """The next request, body piece or end; None when the client closed between requests."""
+        while True:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _Close(exc.error_status_hint) from None
+            if event is h11.NEED_DATA:
+                self.h11.receive_data(self.conn.recv(_CHUNK))
+                continue
+            if isinstance(event, h11.ConnectionClosed):
+                return None
+            return event
+
+    def send(self, event) -> None:
+        data = self.h11.send(event)
+        if data:
+            self.conn.sendall(data)
+
+    def answer(self, status: int, date: bytes, *, close: bool = False) -> None:
+        headers = [(b"Content-Length", b"0"), (b"Date", date)]
+        if status == 405:
+            headers.append((b"Allow", b"POST"))
+        if close:
+            headers.append((b"Connection", b"close"))
+        self.send(h11.Response(status_code=status, headers=headers))
+        self.send(h11.EndOfMessage())
+
+
+class _Body:
+    """The request body as a stream (``read_payload`` reads it like stdin)."""
+
+    def __init__(self, exchange: _Exchange) -> None:
+        self.exchange = exchange
+        self.ended = False
+        self._buffer = b""
 
     def read(self, size: int) -> bytes:
-        size = min(size, self.left)
-        if size <= 0:
-            return b""
-        data = self.rfile.read(size)
-        self.left -= len(data)
-        if not data:
-            self.left = 0  # the client went away mid-body
+        while not self.ended and len(self._buffer) < size:
+            event = self.exchange.next_event()
+            if isinstance(event, h11.Data):
+                self._buffer += event.data
+            else:  # EndOfMessage (or the client gone mid-body)
+                self.ended = True
+                if event is None:
+                    raise _Close(400)
+        data, self._buffer = self._buffer[:size], self._buffer[size:]
         return data
 
 
@@ -104,17 +134,9 @@ class _Date:
     def __call__(self) -> bytes:
         now = int(time.time())
         if now != self._second:
-            self._value = f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
+            self._value = formatdate(now, usegmt=True).encode()
             self._second = now
         return self._value
-
-
-def _answer(status: int, date: bytes, *, close: bool = False) -> bytes:
-    head = f"HTTP/1.1 {status} {_REASONS[status]}\r\n".encode() + date
-    extra = b"Allow: POST\r\n" if status == 405 else b""
-    if close:
-        extra += b"Connection: close\r\n"
-    return head + extra + b"Content-Length: 0\r\n\r\n"
 
 
 class _LocalIntake:
@@ -264,71 +286,65 @@ class _Server:
     # ------------------------------------------------------------ one connection
 
     def _serve(self, conn: socket.socket) -> None:
-        rfile = conn.makefile("rb")
+        exchange = _Exchange(conn)
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # A connection that sends nothing for this long is closed (a kept-alive one between
+            # two sessions' tool calls, or one that never finishes its request): it holds a
+            # thread while open.
+            conn.settimeout(IDLE_TIMEOUT)
             while not self._stopping:
                 try:
-                    keep = self._request(conn, rfile)
+                    keep = self._request(exchange)
                 except _Close as answer:
-                    conn.sendall(_answer(answer.status, self.date(), close=True))
+                    with contextlib.suppress(h11.LocalProtocolError):
+                        exchange.answer(answer.status, self.date(), close=True)
                     keep = False
                 if not keep:
                     break
+                exchange.h11.start_next_cycle()
         except OSError:
             pass  # the client went away
         finally:
-            rfile.close()
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_WR)
             conn.close()
 
-    def _request(self, conn: socket.socket, rfile) -> bool:
+    def _request(self, exchange: _Exchange) -> bool:
         """Read and answer one request; whether the connection stays open."""
-        line = rfile.readline(MAX_LINE + 1)
-        if not line:
+        request = exchange.next_event()
+        if request is None:
             return False  # closed between requests
-        if len(line) > MAX_LINE:
-            raise _Close(414)
-        words = line.decode("iso-8859-1").split()
-        if len(words) != 3:
-            raise _Close(400)
-        method, _target, version = words
-        if not version.startswith("HTTP/1."):
-            raise _Close(505 if version.startswith("HTTP/") else 400)
-        headers = _read_headers(rfile)
-        connection = headers.get("connection", "").lower()
-        keep = "close" not in connection if version != "HTTP/1.0" else "keep-alive" in connection
-        if method != "POST":
+        assert isinstance(request, h11.Request)
+        if not request.http_version.startswith(b"1."):
+            raise _Close(505)
+        if request.method != b"POST":
             raise _Close(405)
-        if not hmac.compare_digest(headers.get("authorization", "").encode(), self.token):
+        headers = {name: value for name, value in reversed(request.headers)}  # the first wins
+        if not hmac.compare_digest(headers.get(b"authorization", b""), self.token):
             # Nothing of the body is read: the connection is closed after the answer.
-            logger.warning("HTTP hook from {}: wrong or missing token", _peer(conn))
+            logger.warning("HTTP hook from {}: wrong or missing token", _peer(exchange.conn))
             raise _Close(401)
-        if "transfer-encoding" in headers:
-            raise _Close(411)  # chunked bodies are not taken: the length must be known
-        length_text = headers.get("content-length", "0").strip()
-        if not length_text.isdigit():
-            raise _Close(411)
-        if headers.get("expect", "").lower() == "100-continue" and version != "HTTP/1.0":
-            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body = _Body(rfile, int(length_text))
+        if exchange.h11.they_are_waiting_for_100_continue:
+            exchange.send(h11.InformationalResponse(status_code=100, headers=[]))
+        body = _Body(exchange)
         try:
             payload = read_payload(body, MAX_PAYLOAD)
         except ValueError as exc:
             logger.warning("HTTP hook: {}", exc)
-            if body.left:
-                raise _Close(400) from None
-            conn.sendall(_answer(400, self.date(), close=not keep))
-            return keep
-        raw_id = headers.get("x-todo-id", "").strip()
+            payload = None
+        while not body.ended:  # what read_payload left of a body it did not need
+            body.read(_CHUNK)
+        if payload is None:
+            exchange.answer(400, self.date())
+            return exchange.h11.our_state is h11.DONE and exchange.h11.their_state is h11.DONE
+        raw_id = headers.get(b"x-todo-id", b"").strip()
         todo_id = int(raw_id) if raw_id.isdigit() and 0 < int(raw_id) < 2**63 else None
         self._dispatch(payload, todo_id)
         # Always 2xx and empty: the event was journaled, queued, or its problem logged; a body
         # would become context for Claude.
-        conn.sendall(_answer(200, self.date(), close=not keep))
-        self._worked()
-        return keep
+        exchange.answer(200, self.date())
+        return exchange.h11.our_state is h11.DONE and exchange.h11.their_state is h11.DONE
 
     def _dispatch(self, payload: dict, todo_id: int | None) -> None:
         try:
@@ -348,31 +364,6 @@ def _peer(conn: socket.socket) -> str:
         return str(conn.getpeername()[0])
     except OSError:
         return "a client gone since"
-
-
-def _read_headers(rfile) -> dict[str, str]:
-    """The header lines up to the blank line, by lower-case name (the first of a repeated
-    name, as http.server's; a repeated Content-Length that differs is refused)."""
-    headers: dict[str, str] = {}
-    for _ in range(MAX_HEADERS + 1):
-        line = rfile.readline(MAX_LINE + 1)
-        if len(line) > MAX_LINE:
-            raise _Close(431)
-        if line in (b"\r\n", b"\n"):
-            return headers
-        if not line:
-            raise _Close(400)  # the client closed mid-headers
-        name, sep, value = line.decode("iso-8859-1").partition(":")
-        name = name.strip().lower()
-        if not sep or not name or line[:1] in (b" ", b"\t"):
-            raise _Close(400)  # not a header line (or an obsolete folded one)
-        value = value.strip()
-        if name in headers:
-            if name == "content-length" and headers[name] != value:
-                raise _Close(400)
-            continue
-        headers[name] = value
-    raise _Close(431)
 
 
 class HttpHooks:
